@@ -1,0 +1,171 @@
+"""The `lensmith` command: one subcommand per pipeline stage (wiring only; logic lives in the stage modules)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from lensmith.errors import LensmithError
+
+for _switch, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_switch, _value)
+
+app = typer.Typer(
+    name="lensmith",
+    help="Lensmith: validated data -> transfer learning -> evaluation -> export -> serving -> drift, reproducibly.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a params.yaml key for this run, e.g. --set train.epochs=3 (repeatable)"),
+]
+RootOpt = Annotated[Path, typer.Option("--root", help="Project root that holds data/, models/ and reports/")]
+
+
+def user_errors(fn: F) -> F:
+    """Turn LensmithError into a one-paragraph message on stderr and its exit code (no traceback wall)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LensmithError as exc:
+            typer.secho(f"lensmith: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.secho("lensmith: interrupted; outputs already written are intact", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _context(params_file: Path, overrides: list[str] | None, root: Path):  # noqa: ANN202
+    from lensmith.layout import Layout
+    from lensmith.params import load_params
+
+    return load_params(params_file, overrides or []), Layout(root.resolve())
+
+
+@app.command("demo-data")
+@user_errors
+def demo_data(
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: demo.out from params)")] = None,
+    site: Annotated[Optional[str], typer.Option(help="A, B or C; default: the training sites A and B")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: demo.seed)")] = None,
+    per_class: Annotated[Optional[int], typer.Option(help="Images per class (default: demo.per_class)")] = None,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Generate the embedded, seeded tile-inspection demo set (ImageFolder tree + metadata.csv), offline."""
+    from lensmith.demodata import generate_demo_dataset
+
+    params, _ = _context(params_file, overrides, Path("."))
+    summary = generate_demo_dataset(
+        Path(out or params.demo.out),
+        sites=[site] if site else None,
+        seed=params.demo.seed if seed is None else seed,
+        per_class=per_class or params.demo.per_class,
+        image_size=params.demo.image_size,
+    )
+    typer.echo(str(summary))
+
+
+@app.command()
+@user_errors
+def ingest(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """Read data.source (folder, CSV manifest or s3://) into data/manifest.parquet; bad files go to data/quarantine.csv."""
+    from lensmith.ingest import run_ingest
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_ingest(params, layout)))
+
+
+@app.command()
+@user_errors
+def validate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """The data gate (Great Expectations): writes reports/validation.{json,html}; exit 1 when it fails."""
+    from lensmith.validate import run_validate
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_validate(params, layout)))
+
+
+@app.command()
+@user_errors
+def split(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """Stratified, group-aware, stable train/val/test split into data/splits/; checks leakage between splits."""
+    from lensmith.split import run_split
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_split(params, layout)))
+
+
+@app.command()
+@user_errors
+def train(
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from models/candidate/checkpoint.pt")] = False,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Transfer-learning training into models/candidate/ (checkpoint every epoch, dvclive metrics)."""
+    from lensmith.train import run_train
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_train(params, layout, resume=resume)))
+
+
+@app.command()
+@user_errors
+def evaluate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """Test-split metrics, per-slice fairness, robustness and calibration: reports/metrics.json + evaluation.html."""
+    from lensmith.evaluate import run_evaluate
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_evaluate(params, layout)))
+
+
+@app.command()
+@user_errors
+def run(
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Run the whole pipeline (ingest -> validate -> split -> train -> evaluate) with optional --set overrides."""
+    from lensmith.pipeline import run_pipeline
+
+    params, layout = _context(params_file, overrides, root)
+    summary = run_pipeline(params, layout, overrides=overrides or [], params_file=params_file)
+    typer.echo(str(summary))
+
+
+@app.command("check-params")
+@user_errors
+def check_params(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+    """Validate params.yaml (and --set overrides) and print the effective configuration."""
+    import yaml
+
+    params, _ = _context(params_file, overrides, Path("."))
+    typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

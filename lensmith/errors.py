@@ -1,0 +1,25 @@
+"""Exceptions that carry a message meant for the user (the CLI prints them without a traceback)."""
+
+
+class LensmithError(Exception):
+    """A failure the user can act on; `exit_code` is what the CLI exits with."""
+
+    exit_code: int = 1
+
+
+class ParamsError(LensmithError):
+    """params.yaml (or a --set override) is invalid: wrong key, type or value."""
+
+    exit_code = 2
+
+
+class DataError(LensmithError):
+    """The input data cannot be used (unreadable source, too many bad files, unknown labels...)."""
+
+
+class SourceUnavailableError(DataError):
+    """A data source (folder, CSV, S3 endpoint) cannot be reached or read."""
+
+
+class GateFailedError(LensmithError):
+    """A quality gate (data validation, model gate) rejected its input."""

@@ -1,0 +1,280 @@
+"""params.yaml: the only configuration, validated once at load by pydantic.
+
+A wrong key, type or value raises `ParamsError` (CLI exit code 2) naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lensmith.errors import ParamsError
+
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataParams(Section):
+    source: str = Field("data/raw/demo", description="Image folder (<class>/<file>), CSV manifest, or s3://bucket/prefix")
+    image_extensions: list[str] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
+    )
+    max_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb limit (width*height)")
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)
+    min_side: int = Field(8, ge=1, description="Images with a side below this are rejected")
+    max_aspect_ratio: float = Field(20.0, ge=1.0)
+    s3_endpoint_url: str | None = None
+    workers: int = Field(0, ge=0, description="Ingest processes; 0 = one per core")
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one extension, e.g. ['.jpg', '.png']")
+        return sorted({(v if v.startswith(".") else f".{v}").lower() for v in value})
+
+
+class DemoParams(Section):
+    out: str = "data/raw/demo"
+    per_class: int = Field(500, ge=1, le=100_000)
+    image_size: int = Field(128, ge=32, le=1024)
+    seed: int = 0
+
+
+class ValidateParams(Section):
+    labels: list[str] | None = Field(None, description="Expected label set; null = discover on first run and pin")
+    min_images_per_class: int = Field(20, ge=1)
+    min_width: int = Field(32, ge=1)
+    min_height: int = Field(32, ge=1)
+    max_width: int = Field(8192, ge=1)
+    max_height: int = Field(8192, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    allowed_modes: list[str] = Field(default_factory=lambda: ["RGB", "L"])
+    required_metadata: list[str] = Field(default_factory=list)
+    max_class_imbalance: float = Field(10.0, ge=1.0, description="largest class count / smallest class count")
+    brightness_range: tuple[float, float] = (5.0, 250.0)
+    min_sharpness: float = Field(0.0, ge=0.0)
+    near_duplicate_distance: int = Field(4, ge=0, le=64, description="phash Hamming distance for near-duplicates")
+    fail_on_near_duplicates: bool = False
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="quarantined share of files above which ingest fails")
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> ValidateParams:
+        lo, hi = self.brightness_range
+        if not 0 <= lo < hi <= 255:
+            raise ValueError("brightness_range must be [low, high] with 0 <= low < high <= 255")
+        if self.min_width > self.max_width or self.min_height > self.max_height:
+            raise ValueError("min_width/min_height must not exceed max_width/max_height")
+        return self
+
+
+class SplitParams(Section):
+    train: float = Field(0.70, gt=0.0, lt=1.0)
+    val: float = Field(0.15, ge=0.0, lt=1.0)
+    test: float = Field(0.15, gt=0.0, lt=1.0)
+    group_column: str | None = Field("batch", description="Metadata column whose groups never straddle splits")
+    seed: int = 0
+    min_class_size: int = Field(10, ge=1, description="Classes smaller than this cannot be split")
+    on_small_class: Literal["error", "warn"] = "error"
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1.0 (got {total:.4f})")
+        return self
+
+
+class AugmentParams(Section):
+    hflip: bool = True
+    vflip: bool = True
+    rotation_degrees: float = Field(15.0, ge=0.0, le=180.0)
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    contrast: float = Field(0.2, ge=0.0, le=1.0)
+    saturation: float = Field(0.1, ge=0.0, le=1.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+    blur_prob: float = Field(0.1, ge=0.0, le=1.0)
+    noise_std: float = Field(0.02, ge=0.0, le=1.0)
+    trivial_augment: bool = False
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("crop_scale must be [low, high] with 0 < low <= high <= 1")
+        return value
+
+
+ModelName = Literal[
+    "efficientnet_lite0",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "resnet18",
+    "resnet50",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "vit_b_16",
+]
+
+
+class TrainParams(Section):
+    model: ModelName = "efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = Field(128, ge=16, le=1024)
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    class_weights: Literal["auto", "none"] = "auto"
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    freeze_epochs: int = Field(1, ge=0)
+    early_stopping_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
+    early_stopping_patience: int = Field(3, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    compile: bool = False
+    channels_last: bool = True
+    num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    seed: int = 0
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+
+
+class RobustnessParams(Section):
+    perturbations: list[
+        Literal["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"]
+    ] = Field(default_factory=lambda: ["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"])
+    severities: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    fgsm_epsilon: float | None = Field(None, ge=0.0, le=1.0)
+
+    @field_validator("severities")
+    @classmethod
+    def _severities_in_range(cls, value: list[int]) -> list[int]:
+        if not value or any(not 1 <= s <= 5 for s in value):
+            raise ValueError("severities must be a non-empty list of integers between 1 and 5")
+        return value
+
+
+class EvaluateParams(Section):
+    positive_class: str | None = Field(None, description="Class treated as positive; null = any class but negative_class")
+    negative_class: str | None = Field("ok", description="The 'good' class for any-defect-vs-ok metrics")
+    slices: list[str] = Field(default_factory=lambda: ["site", "lighting", "camera"])
+    top_k: int = Field(3, ge=1)
+    ece_bins: int = Field(15, ge=2, le=100)
+    batch_size: int = Field(128, ge=1)
+    worst_examples: int = Field(24, ge=0, le=200)
+    robustness: RobustnessParams = Field(default_factory=RobustnessParams)
+
+
+with warnings.catch_warnings():
+    # `validate` is the stage's name; shadowing pydantic's deprecated BaseModel.validate is harmless.
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class Params(Section):
+        data: DataParams = Field(default_factory=DataParams)
+        demo: DemoParams = Field(default_factory=DemoParams)
+        validate: ValidateParams = Field(default_factory=ValidateParams)  # type: ignore[assignment]
+        split: SplitParams = Field(default_factory=SplitParams)
+        train: TrainParams = Field(default_factory=TrainParams)
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """One line per problem, each naming the dotted key and what is allowed."""
+    lines = [f"invalid parameters in {origin}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(_allowed_keys(item['loc']))}")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.01` -> (["train", "lr"], 0.01); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ParamsError(f"--set expects key=value, got {text!r}")
+    key, _, raw = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ParamsError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `key=value` override applied (nested dicts created as needed)."""
+    merged = _deep_copy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = merged
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ParamsError(f"--set {'.'.join(parts)}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def read_params_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def params_from_dict(raw: dict[str, Any], origin: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(format_validation_error(exc, origin)) from None
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None) -> Params:
+    """Load params.yaml (missing file = all defaults), apply `--set` overrides, validate."""
+    path = Path(path)
+    raw = apply_overrides(read_params_yaml(path), overrides or [])
+    origin = str(path) + (" with --set overrides" if overrides else "")
+    return params_from_dict(raw, origin)
