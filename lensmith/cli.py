@@ -149,12 +149,19 @@ def run(
     overrides: SetOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Run the whole pipeline (ingest -> validate -> split -> train -> evaluate) with optional --set overrides."""
-    from lensmith.pipeline import run_pipeline
+    """Run the training flow (Prefect; each task reproduces its DVC stage) with optional --set overrides.
 
-    params, layout = _context(params_file, overrides, root)
-    summary = run_pipeline(params, layout, overrides=overrides or [], params_file=params_file)
-    typer.echo(str(summary))
+    --set values are written to params.yaml for the run (so dvc.lock records them) and restored after.
+    """
+    from flows.training import training_flow
+
+    _context(params_file, overrides, root)  # fail fast on bad params, before Prefect starts
+    result = training_flow(root=str(root.resolve()), params_file=str(params_file), overrides=overrides or [])
+    for stage, info in result["stages"].items():
+        typer.echo(f"  {stage:<10} {'ran' if info['ran'] else 'unchanged'} ({info['seconds']:.1f}s)")
+    typer.echo("reports:")
+    for name, path in result["reports"].items():
+        typer.echo(f"  {name:<10} {path}")
 
 
 @app.command("check-params")

@@ -180,6 +180,15 @@ class EvaluateParams(Section):
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
 
 
+class OrchestrationParams(Section):
+    executor: Literal["dvc", "direct"] = Field(
+        "dvc", description="dvc: each flow task runs `dvc repro --single-item STAGE`; direct: stage functions in-process"
+    )
+    io_retries: int = Field(2, ge=0, le=10, description="Retries for I/O-bound stages (ingest, push/pull)")
+    retry_delay_s: float = Field(5.0, ge=0.0)
+    stage_timeout_s: float = Field(4 * 3600.0, gt=0.0)
+
+
 with warnings.catch_warnings():
     # `validate` is the stage's name; shadowing pydantic's deprecated BaseModel.validate is harmless.
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -191,6 +200,7 @@ with warnings.catch_warnings():
         split: SplitParams = Field(default_factory=SplitParams)
         train: TrainParams = Field(default_factory=TrainParams)
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

@@ -1,0 +1,1 @@
+"""Prefect flows: training (the DAG of dvc.yaml), nightly retraining, monitoring."""

@@ -1,0 +1,79 @@
+"""The pipeline's stages as in-process functions (the logic side of the wiring; no Prefect, no DVC).
+
+dvc.yaml declares the graph; each stage's `cmd` is `lensmith <stage>`, which calls the same function
+listed here. The Prefect flow runs a stage either through DVC (`dvc repro --single-item`) or, with
+orchestration.executor=direct, by calling `run_stage` in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lensmith.layout import Layout
+from lensmith.params import Params
+
+TRAINING_STAGES: tuple[str, ...] = ("demo_data", "ingest", "validate", "split", "train", "evaluate")
+
+
+def _demo_data(params: Params, layout: Layout) -> Any:
+    from lensmith.demodata import generate_demo_dataset
+
+    out = Path(params.demo.out)
+    return generate_demo_dataset(
+        out if out.is_absolute() else layout.root / out,
+        sites=None,
+        seed=params.demo.seed,
+        per_class=params.demo.per_class,
+        image_size=params.demo.image_size,
+    )
+
+
+def _ingest(params: Params, layout: Layout) -> Any:
+    from lensmith.ingest import run_ingest
+
+    return run_ingest(params, layout)
+
+
+def _validate(params: Params, layout: Layout) -> Any:
+    from lensmith.validate import run_validate
+
+    return run_validate(params, layout)
+
+
+def _split(params: Params, layout: Layout) -> Any:
+    from lensmith.split import run_split
+
+    return run_split(params, layout)
+
+
+def _train(params: Params, layout: Layout) -> Any:
+    from lensmith.train import run_train
+
+    return run_train(params, layout)
+
+
+def _evaluate(params: Params, layout: Layout) -> Any:
+    from lensmith.evaluate import run_evaluate
+
+    return run_evaluate(params, layout)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[Params, Layout], Any]] = {
+    "demo_data": _demo_data,
+    "ingest": _ingest,
+    "validate": _validate,
+    "split": _split,
+    "train": _train,
+    "evaluate": _evaluate,
+}
+
+
+def run_stage(name: str, params: Params, layout: Layout) -> Any:
+    """Run one stage in-process and return its summary object."""
+    try:
+        fn = STAGE_FUNCTIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGE_FUNCTIONS)}") from None
+    return fn(params, layout)

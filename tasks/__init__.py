@@ -1,0 +1,1 @@
+"""Thin Prefect tasks: each runs one pipeline stage and publishes what it produced as artifacts."""

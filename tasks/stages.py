@@ -1,0 +1,51 @@
+"""One Prefect task per pipeline stage: reproduce the stage, then publish its artifacts."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from lensmith.layout import Layout
+from lensmith.params import Params
+from lensmith.stages import run_stage
+from tasks.artifacts import publish_stage_artifacts
+from tasks.dvc_runner import StageOutcome, repro_stage
+
+# Stages that mostly wait on storage (local disk, S3) get retries with backoff; compute stages do not.
+IO_STAGES = frozenset({"demo_data", "ingest"})
+
+
+def _run(stage: str, params: Params, root: Path) -> StageOutcome:
+    logger = get_run_logger()
+    layout = Layout(root)
+    if params.orchestration.executor == "dvc":
+        outcome = repro_stage(root, stage, timeout_s=params.orchestration.stage_timeout_s)
+    else:
+        start = time.perf_counter()
+        summary = run_stage(stage, params, layout)
+        outcome = StageOutcome(stage, True, time.perf_counter() - start, str(summary))
+    logger.info("%s: %s in %.1fs", stage, "ran" if outcome.ran else "unchanged, skipped", outcome.seconds)
+    if outcome.log_tail:
+        logger.info(outcome.log_tail)
+    publish_stage_artifacts(stage, layout)
+    return outcome
+
+
+def stage_task(stage: str, params: Params):  # noqa: ANN201 - a Prefect Task
+    """The Prefect task for `stage`, with retries for I/O stages and the stage timeout from params."""
+    orch = params.orchestration
+    retries = orch.io_retries if stage in IO_STAGES else 0
+    return task(
+        _run,
+        name=stage,
+        task_run_name=stage,
+        retries=retries,
+        retry_delay_seconds=[orch.retry_delay_s * (2**i) for i in range(retries)] if retries else 0,
+        timeout_seconds=orch.stage_timeout_s,
+        log_prints=True,
+        cache_policy=NO_CACHE,  # DVC decides what is up to date
+    )
