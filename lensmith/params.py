@@ -211,7 +211,9 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; allowed keys here: {', '.join(_allowed_keys(item['loc']))}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            value = item.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            lines.append(f"  {key}: {item['msg']}{shown}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,46 @@
+"""dvc.yaml and the Prefect training flow declare the same stage graph (one definition per stage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from dvc.repo import Repo
+
+from flows.training import FLOW_GRAPH, flow_graph, stage_order
+from lensmith.params import Params, load_params
+from lensmith.stages import STAGE_FUNCTIONS, TRAINING_STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dvc_graph(root: Path) -> dict[str, set[str]]:
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        deps: dict[str, set[str]] = {stage.addressing: set() for stage in graph.nodes}
+        for stage, upstream in graph.edges:
+            deps[stage.addressing].add(upstream.addressing)
+    return deps
+
+
+def test_flow_graph_equals_dvc_graph() -> None:
+    assert {s: set(u) for s, u in FLOW_GRAPH.items()} == dvc_graph(ROOT)
+
+
+def test_every_stage_has_an_in_process_function_and_a_cli_command() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(TRAINING_STAGES) == set(STAGE_FUNCTIONS)
+    for name, spec in stages.items():
+        assert spec["cmd"].split()[:2] == ["lensmith", name.replace("_", "-")]
+
+
+def test_flow_drops_demo_stage_for_other_sources() -> None:
+    params = Params.model_validate({"data": {"source": "/srv/images"}})
+    graph = flow_graph(params)
+    assert "demo_data" not in graph
+    assert stage_order(graph) == ["ingest", "validate", "split", "train", "evaluate"]
+
+
+def test_default_params_use_the_demo_stage() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert stage_order(flow_graph(params))[0] == "demo_data"
