@@ -7,6 +7,7 @@ applied) or raises `ImageRejected` with a short machine-readable reason and a hu
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,20 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 GRAY_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+EXIF_ORIENTATION = 0x0112
+# Pillow's format plugins raise more than OSError on hostile or damaged files; none may crash a stage.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    MemoryError,
+)
 
 
 class ImageRejected(Exception):
@@ -60,33 +75,51 @@ def decode_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             fmt = img.format or "UNKNOWN"
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageRejected(
-                    "decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
-                )
+            check_geometry(*img.size, max_pixels=max_pixels)
             img.load()
     except ImageRejected:
         raise
     except UnidentifiedImageError:
         raise ImageRejected("not_an_image", "content is not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageRejected("truncated_or_corrupt", f"decoding failed: {exc}") from None
     except Image.DecompressionBombError as exc:  # pragma: no cover - MAX_IMAGE_PIXELS is None
         raise ImageRejected("decompression_bomb", str(exc)) from None
+    except DECODE_ERRORS as exc:
+        raise ImageRejected("truncated_or_corrupt", f"decoding failed: {type(exc).__name__}: {exc}") from None
 
     source_mode = img.mode
+    img = apply_exif_orientation(img)
+    check_geometry(img.width, img.height, min_side=min_side, max_aspect_ratio=max_aspect_ratio)
+    return DecodedImage(image=normalise_mode(img), format=fmt, source_mode=source_mode)
+
+
+def apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip per the EXIF Orientation tag; images without one are returned as they are (no copy)."""
     try:
-        img = ImageOps.exif_transpose(img) or img
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+            return img
+        return ImageOps.exif_transpose(img) or img
     except Exception:  # a malformed EXIF block must not reject an otherwise good image
-        pass
-    width, height = img.size
+        return img
+
+
+def check_geometry(
+    width: int,
+    height: int,
+    *,
+    max_pixels: int | None = None,
+    min_side: int = 1,
+    max_aspect_ratio: float = float("inf"),
+) -> None:
+    """Raise ImageRejected when the size breaks a limit (also used on already-ingested rows)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageRejected(
+            "decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
+        )
     if min(width, height) < min_side:
         raise ImageRejected("too_small", f"{width}x{height} has a side below min_side={min_side}")
     aspect = max(width, height) / max(1, min(width, height))
     if aspect > max_aspect_ratio:
         raise ImageRejected("bad_aspect_ratio", f"{width}x{height} aspect {aspect:.1f} exceeds {max_aspect_ratio}")
-    return DecodedImage(image=normalise_mode(img), format=fmt, source_mode=source_mode)
 
 
 def normalise_mode(img: Image.Image) -> Image.Image:
