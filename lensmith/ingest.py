@@ -321,7 +321,9 @@ def quarantine_frame(rejections: list[Rejection]) -> pd.DataFrame:
     return frame.sort_values("path", kind="stable").reset_index(drop=True)
 
 
-def check_bad_fraction(n_accepted: int, rejections: list[Rejection], max_bad_fraction: float, source: str) -> None:
+def check_bad_fraction(
+    n_accepted: int, rejections: list[Rejection], max_bad_fraction: float, source: str, report: Path
+) -> None:
     total = n_accepted + len(rejections)
     if total == 0:
         raise DataError(f"no images found in {source} (data.image_extensions decides which files count)")
@@ -330,7 +332,7 @@ def check_bad_fraction(n_accepted: int, rejections: list[Rejection], max_bad_fra
         top = ", ".join(f"{reason} {count}" for reason, count in Counter(r.reason for r in rejections).most_common(3))
         raise DataError(
             f"{len(rejections)} of {total} files ({share:.1%}) were quarantined, above "
-            f"validate.max_bad_fraction={max_bad_fraction:.1%}; top reasons: {top}; see the quarantine report; "
+            f"validate.max_bad_fraction={max_bad_fraction:.1%}; top reasons: {top}; see {report}; "
             "the previous manifest was left unchanged"
         )
 
@@ -374,7 +376,9 @@ def run_ingest(params: Params, layout: Layout) -> IngestSummary:
             rows.append(manifest_row(item, result, layout))
 
     write_csv_atomic(layout.quarantine, quarantine_frame(rejections))
-    check_bad_fraction(len(rows), rejections, params.validate.max_bad_fraction, listing.description)
+    check_bad_fraction(
+        len(rows), rejections, params.validate.max_bad_fraction, listing.description, layout.quarantine
+    )
     manifest = manifest_frame(rows, listing.metadata)
     write_parquet_atomic(layout.manifest, manifest)
     return IngestSummary(
