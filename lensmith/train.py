@@ -1,0 +1,584 @@
+"""`lensmith train`: transfer learning from data/splits into models/candidate/.
+
+Shaped like torchvision's references/classification: load_data, train_one_epoch, evaluate, plain-dict
+checkpoints, and run_train as main. Images are decoded once into a uint8 cache (lensmith.datacache);
+epochs read batches from it and augment them on tensors (lensmith.augment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm import tqdm
+
+import lensmith
+from lensmith.augment import augment_batch
+from lensmith.datacache import cached_images
+from lensmith.errors import DataError, LensmithError
+from lensmith.fsutil import write_bytes_atomic
+from lensmith.layout import Layout
+from lensmith.modelio import portable_state_dict, save_trained, state_dict_sha256
+from lensmith.models import build_model, preprocessing_for, set_backbone_trainable
+from lensmith.params import Params, TrainParams
+from lensmith.preprocess import Preprocessing
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CURVES_FILE = "training_curves.png"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(LensmithError):
+    """Training cannot start or continue (diverged loss, unusable checkpoint...)."""
+
+
+class CheckpointError(TrainingError):
+    """`--resume` found no usable checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class SplitData:
+    images: np.ndarray  # N x C x H x W uint8 (read-only memmap)
+    labels: np.ndarray  # N int64 class indices
+    files: list[Path]
+
+
+def read_split(layout: Layout, name: str) -> pd.DataFrame:
+    path = layout.split_file(name)
+    if not path.is_file():
+        raise DataError(f"split file {path} is missing; run `lensmith split` first")
+    frame = pd.read_parquet(path)
+    missing = {"file", "label"} - set(frame.columns)
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {sorted(missing)}")
+    if frame.empty:
+        raise DataError(f"the {name} split ({path}) is empty: training needs images in train and val")
+    return frame
+
+
+def class_names(train: pd.DataFrame) -> list[str]:
+    classes = sorted(train["label"].astype(str).unique())
+    if len(classes) < 2:
+        raise DataError(
+            f"the train split holds a single class ({classes[0]!r}); a classifier needs at least 2 labelled classes"
+        )
+    return classes
+
+
+def label_indices(frame: pd.DataFrame, classes: list[str], split_name: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(classes)}
+    labels = frame["label"].astype(str)
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(f"the {split_name} split has labels absent from the train split: {unknown}; re-run the split")
+    return labels.map(index).to_numpy(dtype=np.int64)
+
+
+def resolve_files(frame: pd.DataFrame, root: Path) -> list[Path]:
+    return [Path(f) if Path(f).is_absolute() else root / f for f in frame["file"].astype(str)]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_hashes(frame: pd.DataFrame, files: list[Path]) -> list[str]:
+    if "sha256" in frame.columns and frame["sha256"].notna().all():
+        return frame["sha256"].astype(str).tolist()
+    return [file_sha256(f) for f in files]
+
+
+def load_split_data(
+    layout: Layout, frame: pd.DataFrame, classes: list[str], name: str, preprocessing: Preprocessing
+) -> SplitData:
+    files = resolve_files(frame, layout.root)
+    labels = label_indices(frame, classes, name)
+    images = cached_images(files, image_hashes(frame, files), preprocessing, layout.cache_dir, desc=f"caching {name}")
+    return SplitData(images=images, labels=labels, files=files)
+
+
+def data_hash(layout: Layout) -> dict[str, str]:
+    """sha256 of the manifest and every split file (what the model was trained from), plus a combined one."""
+    hashes = {}
+    for path in [layout.manifest, *(layout.split_file(n) for n in ("train", "val", "test"))]:
+        if path.is_file():
+            hashes[str(path.relative_to(layout.root))] = file_sha256(path)
+    combined = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()
+    return {"combined": combined, **hashes}
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a last batch of one image is dropped (BatchNorm cannot train on it)."""
+    order = torch.randperm(n, generator=generator)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches.pop()
+    return batches
+
+
+def gather(images: np.ndarray, index: torch.Tensor) -> torch.Tensor:
+    """uint8 batch from the memmap (sorted reads are sequential on disk; order restored afterwards)."""
+    idx = index.numpy()
+    order = np.argsort(idx, kind="stable")
+    batch = np.empty((len(idx), *images.shape[1:]), dtype=np.uint8)
+    batch[order] = images[idx[order]]
+    return torch.from_numpy(batch)
+
+
+# ------------------------------------------------------------------------------------- optimisation
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tensor | None:
+    """'auto': N / (K * n_c), so every class contributes equally to the loss; 'none': None."""
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)  # no weight decay on biases and norms
+    groups = [{"params": decay, "weight_decay": tp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tp.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tp.lr, momentum=tp.momentum, nesterov=tp.momentum > 0)
+    return torch.optim.AdamW(groups, lr=tp.lr)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, tp: TrainParams, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    warmup = tp.warmup_epochs * steps_per_epoch
+    total = tp.epochs * steps_per_epoch
+
+    def multiplier(step: int) -> float:
+        return warmup_cosine(step, warmup, total)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+# ------------------------------------------------------------------------------------ epoch loops
+
+
+@dataclass
+class EpochContext:
+    model: nn.Module  # what runs forward (possibly torch.compile'd)
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    preprocessing: Preprocessing
+    tp: TrainParams
+
+    @property
+    def autocast(self) -> torch.autocast:
+        enabled = self.device.type == "cuda" and self.tp.amp
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def model_input(batch: torch.Tensor, ctx: EpochContext) -> torch.Tensor:
+    """float 0..255 (or uint8) N x C x H x W -> normalised, on the device, in the training memory format."""
+    x = ctx.preprocessing.normalize_tensor(batch.to(ctx.device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if ctx.tp.channels_last else x
+
+
+def train_one_epoch(
+    ctx: EpochContext, data: SplitData, shuffle: torch.Generator, augment: torch.Generator, epoch: int
+) -> dict[str, float]:
+    ctx.model.train()
+    batches = batch_order(len(data.labels), ctx.tp.batch_size, shuffle)
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{ctx.tp.epochs}", unit="batch", leave=False, disable=None)
+    for step, index in enumerate(bar):
+        images = augment_batch(gather(data.images, index), ctx.tp.augment, augment)
+        targets = torch.from_numpy(data.labels[index.numpy()]).to(ctx.device)
+        with ctx.autocast:
+            logits = ctx.model(model_input(images, ctx))
+            loss = ctx.criterion(logits.float(), targets)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                f"(lr {ctx.scheduler.get_last_lr()[0]:.3g}); training stopped and the last good checkpoint is kept. "
+                "Lower train.lr, set train.grad_clip, or check the images for corrupt values"
+            )
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.scaler.scale(loss).backward()
+        if ctx.tp.grad_clip is not None:
+            ctx.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_([p for p in ctx.model.parameters() if p.grad is not None], ctx.tp.grad_clip)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+        ctx.scheduler.step()
+        total_loss += loss.item() * len(index)
+        correct += int((logits.argmax(1) == targets).sum())
+        seen += len(index)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", refresh=False)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": total_loss / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "train_images_per_second": seen / max(seconds, 1e-9),
+        "train_seconds": seconds,
+    }
+
+
+@torch.inference_mode()
+def predict_logits(ctx: EpochContext, images: np.ndarray, batch_size: int) -> torch.Tensor:
+    ctx.model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[start : start + batch_size]))
+        with ctx.autocast:
+            outputs.append(ctx.model(model_input(batch, ctx)).float().cpu())
+    return torch.cat(outputs)
+
+
+def evaluate(ctx: EpochContext, data: SplitData, num_classes: int) -> dict[str, float]:
+    """Validation metrics: unweighted, unsmoothed cross-entropy, accuracy and macro-F1."""
+    logits = predict_logits(ctx, data.images, max(ctx.tp.batch_size, 64))
+    targets = torch.from_numpy(data.labels)
+    predictions = logits.argmax(1).numpy()
+    return {
+        "val_loss": float(nn.functional.cross_entropy(logits, targets)),
+        "val_accuracy": float((predictions == data.labels).mean()),
+        "val_macro_f1": float(
+            f1_score(data.labels, predictions, labels=list(range(num_classes)), average="macro", zero_division=0)
+        ),
+    }
+
+
+def is_improvement(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "val_loss" else value > best
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+@dataclass
+class Progress:
+    """Everything about the run's position that is not a module/optimizer state."""
+
+    epoch: int = 0  # epochs completed
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def rng_states(shuffle: torch.Generator, augment: torch.Generator) -> dict[str, Any]:
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(), "augment": augment.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any], shuffle: torch.Generator, augment: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    shuffle.set_state(states["shuffle"])
+    augment.set_state(states["augment"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path}; run `lensmith train` without --resume to start afresh")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"--resume: checkpoint {path} is corrupt or unreadable ({type(exc).__name__}); "
+            "delete it and run `lensmith train` without --resume"
+        ) from None
+    needed = {"format", "model", "optimizer", "scheduler", "scaler", "rng", "progress", "train_params", "classes"}
+    if not isinstance(payload, dict) or not needed <= set(payload):
+        raise CheckpointError(f"--resume: {path} is not a lensmith training checkpoint; delete it and train afresh")
+    return payload
+
+
+def checkpoint_payload(
+    model: nn.Module, ctx: EpochContext, shuffle: torch.Generator, augment: torch.Generator, progress: Progress,
+    params: Params, classes: list[str], data_hashes: dict[str, str],
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": portable_state_dict(model),
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict(),
+        "scaler": ctx.scaler.state_dict(),
+        "rng": rng_states(shuffle, augment),
+        "progress": progress.__dict__,
+        "train_params": params.train.model_dump(mode="json"),
+        "params": params.model_dump(mode="json"),
+        "preprocessing": ctx.preprocessing.to_dict(),
+        "classes": classes,
+        "data_hash": data_hashes,
+    }
+
+
+def check_resumable(payload: dict[str, Any], params: Params, classes: list[str], data_hashes: dict[str, str]) -> None:
+    current = params.train.model_dump(mode="json")
+    changed = sorted(k for k in current if payload["train_params"].get(k) != current[k])
+    if changed:
+        raise CheckpointError(
+            f"--resume: train params changed since the checkpoint ({', '.join('train.' + k for k in changed)}); "
+            "restore them or train afresh without --resume"
+        )
+    if payload["classes"] != classes or payload.get("data_hash", {}).get("combined") != data_hashes["combined"]:
+        raise CheckpointError("--resume: the splits changed since the checkpoint; train afresh without --resume")
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class TrainSummary:
+    model_dir: Path
+    arch: str
+    epochs_run: int
+    best_epoch: int
+    metric: str
+    best_value: float
+    stopped_early: bool
+    seconds: float
+    images_per_second: float
+    weights_sha256: str
+
+    def __str__(self) -> str:
+        stop = ", stopped early" if self.stopped_early else ""
+        return (
+            f"trained {self.arch} for {self.epochs_run} epoch(s){stop} in {self.seconds:.1f}s "
+            f"({self.images_per_second:.0f} img/s); best epoch {self.best_epoch}: {self.metric}={self.best_value:.4f}; "
+            f"model -> {self.model_dir / 'model.pt'}"
+        )
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def epoch_line(epoch: int, epochs: int, m: dict[str, float], best: bool) -> str:
+    return (
+        f"epoch {epoch}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.3f} | "
+        f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.3f} macro-F1 {m['val_macro_f1']:.3f} | "
+        f"lr {m['lr']:.2e} {m['train_images_per_second']:.0f} img/s {m['train_seconds']:.1f}s{'  *best' if best else ''}"
+    )
+
+
+def plot_curves(history: list[dict[str, float]], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lensmith.fsutil import atomic_path
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train accuracy")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="val accuracy")
+    ax_acc.plot(epochs, [h["val_macro_f1"] for h in history], label="val macro-F1")
+    ax_acc.set(title="accuracy / F1", xlabel="epoch", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(target, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def open_live(layout: Layout, resume: bool) -> Any:
+    from dvclive import Live
+
+    # dvcyaml=None / save_dvc_exp=False: dvc.yaml declares the metrics and plots; dvclive must neither
+    # rewrite it nor create experiments or git commits on its own (inside `dvc exp run` DVC does that).
+    return Live(dir=str(layout.reports / "train"), resume=resume, save_dvc_exp=False, dvcyaml=None)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSummary:
+    tp = params.train
+    started = time.perf_counter()
+    torch.set_num_threads(tp.num_threads or os.cpu_count() or 1)
+    device = resolve_device(tp.device)
+    preprocessing = preprocessing_for(tp.model, tp.image_size)
+
+    train_frame, val_frame = read_split(layout, "train"), read_split(layout, "val")
+    classes = class_names(train_frame)
+    hashes = data_hash(layout)
+    checkpoint_path = layout.candidate / CHECKPOINT_FILE
+    checkpoint = load_checkpoint(checkpoint_path) if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, params, classes, hashes)
+
+    train_data = load_split_data(layout, train_frame, classes, "train", preprocessing)
+    val_data = load_split_data(layout, val_frame, classes, "val", preprocessing)
+    cache_seconds = time.perf_counter() - started
+
+    torch.manual_seed(tp.seed)
+    shuffle = torch.Generator().manual_seed(tp.seed + 1)
+    augment = torch.Generator().manual_seed(tp.seed + 2)
+    model = build_model(tp.model, len(classes), tp.pretrained, tp.dropout, tp.image_size).to(device)
+    if tp.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    weights = class_weights(train_data.labels, len(classes), tp.class_weights)
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weights is None else weights.to(device), label_smoothing=tp.label_smoothing
+    )
+    optimizer = build_optimizer(model, tp)
+    steps_per_epoch = len(batch_order(len(train_data.labels), tp.batch_size, torch.Generator().manual_seed(0)))
+    scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no loss scaling
+    forward_model = torch.compile(model) if tp.compile and device.type == "cuda" else model
+    ctx = EpochContext(forward_model, criterion, optimizer, scheduler, scaler, device, preprocessing, tp)
+
+    progress = Progress()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        restore_rng_states(checkpoint["rng"], shuffle, augment)
+        progress = Progress(**checkpoint["progress"])
+        print(f"resuming from {checkpoint_path} after epoch {progress.epoch}")
+
+    live = open_live(layout, resume=checkpoint is not None)
+    try:
+        while progress.epoch < tp.epochs and not progress.stopped_early:
+            epoch = progress.epoch
+            set_backbone_trainable(model, epoch >= tp.freeze_epochs)
+            metrics = train_one_epoch(ctx, train_data, shuffle, augment, epoch)
+            metrics.update(evaluate(ctx, val_data, len(classes)))
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            if not math.isfinite(metrics["val_loss"]):
+                raise TrainingError(
+                    f"the validation loss became {metrics['val_loss']} after epoch {epoch + 1}; training stopped "
+                    "and the last good checkpoint is kept. Lower train.lr or set train.grad_clip"
+                )
+            value = metrics[tp.early_stopping_metric]
+            improved = is_improvement(tp.early_stopping_metric, value, progress.best_metric)
+            if improved:
+                progress.best_metric, progress.best_epoch = value, epoch + 1
+                progress.best_state = portable_state_dict(model)
+                progress.best_metrics = dict(metrics)
+                progress.epochs_without_improvement = 0
+            else:
+                progress.epochs_without_improvement += 1
+                progress.stopped_early = progress.epochs_without_improvement >= tp.early_stopping_patience
+            progress.epoch = epoch + 1
+            progress.train_seconds += metrics["train_seconds"]
+            progress.history.append({"epoch": epoch + 1, **metrics})
+
+            live.step = epoch
+            for key, val in metrics.items():
+                live.log_metric(key, val)
+            live.next_step()
+            save_checkpoint(
+                checkpoint_path,
+                checkpoint_payload(model, ctx, shuffle, augment, progress, params, classes, hashes),
+            )
+            print(epoch_line(epoch + 1, tp.epochs, metrics, improved), flush=True)
+            if progress.stopped_early:
+                print(f"early stopping: {tp.early_stopping_metric} did not improve for {tp.early_stopping_patience} epochs")
+    finally:
+        live.end()
+
+    assert progress.best_state is not None and progress.best_epoch is not None
+    model.load_state_dict(progress.best_state)
+    total_seconds = time.perf_counter() - started
+    images_seen = sum(len(train_data.labels) for _ in progress.history)
+    meta = {
+        "params": {"train": params.train.model_dump(mode="json"), "full": params.model_dump(mode="json")},
+        "data_hash": hashes,
+        "num_images": {"train": int(len(train_data.labels)), "val": int(len(val_data.labels))},
+        "class_counts": {c: int(n) for c, n in zip(classes, np.bincount(train_data.labels, minlength=len(classes)))},
+        "git_commit": git_commit(layout.root),
+        "lensmith_version": lensmith.__version__,
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "timings": {
+            "total_seconds": round(total_seconds, 2),
+            "cache_seconds": round(cache_seconds, 2),
+            "train_seconds": round(progress.train_seconds, 2),
+        },
+        "epochs_run": progress.epoch,
+        "stopped_early": progress.stopped_early,
+        "best_epoch": progress.best_epoch,
+        "best_val_metrics": {k: v for k, v in progress.best_metrics.items() if k.startswith("val_")},
+        "history": progress.history,
+        "weights_sha256": state_dict_sha256(progress.best_state),
+    }
+    save_trained(layout.candidate, model, arch=tp.model, classes=classes, preprocessing=preprocessing, meta=meta)
+    plot_curves(progress.history, layout.candidate / CURVES_FILE)
+    return TrainSummary(
+        model_dir=layout.candidate,
+        arch=tp.model,
+        epochs_run=progress.epoch,
+        best_epoch=progress.best_epoch,
+        metric=tp.early_stopping_metric,
+        best_value=float(progress.best_metric),
+        stopped_early=progress.stopped_early,
+        seconds=total_seconds,
+        images_per_second=images_seen / max(progress.train_seconds, 1e-9),
+        weights_sha256=meta["weights_sha256"],
+    )
