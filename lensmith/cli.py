@@ -78,7 +78,7 @@ def demo_data(
 
     params, _ = _context(params_file, overrides, Path("."))
     summary = generate_demo_dataset(
-        Path(out or params.demo.out),
+        Path(out or (f"{params.demo.out}_site_{site.lower()}" if site else params.demo.out)),
         sites=[site] if site else None,
         seed=params.demo.seed if seed is None else seed,
         per_class=per_class or params.demo.per_class,
@@ -162,6 +162,19 @@ def run(
     typer.echo("reports:")
     for name, path in result["reports"].items():
         typer.echo(f"  {name:<10} {path}")
+
+
+@app.command()
+@user_errors
+def schedule(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Serve the nightly retraining deployment (cron nightly.cron in nightly.timezone) on the Prefect API.
+
+    Uses PREFECT_API_URL (e.g. a `make ui` server); runs until interrupted.
+    """
+    from flows.deployments import serve_nightly
+
+    params, _ = _context(params_file, None, root)
+    serve_nightly(params, root, str(params_file))
 
 
 @app.command("check-params")

@@ -159,7 +159,10 @@ class RobustnessParams(Section):
         Literal["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"]
     ] = Field(default_factory=lambda: ["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"])
     severities: list[int] = Field(default_factory=lambda: [1, 3, 5])
-    fgsm_epsilon: float | None = Field(None, ge=0.0, le=1.0)
+    fgsm_epsilon: float | None = Field(
+        None, ge=0.0, le=1.0, description="FGSM step in pixel units on the 0..1 scale (8/255 = 8 grey levels); null = skip"
+    )
+    seed: int = Field(0, description="Seed of the perturbations' randomness (noise, glare position, rotation direction)")
 
     @field_validator("severities")
     @classmethod
@@ -189,6 +192,39 @@ class OrchestrationParams(Section):
     stage_timeout_s: float = Field(4 * 3600.0, gt=0.0)
 
 
+class NightlyParams(Section):
+    cron: str = Field("0 2 * * *", description="When the nightly retraining deployment runs")
+    timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin")
+    deployment_name: str = "nightly-retraining"
+    push: bool = Field(True, description="dvc push data and models to the default remote after a run")
+    git_commit: bool = Field(True, description="record each run as a git commit + tag (dvc.lock, params, metrics)")
+    tag_prefix: str = "nightly-"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_is_valid(cls, value: str) -> str:
+        from datetime import datetime
+
+        from cronsim import CronSim, CronSimError
+
+        try:
+            CronSim(value, datetime(2000, 1, 1))
+        except CronSimError:
+            raise ValueError(f"{value!r} is not a valid cron expression (e.g. '0 2 * * *')") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a known IANA timezone (e.g. 'UTC', 'Europe/Berlin')") from None
+        return value
+
+
 with warnings.catch_warnings():
     # `validate` is the stage's name; shadowing pydantic's deprecated BaseModel.validate is harmless.
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -201,6 +237,7 @@ with warnings.catch_warnings():
         train: TrainParams = Field(default_factory=TrainParams)
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
         orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
+        nightly: NightlyParams = Field(default_factory=NightlyParams)
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:

@@ -1,0 +1,127 @@
+"""Nightly retraining: pull -> (new data?) -> training flow (incl. gate) -> promote or keep -> push -> record.
+
+The run is recorded as a git commit + tag holding dvc.lock, params.yaml, metrics and the registry
+pointers, so `git checkout <tag> && dvc pull` restores its exact data and model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from flows.training import training_flow
+from lensmith.layout import Layout
+from lensmith.params import load_params
+from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_run
+
+RECORDED_PATHS = [
+    "dvc.lock",
+    "params.yaml",
+    "reports/validation.json",
+    "reports/leakage.json",
+    "reports/metrics.json",
+    "reports/gate.json",
+    "reports/export.json",
+    "reports/train/metrics.json",
+    "reports/plots",
+    "reports/train/plots",
+    "models/registry/aliases.json",
+    "models/registry/versions.dvc",
+]
+
+
+@task(name="dvc-pull", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
+def pull_task(root: Path) -> RemoteResult:
+    return dvc_transfer(root, "pull")
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
+def push_task(root: Path) -> RemoteResult:
+    return dvc_transfer(root, "push")
+
+
+@task(name="nothing-changed", cache_policy=NO_CACHE)
+def nothing_changed_task(root: Path) -> bool:
+    return dvc_status_clean(root)
+
+
+@task(name="promote-or-keep", cache_policy=NO_CACHE)
+def promote_or_keep_task(root: Path) -> dict[str, Any]:
+    """Register + promote a candidate that passed the gate; keep production otherwise."""
+    from lensmith.registry import Registry
+
+    layout = Layout(root)
+    gate = json.loads((layout.reports / "gate.json").read_text(encoding="utf-8"))
+    registry = Registry(layout.models)
+    decision: dict[str, Any] = {"passed": bool(gate.get("passed")), "reasons": gate.get("reasons", [])}
+    if decision["passed"]:
+        version = registry.register(
+            layout.candidate,
+            metrics_path=layout.reports / "metrics.json",
+            gate_path=layout.reports / "gate.json",
+            export_path=layout.reports / "export.json" if (layout.reports / "export.json").exists() else None,
+        )
+        registry.promote(version)
+        decision["version"] = version
+        text = f"## Gate passed: promoted {version} to production"
+    else:
+        decision["version"] = None
+        text = "## Gate rejected the candidate: production kept\n" + "\n".join(f"- {r}" for r in decision["reasons"])
+    create_markdown_artifact(key="gate-decision", markdown=text, description="Champion/challenger gate")
+    return decision
+
+
+@task(name="track-registry", cache_policy=NO_CACHE)
+def track_registry_task(root: Path) -> None:
+    """Version the registry's immutable model versions with DVC (pointer file goes into git)."""
+    from tasks.dvc_runner import dvc_command
+
+    if (root / "models" / "registry" / "versions").exists():
+        proc = dvc_command(root, "add", "models/registry/versions")
+        if proc.returncode != 0:
+            raise RuntimeError(f"dvc add models/registry/versions failed: {proc.stderr.strip()[-500:]}")
+
+
+@task(name="record-run", cache_policy=NO_CACHE)
+def record_task(root: Path, message: str, tag: str | None) -> str | None:
+    return git_commit_run(root, RECORDED_PATHS, message, tag)
+
+
+@flow(name="lensmith-nightly", log_prints=True)
+def nightly_flow(root: str = ".", params_file: str = "params.yaml") -> dict[str, Any]:
+    """Nightly retraining with a champion/challenger gate; a no-op when nothing changed."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    root_path = Path(root).resolve()
+    params = load_params(root_path / params_file)
+    nightly = params.nightly
+    pulled = pull_task(root_path)
+    logger.info("pull: %s", pulled.detail)
+    if nothing_changed_task(root_path):
+        logger.info("nothing changed since the last run: production kept, nothing to record")
+        return {"status": "no-op", "seconds": round(time.perf_counter() - start, 2)}
+    training = training_flow(root=str(root_path), params_file=params_file)
+    decision = promote_or_keep_task(root_path)
+    track_registry_task(root_path)
+    pushed = push_task(root_path) if nightly.push else RemoteResult(False, "push disabled (nightly.push=false)")
+    logger.info("push: %s", pushed.detail)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    verdict = f"promoted {decision['version']}" if decision["passed"] else "rejected: " + "; ".join(decision["reasons"])[:200]
+    commit = None
+    if nightly.git_commit:
+        commit = record_task(root_path, f"nightly {stamp}: {verdict}", f"{nightly.tag_prefix}{stamp}")
+    return {
+        "status": "promoted" if decision["passed"] else "rejected",
+        "decision": decision,
+        "training": training,
+        "commit": commit,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
