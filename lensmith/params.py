@@ -225,6 +225,23 @@ class NightlyParams(Section):
         return value
 
 
+class GateParams(Section):
+    metric: str = Field("test.macro_f1", description="Dotted metrics.json key the challenger must improve on")
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="challenger >= champion + this on gate.metric")
+    max_regression: float = Field(0.02, ge=0.0, le=1.0, description="largest allowed drop of any class recall / slice accuracy")
+    min_accuracy: float = Field(0.80, ge=0.0, le=1.0)
+    min_macro_f1: float = Field(0.75, ge=0.0, le=1.0)
+    min_positive_recall: float = Field(0.80, ge=0.0, le=1.0, description="Recall floor of the positive (defect) class")
+    max_ece: float = Field(0.10, ge=0.0, le=1.0, description="Expected calibration error ceiling")
+    max_robustness_drop: float = Field(0.25, ge=0.0, le=1.0, description="Ceiling of robustness.mean_relative_drop")
+    min_slice_accuracy: float = Field(0.70, ge=0.0, le=1.0, description="No slice value may score below this")
+    min_slice_n: int = Field(10, ge=1, description="Slices with fewer test images are reported but not gated")
+    int8_max_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="int8 accuracy drop limit when int8 is served; null = the limit in reports/export.json"
+    )
+    require_same_test_split: bool = Field(False, description="Reject when the champion was scored on another test split")
+
+
 with warnings.catch_warnings():
     # `validate` is the stage's name; shadowing pydantic's deprecated BaseModel.validate is harmless.
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -238,6 +255,7 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
         orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
         nightly: NightlyParams = Field(default_factory=NightlyParams)
+        gate: GateParams = Field(default_factory=GateParams)
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
