@@ -242,6 +242,45 @@ class GateParams(Section):
     require_same_test_split: bool = Field(False, description="Reject when the champion was scored on another test split")
 
 
+class ExportParams(Section):
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset for the dynamo exporter")
+    parity_max_abs_diff: float = Field(1e-4, gt=0.0, description="Max |logit(ONNX) - logit(PyTorch)| on the test split")
+    parity_min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    parity_max_images: int = Field(0, ge=0, description="Test images used by the parity gate; 0 = all")
+    int8: bool = Field(True, description="Try static int8 quantisation (QDQ, per-channel), gated by accuracy")
+    int8_max_drop: float = Field(0.01, ge=0.0, le=1.0, description="Allowed test-accuracy drop of int8 vs fp32 (0.01 = 1 point)")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_images: int = Field(256, ge=1, description="Training images used to calibrate int8")
+    providers: list[
+        Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    ] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="Preference order; unavailable ones are skipped")
+    bench_seconds: float = Field(1.5, gt=0.0, description="Time spent measuring each latency figure")
+    seed: int = 0
+
+
+class ServeParams(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    providers: list[
+        Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    ] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    variant: Literal["auto", "fp32", "int8"] = Field("auto", description="auto = what the export chose for this CPU")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Micro-batching: most images per session run")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="Micro-batching: longest wait for a batch to fill")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Per-request body limit")
+    max_images_per_request: int = Field(16, ge=1, le=1024)
+    max_pixels: int = Field(40_000_000, gt=0)
+    top_k: int = Field(3, ge=1)
+    review_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Predictions below this confidence go to review")
+    require_token_for_predict: bool = Field(False, description="Also demand the bearer token on /v1/predict")
+    reload_poll_s: float = Field(2.0, gt=0.0, description="How often the registry's aliases are checked for a new model")
+    log_dir: str = Field("serving/predictions", description="Rotating append-only prediction log (relative to root)")
+    log_rotate_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    review_dir: str = Field("serving/review", description="Review queue on disk (relative to root)")
+    feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+
+
 with warnings.catch_warnings():
     # `validate` is the stage's name; shadowing pydantic's deprecated BaseModel.validate is harmless.
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -255,6 +294,8 @@ with warnings.catch_warnings():
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
         orchestration: OrchestrationParams = Field(default_factory=OrchestrationParams)
         nightly: NightlyParams = Field(default_factory=NightlyParams)
+        export: ExportParams = Field(default_factory=ExportParams)
+        serve: ServeParams = Field(default_factory=ServeParams)
         gate: GateParams = Field(default_factory=GateParams)
 
 
