@@ -98,6 +98,9 @@ def ephemeral_context() -> Any:
 def run_checks(frames: Sequence[Frame], checks: Sequence[Check]) -> list[CheckResult]:
     """Run every check with GX (one suite per frame) and return the results in `checks` order."""
     by_name = {frame.name: frame for frame in frames}
+    names = [c.name for c in checks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"check names must be unique: {sorted(n for n in set(names) if names.count(n) > 1)}")
     unknown = {c.frame for c in checks} - set(by_name)
     if unknown:
         raise ValueError(f"checks refer to frames that were not given: {sorted(unknown)}")
@@ -114,11 +117,9 @@ def run_checks(frames: Sequence[Frame], checks: Sequence[Check]) -> list[CheckRe
 def _run_frame(context: Any, datasource: Any, frame: Frame, checks: Sequence[Check]) -> dict[str, CheckResult]:
     asset = datasource.add_dataframe_asset(frame.name)
     batch_definition = asset.add_batch_definition_whole_dataframe(frame.name)
-    suite = context.suites.add(gx.ExpectationSuite(name=frame.name))
-    for check in checks:
-        expectation = check.expectation.copy(deep=True)
-        expectation.meta = {**(expectation.meta or {}), CHECK_META_KEY: check.name}
-        suite.add_expectation(expectation)
+    suite = context.suites.add(
+        gx.ExpectationSuite(name=frame.name, expectations=[tagged_expectation(check) for check in checks])
+    )
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=frame.name, data=batch_definition, suite=suite)
     )
@@ -138,6 +139,16 @@ def _run_frame(context: Any, datasource: Any, frame: Frame, checks: Sequence[Che
         name = gx_result.expectation_config.meta[CHECK_META_KEY]
         results[name] = _check_result(name, gx_result, frame.key_column, hints[name])
     return results
+
+
+def tagged_expectation(check: Check) -> Expectation:
+    """A copy of the check's expectation that carries the check name (to read its result back)."""
+    expectation = check.expectation.copy(deep=True)
+    expectation.meta = {**(expectation.meta or {}), CHECK_META_KEY: check.name}
+    # GX drops an expectation "equalish" to one already in the suite (meta is ignored, the
+    # description is not): two checks with equal kwargs, e.g. count >= 1 twice, both need a result.
+    expectation.description = expectation.description or check.name
+    return expectation
 
 
 def _check_result(name: str, gx_result: Any, key_column: str, hint: str) -> CheckResult:
