@@ -177,6 +177,67 @@ def schedule(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(
     serve_nightly(params, root, str(params_file))
 
 
+@app.command()
+@user_errors
+def gate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """Champion/challenger gate + absolute floors: writes reports/gate.{json,html}; exit 1 on reject."""
+    from lensmith.gate import run_gate
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_gate(params, layout)))
+
+
+models_app = typer.Typer(help="The model registry: list, show, promote and roll back versions.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _registry(root: Path):  # noqa: ANN202
+    from lensmith.layout import Layout
+    from lensmith.registry import Registry
+
+    return Registry(Layout(root.resolve()).models)
+
+
+@models_app.command("list")
+@user_errors
+def models_list(root: RootOpt = Path(".")) -> None:
+    """Registered versions, newest last; `*` marks production."""
+    infos = _registry(root).list_versions()
+    if not infos:
+        typer.echo("no registered model versions")
+    for info in infos:
+        mark = "*" if "production" in info.aliases else " "
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in info.metrics.items() if isinstance(v, (int, float)))
+        aliases = f" [{', '.join(info.aliases)}]" if info.aliases else ""
+        typer.echo(f"{mark} {info.version}  {info.created or '?'}  {info.gate_decision or 'ungated'}  {shown}{aliases}")
+
+
+@models_app.command("show")
+@user_errors
+def models_show(version: Annotated[str, typer.Argument(help="Version id (v0003) or alias")], root: RootOpt = Path(".")) -> None:
+    """Everything stored about one version (meta, metrics, gate) as JSON."""
+    import json
+
+    typer.echo(json.dumps(_registry(root).show(version), indent=2, default=str))
+
+
+@models_app.command("promote")
+@user_errors
+def models_promote(version: Annotated[str, typer.Argument(help="Version id (v0003) or alias")], root: RootOpt = Path(".")) -> None:
+    """Make VERSION production (refused when its gate rejected it); the old production becomes previous."""
+    registry = _registry(root)
+    resolved = registry.version_of(version)
+    registry.promote(resolved)
+    typer.echo(f"production -> {resolved}")
+
+
+@models_app.command("rollback")
+@user_errors
+def models_rollback(root: RootOpt = Path(".")) -> None:
+    """Make the previous production version production again."""
+    typer.echo(f"production -> {_registry(root).rollback()} (rolled back)")
+
+
 @app.command("check-params")
 @user_errors
 def check_params(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:

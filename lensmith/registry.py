@@ -1,0 +1,329 @@
+"""Model registry: immutable, numbered versions under models/registry/ plus movable aliases.
+
+models/registry/
+  versions/v0001/  model.pt, model.onnx, model.int8.onnx (when exported), export.json, meta.json,
+                   metrics.json, gate.json, MODEL_CARD.md, MODEL_CARD.html   (files read-only)
+  aliases.json     {"production": ..., "previous": ..., "candidate": ...}   (written atomically)
+  .lock            fcntl lock held around every change (register, promote, rollback)
+
+A version is built in a hidden temporary folder and renamed into place, so a failed or killed
+register never leaves a half version. Nothing in this module writes into an existing version.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lensmith.errors import LensmithError
+from lensmith.fsutil import write_json_atomic
+
+ALIASES: tuple[str, ...] = ("production", "previous", "candidate")
+WEIGHT_FILES: tuple[str, ...] = ("model.pt", "model.onnx", "model.int8.onnx")
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+REGISTRY_DIR = "registry"
+
+
+class RegistryError(LensmithError):
+    """Unknown version or alias, a refused promotion, nothing to roll back to..."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    created: str | None
+    metrics: dict[str, float | None]
+    aliases: list[str] = field(default_factory=list)
+    parent: str | None = None
+    gate_decision: str | None = None
+
+
+def version_id(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def read_json_or_none(path: Path) -> Any:
+    """Parsed JSON, or None when the file is missing or not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def dig(data: Any, dotted: str) -> Any:
+    """`dig(m, "test.positive_class.recall")`; None when any part is missing."""
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def headline_metrics(metrics: Any) -> dict[str, float | None]:
+    """The few numbers shown in listings and model cards."""
+    return {
+        "accuracy": dig(metrics, "test.accuracy"),
+        "macro_f1": dig(metrics, "test.macro_f1"),
+        "positive_recall": dig(metrics, "test.positive_class.recall"),
+        "ece": dig(metrics, "calibration.ece"),
+        "robustness_mean_drop": dig(metrics, "robustness.mean_relative_drop"),
+    }
+
+
+def gate_allows_promotion(gate: Any) -> bool:
+    return isinstance(gate, dict) and gate.get("passed") is True and gate.get("decision", "promote") == "promote"
+
+
+def make_read_only(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+
+
+class Registry:
+    def __init__(self, models_root: Path) -> None:
+        self.root = Path(models_root) / REGISTRY_DIR
+        self.versions_dir = self.root / "versions"
+        self.aliases_path = self.root / "aliases.json"
+        self.lock_path = self.root / ".lock"
+
+    # ---- locking and aliases -------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def aliases(self) -> dict[str, str | None]:
+        stored = read_json_or_none(self.aliases_path)
+        stored = stored if isinstance(stored, dict) else {}
+        return {name: stored.get(name) for name in ALIASES}
+
+    def _write_aliases(self, aliases: dict[str, str | None]) -> None:
+        write_json_atomic(self.aliases_path, {name: aliases.get(name) for name in ALIASES})
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def version_ids(self) -> list[str]:
+        if not self.versions_dir.is_dir():
+            return []
+        found = [p.name for p in self.versions_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)]
+        return sorted(found, key=lambda v: int(v[1:]))
+
+    def resolve(self, alias_or_version: str) -> Path:
+        """The folder of a version given its id (v0003) or an alias (production, previous, candidate)."""
+        name = alias_or_version.strip()
+        if name in ALIASES:
+            target = self.aliases()[name]
+            if target is None:
+                raise RegistryError(f"alias {name!r} is not set (no {name} model in {self.root})")
+            name = target
+        path = self.versions_dir / name
+        if not VERSION_PATTERN.match(name) or not path.is_dir():
+            known = ", ".join(self.version_ids()) or "none"
+            raise RegistryError(
+                f"unknown model version or alias {alias_or_version!r}; versions: {known}; aliases: {', '.join(ALIASES)}"
+            )
+        return path
+
+    def version_of(self, alias_or_version: str) -> str:
+        return self.resolve(alias_or_version).name
+
+    def _aliases_by_version(self) -> dict[str, list[str]]:
+        by_version: dict[str, list[str]] = {}
+        for alias, version in self.aliases().items():
+            if version is not None:
+                by_version.setdefault(version, []).append(alias)
+        return by_version
+
+    def list_versions(self) -> list[VersionInfo]:
+        by_version = self._aliases_by_version()
+        infos = []
+        for version in self.version_ids():
+            folder = self.versions_dir / version
+            meta = read_json_or_none(folder / "meta.json") or {}
+            gate = read_json_or_none(folder / "gate.json")
+            infos.append(
+                VersionInfo(
+                    version=version,
+                    created=meta.get("created"),
+                    metrics=headline_metrics(read_json_or_none(folder / "metrics.json")),
+                    aliases=by_version.get(version, []),
+                    parent=meta.get("parent_version"),
+                    gate_decision=gate.get("decision") if isinstance(gate, dict) else None,
+                )
+            )
+        return infos
+
+    def show(self, version: str) -> dict[str, Any]:
+        folder = self.resolve(version)
+        return {
+            "version": folder.name,
+            "path": str(folder),
+            "aliases": self._aliases_by_version().get(folder.name, []),
+            "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
+            "meta": read_json_or_none(folder / "meta.json"),
+            "metrics": read_json_or_none(folder / "metrics.json"),
+            "gate": read_json_or_none(folder / "gate.json"),
+        }
+
+    # ---- changing --------------------------------------------------------------------------------
+
+    def register(
+        self,
+        candidate_dir: Path,
+        *,
+        metrics_path: Path,
+        gate_path: Path | None,
+        export_path: Path | None = None,
+    ) -> str:
+        """Copy a candidate (weights, meta, metrics, gate, export report) into a new immutable version.
+
+        Sets the `candidate` alias; returns the version id. The new version's parent is the current
+        production version.
+        """
+        candidate_dir, metrics_path = Path(candidate_dir), Path(metrics_path)
+        check_register_inputs(candidate_dir, metrics_path, gate_path, export_path)
+        with self._locked():
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            aliases = self.aliases()
+            version = self._next_version_id()
+            staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.versions_dir))
+            try:
+                stage_version(staging, version, candidate_dir, metrics_path, gate_path, export_path, aliases["production"])
+                make_read_only(staging)
+                publish_version(staging, self.versions_dir / version)
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging, ignore_errors=True)
+            aliases["candidate"] = version
+            self._write_aliases(aliases)
+        return version
+
+    def _next_version_id(self) -> str:
+        existing = self.version_ids()
+        return version_id(int(existing[-1][1:]) + 1 if existing else 1)
+
+    def promote(self, version: str) -> None:
+        """Make `version` production (the old production becomes previous); refuses versions the gate rejected."""
+        with self._locked():
+            folder = self.resolve(version)
+            gate = read_json_or_none(folder / "gate.json")
+            if gate is None:
+                raise RegistryError(f"refusing to promote {folder.name}: it has no gate.json (it was never gated)")
+            if not gate_allows_promotion(gate):
+                reasons = "; ".join(str(r) for r in gate.get("reasons", [])[:3]) if isinstance(gate, dict) else ""
+                raise RegistryError(
+                    f"refusing to promote {folder.name}: the gate rejected it" + (f" ({reasons})" if reasons else "")
+                )
+            aliases = self.aliases()
+            if aliases["production"] == folder.name:
+                return
+            aliases["previous"] = aliases["production"]
+            aliases["production"] = folder.name
+            self._write_aliases(aliases)
+
+    def rollback(self) -> str:
+        """Make `previous` production again (production becomes previous, so a rollback can be undone)."""
+        with self._locked():
+            aliases = self.aliases()
+            previous = aliases["previous"]
+            if previous is None:
+                raise RegistryError("nothing to roll back to: no previous production version")
+            self.resolve(previous)
+            aliases["previous"], aliases["production"] = aliases["production"], previous
+            self._write_aliases(aliases)
+        return previous
+
+
+# ---- building a version ------------------------------------------------------------------------------
+
+
+def check_register_inputs(candidate_dir: Path, metrics_path: Path, gate_path: Path | None, export_path: Path | None) -> None:
+    if not (candidate_dir / "model.pt").is_file():
+        raise RegistryError(f"cannot register {candidate_dir}: no model.pt in it")
+    if not metrics_path.is_file():
+        raise RegistryError(f"cannot register {candidate_dir}: metrics file {metrics_path} does not exist")
+    for label, path in (("gate", gate_path), ("export", export_path)):
+        if path is not None and not Path(path).is_file():
+            raise RegistryError(f"cannot register {candidate_dir}: {label} file {path} does not exist")
+    gate = read_json_or_none(Path(gate_path)) if gate_path is not None else None
+    meta = read_json_or_none(candidate_dir / "meta.json") or {}
+    gated_weights = dig(gate, "candidate.weights_sha256")
+    if gated_weights and meta.get("weights_sha256") and gated_weights != meta["weights_sha256"]:
+        raise RegistryError(
+            f"cannot register {candidate_dir}: {gate_path} was written for other weights "
+            f"({gated_weights[:12]} != {meta['weights_sha256'][:12]}); rerun the gate"
+        )
+
+
+def version_meta(
+    candidate_meta: dict[str, Any], metrics: Any, version: str, parent: str | None, gate: Any
+) -> dict[str, Any]:
+    """The candidate's meta.json (classes, preprocessing, params, data hash, git commit...) plus registry facts."""
+    return {
+        **candidate_meta,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parent_version": parent,
+        "metrics": headline_metrics(metrics),
+        "gate_decision": gate.get("decision") if isinstance(gate, dict) else None,
+        "data_hash": candidate_meta.get("data_hash"),
+        "params": candidate_meta.get("params"),
+        "git_commit": candidate_meta.get("git_commit"),
+    }
+
+
+def stage_version(
+    staging: Path,
+    version: str,
+    candidate_dir: Path,
+    metrics_path: Path,
+    gate_path: Path | None,
+    export_path: Path | None,
+    parent: str | None,
+) -> None:
+    """Fill `staging` with everything a version holds."""
+    from lensmith.modelcard import write_model_card
+
+    for name in WEIGHT_FILES:
+        if (candidate_dir / name).is_file():
+            shutil.copyfile(candidate_dir / name, staging / name)
+    shutil.copyfile(metrics_path, staging / "metrics.json")
+    if gate_path is not None:
+        shutil.copyfile(gate_path, staging / "gate.json")
+    if export_path is not None:
+        shutil.copyfile(export_path, staging / "export.json")
+    metrics = read_json_or_none(staging / "metrics.json")
+    gate = read_json_or_none(staging / "gate.json")
+    candidate_meta = read_json_or_none(candidate_dir / "meta.json") or {}
+    meta = version_meta(candidate_meta, metrics, version, parent, gate)
+    write_json_atomic(staging / "meta.json", meta)
+    write_model_card(staging, meta=meta, metrics=metrics, gate=gate, export=read_json_or_none(staging / "export.json"))
+
+
+def publish_version(staging: Path, target: Path) -> None:
+    """Rename the finished staging folder into place; never replaces an existing version."""
+    if target.exists():
+        raise RegistryError(f"version {target.name} already exists; registered versions are immutable")
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        raise RegistryError(f"could not publish {target.name}: {exc}") from None
