@@ -1,0 +1,395 @@
+"""The model gate: absolute floors + champion/challenger against the registry's production model.
+
+Inputs: reports/metrics.json (evaluation), models/candidate/meta.json, reports/export.json when the
+export stage ran, and the production version's stored metrics.json. A metric the gate needs but
+cannot find is a failed check that names it, never a crash. Outputs reports/gate.json and
+reports/gate.html; a rejection raises GateFailedError (exit 1) after both are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lensmith.errors import GateFailedError
+from lensmith.fsutil import write_json_atomic
+from lensmith.htmlreport import HtmlReport
+from lensmith.layout import Layout
+from lensmith.params import GateParams, Params
+from lensmith.registry import Registry, RegistryError, dig, read_json_or_none
+
+GATE_JSON = "gate.json"
+GATE_HTML = "gate.html"
+METRICS_JSON = "metrics.json"
+EXPORT_JSON = "export.json"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: Any
+    threshold: Any
+    comparison: str
+    passed: bool
+    kind: str  # "floor" or "champion"
+    detail: str | None = None
+    blocking: bool = True
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    checks: list[Check]
+    reasons: list[str]
+    champion_version: str | None
+    warnings: list[str] = field(default_factory=list)
+    json_path: Path | None = None
+    html_path: Path | None = None
+
+    @property
+    def decision(self) -> str:
+        return "promote" if self.passed else "reject"
+
+    def __str__(self) -> str:
+        failed = sum(1 for c in self.checks if not c.passed and c.blocking)
+        against = f"against production {self.champion_version}" if self.champion_version else "on floors only (no production model)"
+        head = f"gate {self.decision}: {len(self.checks) - failed}/{len(self.checks)} checks passed {against}"
+        return "\n".join([head, *(f"  - {r}" for r in self.reasons), *(f"  ! {w}" for w in self.warnings)])
+
+
+# ---- one check ------------------------------------------------------------------------------------
+
+
+def compare(value: Any, threshold: Any, comparison: str) -> bool:
+    if not isinstance(value, (int, float)) or not isinstance(threshold, (int, float)):
+        return False
+    if comparison == ">=":
+        return value >= threshold
+    if comparison == "<=":
+        return value <= threshold
+    raise ValueError(f"unknown comparison {comparison!r}")
+
+
+def metric_check(name: str, value: Any, threshold: Any, comparison: str, kind: str, missing: str | None = None) -> Check:
+    """A threshold check; a missing value fails with a detail naming what is missing."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return Check(name, None, threshold, comparison, False, kind, f"{missing or name} is missing")
+    return Check(name, float(value), threshold, comparison, compare(float(value), threshold, comparison), kind)
+
+
+# ---- floors ---------------------------------------------------------------------------------------
+
+
+def floor_checks(metrics: Any, gate: GateParams) -> list[Check]:
+    return [
+        metric_check("floor.min_accuracy", dig(metrics, "test.accuracy"), gate.min_accuracy, ">=", "floor", "metrics test.accuracy"),
+        metric_check("floor.min_macro_f1", dig(metrics, "test.macro_f1"), gate.min_macro_f1, ">=", "floor", "metrics test.macro_f1"),
+        metric_check(
+            "floor.min_positive_recall",
+            dig(metrics, "test.positive_class.recall"),
+            gate.min_positive_recall,
+            ">=",
+            "floor",
+            "metrics test.positive_class.recall",
+        ),
+        metric_check("floor.max_ece", dig(metrics, "calibration.ece"), gate.max_ece, "<=", "floor", "metrics calibration.ece"),
+        metric_check(
+            "floor.max_robustness_drop",
+            dig(metrics, "robustness.mean_relative_drop"),
+            gate.max_robustness_drop,
+            "<=",
+            "floor",
+            "metrics robustness.mean_relative_drop",
+        ),
+        *slice_floor_checks(metrics, gate),
+    ]
+
+
+def slice_values(metrics: Any) -> dict[str, dict[str, Any]]:
+    """{"site=A": {n, accuracy, ...}} for every slice value in metrics.json."""
+    flat: dict[str, dict[str, Any]] = {}
+    slices = dig(metrics, "slices")
+    for column, block in (slices if isinstance(slices, dict) else {}).items():
+        values = block.get("values") if isinstance(block, dict) else None
+        for value, cell in (values if isinstance(values, dict) else {}).items():
+            if isinstance(cell, dict):
+                flat[f"{column}={value}"] = cell
+    return flat
+
+
+def slice_is_gated(cell: dict[str, Any], min_n: int) -> bool:
+    n = cell.get("n")
+    return not isinstance(n, (int, float)) or n >= min_n
+
+
+def slice_floor_checks(metrics: Any, gate: GateParams) -> list[Check]:
+    if not isinstance(dig(metrics, "slices"), dict):
+        return [Check("floor.min_slice_accuracy", None, gate.min_slice_accuracy, ">=", False, "floor", "metrics slices are missing")]
+    checks = []
+    for key, cell in slice_values(metrics).items():
+        check = metric_check(f"floor.min_slice_accuracy[{key}]", cell.get("accuracy"), gate.min_slice_accuracy, ">=", "floor")
+        if not slice_is_gated(cell, gate.min_slice_n):
+            check = Check(**{**asdict(check), "blocking": False, "detail": f"only {cell.get('n')} images: reported, not gated"})
+        checks.append(check)
+    return checks
+
+
+# ---- int8 parity ----------------------------------------------------------------------------------
+
+
+def serving_precision(export: dict[str, Any]) -> str | None:
+    """What export.json says is served ("int8", "fp32"...), read from the first key that is present."""
+    for key in ("serving", "serving_model", "served", "serve"):
+        value = export.get(key)
+        if isinstance(value, dict):
+            value = value.get("precision") or value.get("model") or value.get("name") or value.get("path")
+        if value:
+            return "int8" if "int8" in str(value).lower() else str(value)
+    return None
+
+
+def int8_accuracy_drop(export: dict[str, Any]) -> float | None:
+    """fp32 accuracy - int8 accuracy (fraction), computed from accuracies when present, else a stored drop."""
+    int8 = export.get("int8") if isinstance(export.get("int8"), dict) else {}
+    int8_acc = int8.get("accuracy")
+    for ref in ("fp32", "onnx", "pytorch"):
+        ref_acc = dig(export, f"{ref}.accuracy")
+        if isinstance(int8_acc, (int, float)) and isinstance(ref_acc, (int, float)):
+            return float(ref_acc) - float(int8_acc)
+    drop = int8.get("accuracy_drop", int8.get("drop"))
+    return float(drop) if isinstance(drop, (int, float)) else None
+
+
+def int8_drop_limit(export: dict[str, Any], params: Params) -> float | None:
+    if params.gate.int8_max_drop is not None:
+        return params.gate.int8_max_drop
+    for key in ("int8.max_drop", "int8.max_accuracy_drop", "limits.int8_max_drop", "int8_max_drop", "params.int8_max_drop"):
+        value = dig(export, key)
+        if isinstance(value, (int, float)):
+            return float(value)
+    export_params = getattr(params, "export", None)
+    value = getattr(export_params, "int8_max_drop", None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def int8_checks(export: Any, params: Params) -> list[Check]:
+    """Only when export.json exists and serves int8: its accuracy drop must be within the export limit."""
+    if not isinstance(export, dict) or serving_precision(export) != "int8":
+        return []
+    limit = int8_drop_limit(export, params)
+    check = metric_check("floor.int8_parity", int8_accuracy_drop(export), limit, "<=", "floor", "export.json int8 accuracy drop")
+    if limit is None:
+        return [Check(**{**asdict(check), "passed": False, "detail": "no int8 accuracy-drop limit in params or export.json"})]
+    rejected_by_export = dig(export, "int8.accepted") is False or dig(export, "int8.passed") is False
+    if rejected_by_export:
+        return [Check(**{**asdict(check), "passed": False, "detail": "export.json serves int8 although its int8 gate rejected it"})]
+    return [check]
+
+
+# ---- champion / challenger ------------------------------------------------------------------------
+
+
+def improvement_check(metrics: Any, champion: Any, gate: GateParams) -> Check:
+    name = f"champion.improvement[{gate.metric}]"
+    champ = dig(champion, gate.metric)
+    if not isinstance(champ, (int, float)):
+        return Check(name, dig(metrics, gate.metric), None, ">=", False, "champion", f"production metrics lack {gate.metric}")
+    return metric_check(name, dig(metrics, gate.metric), float(champ) + gate.min_improvement, ">=", "champion", f"metrics {gate.metric}")
+
+
+def recall_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> list[Check]:
+    checks = []
+    champ_classes = dig(champion, "test.per_class")
+    for label, cell in (champ_classes if isinstance(champ_classes, dict) else {}).items():
+        champ_recall = cell.get("recall") if isinstance(cell, dict) else None
+        recall = dig(metrics, f"test.per_class.{label}.recall")
+        name = f"champion.recall_regression[{label}]"
+        if not isinstance(champ_recall, (int, float)) or not isinstance(recall, (int, float)):
+            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", f"recall of class {label!r} is missing"))
+            continue
+        checks.append(metric_check(name, float(champ_recall) - float(recall), gate.max_regression, "<=", "champion"))
+    return checks
+
+
+def slice_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> list[Check]:
+    """Accuracy drop per slice value present (and large enough) in both models' metrics."""
+    ours, theirs = slice_values(metrics), slice_values(champion)
+    checks = []
+    for key in sorted(set(ours) & set(theirs)):
+        if not (slice_is_gated(ours[key], gate.min_slice_n) and slice_is_gated(theirs[key], gate.min_slice_n)):
+            continue
+        acc, champ_acc = ours[key].get("accuracy"), theirs[key].get("accuracy")
+        name = f"champion.slice_regression[{key}]"
+        if not isinstance(acc, (int, float)) or not isinstance(champ_acc, (int, float)):
+            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", f"accuracy of slice {key} is missing"))
+            continue
+        checks.append(metric_check(name, float(champ_acc) - float(acc), gate.max_regression, "<=", "champion"))
+    return checks
+
+
+def split_hash_from_meta(meta: Any) -> str | None:
+    hashes = dig(meta, "data_hash")
+    if isinstance(hashes, dict):
+        for key, value in hashes.items():
+            if str(key).replace("\\", "/").endswith("splits/test.parquet"):
+                return str(value)
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def candidate_test_split_hash(layout: Layout, candidate_meta: Any) -> str | None:
+    """Hash of the test split the candidate was just evaluated on (the file itself when present)."""
+    test_file = layout.split_file("test")
+    return file_sha256(test_file) if test_file.is_file() else split_hash_from_meta(candidate_meta)
+
+
+def same_split_check(candidate_hash: str | None, champion_hash: str | None, gate: GateParams) -> Check:
+    same = candidate_hash is not None and candidate_hash == champion_hash
+    detail = None
+    if not same:
+        detail = (
+            "test split hash unknown for one of the models"
+            if candidate_hash is None or champion_hash is None
+            else "production was scored on a different test split; the comparison is not like for like"
+        )
+    return Check(
+        "champion.same_test_split",
+        candidate_hash,
+        champion_hash,
+        "==",
+        same,
+        "champion",
+        detail,
+        blocking=gate.require_same_test_split,
+    )
+
+
+def champion_checks(metrics: Any, champion: Any, split_check: Check, gate: GateParams) -> list[Check]:
+    return [
+        improvement_check(metrics, champion, gate),
+        *recall_regression_checks(metrics, champion, gate),
+        *slice_regression_checks(metrics, champion, gate),
+        split_check,
+    ]
+
+
+# ---- the whole gate -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    metrics: Any
+    meta: Any
+
+
+def production_champion(layout: Layout) -> Champion | None:
+    registry = Registry(layout.models)
+    if registry.aliases()["production"] is None:
+        return None
+    try:
+        folder = registry.resolve("production")
+    except RegistryError:
+        return Champion(str(registry.aliases()["production"]), None, None)
+    return Champion(folder.name, read_json_or_none(folder / METRICS_JSON), read_json_or_none(folder / "meta.json"))
+
+
+def failure_reason(check: Check) -> str:
+    if check.value is None or check.threshold is None:
+        return f"{check.name}: {check.detail or 'missing value'}"
+    text = f"{check.name}: {_fmt(check.value)} is not {check.comparison} {_fmt(check.threshold)}"
+    return f"{text} ({check.detail})" if check.detail else text
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def evaluate_gate(
+    metrics: Any, candidate_meta: Any, export: Any, champion: Champion | None, candidate_split_hash: str | None, params: Params
+) -> GateResult:
+    """Pure decision from already-loaded inputs (no files written)."""
+    gate = params.gate
+    checks = [*floor_checks(metrics, gate), *int8_checks(export, params)]
+    warnings = []
+    if metrics is None:
+        warnings.append("reports/metrics.json is missing or unreadable: every metric check fails")
+    if champion is not None:
+        if champion.metrics is None:
+            checks.append(Check("champion.metrics", None, None, "present", False, "champion", f"production {champion.version} has no readable metrics.json"))
+        split_check = same_split_check(candidate_split_hash, split_hash_from_meta(champion.meta), gate)
+        if not split_check.passed:
+            warnings.append(f"{split_check.detail} (production {champion.version})")
+        checks += champion_checks(metrics, champion.metrics, split_check, gate)
+    reasons = [failure_reason(c) for c in checks if not c.passed and c.blocking]
+    return GateResult(not reasons, checks, reasons, champion.version if champion else None, warnings)
+
+
+def gate_json(result: GateResult, metrics_path: Path, candidate_meta: Any, candidate_split_hash: str | None, params: Params) -> dict[str, Any]:
+    return {
+        "passed": result.passed,
+        "decision": result.decision,
+        "reasons": result.reasons,
+        "champion_version": result.champion_version,
+        "warnings": result.warnings,
+        "metric": params.gate.metric,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "candidate": {
+            "metrics_path": str(metrics_path),
+            "weights_sha256": dig(candidate_meta, "weights_sha256"),
+            "test_split_hash": candidate_split_hash,
+        },
+        "params": params.gate.model_dump(mode="json"),
+        "checks": [asdict(c) for c in result.checks],
+    }
+
+
+def gate_html(result: GateResult, params: Params) -> HtmlReport:
+    report = HtmlReport("Model gate", "Champion/challenger + absolute floors")
+    against = f"production {result.champion_version}" if result.champion_version else "floors only (no production model yet)"
+    report.status(result.passed, f"decision: {result.decision}; compared against {against}")
+    if result.reasons:
+        report.heading("Why it was rejected")
+        for reason in result.reasons:
+            report.paragraph(reason)
+    if result.warnings:
+        report.heading("Warnings")
+        for warning in result.warnings:
+            report.paragraph(warning)
+    report.heading("Checks")
+    report.table(
+        [{**asdict(c), "blocking": "yes" if c.blocking else "no (advisory)"} for c in result.checks],
+        ["name", "kind", "value", "comparison", "threshold", "passed", "blocking", "detail"],
+    )
+    report.heading("Gate parameters")
+    report.key_values(params.gate.model_dump(mode="json"))
+    return report
+
+
+def run_gate(params: Params, layout: Layout, *, raise_on_reject: bool = True) -> GateResult:
+    """Decide promote/reject for models/candidate, write reports/gate.{json,html}; raise GateFailedError on reject."""
+    metrics_path = layout.reports / METRICS_JSON
+    metrics = read_json_or_none(metrics_path)
+    candidate_meta = read_json_or_none(layout.candidate / "meta.json")
+    export = read_json_or_none(layout.reports / EXPORT_JSON)
+    champion = production_champion(layout)
+    split_hash = candidate_test_split_hash(layout, candidate_meta)
+    result = evaluate_gate(metrics, candidate_meta, export, champion, split_hash, params)
+    result.json_path = layout.reports / GATE_JSON
+    result.html_path = layout.reports / GATE_HTML
+    write_json_atomic(result.json_path, gate_json(result, metrics_path, candidate_meta, split_hash, params))
+    gate_html(result, params).save(result.html_path)
+    if raise_on_reject and not result.passed:
+        shown = "; ".join(result.reasons[:5]) + (f"; ... ({len(result.reasons) - 5} more)" if len(result.reasons) > 5 else "")
+        raise GateFailedError(f"gate rejected the candidate: {shown} (see {result.json_path})")
+    return result
