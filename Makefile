@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 RUN_STAMP := $(VENV)/.stamp-run-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements-dev.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test install install-dev lock demo-data ui bench clean
+.PHONY: run test install install-dev lock demo-data ui schedule bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,15 @@ run: demo-data
 ## Quick start 2: install dev dependencies and run the whole test suite (starts its own servers).
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+## The Prefect UI on http://127.0.0.1:4200 (local server; no outside links). Then in another shell:
+##   PREFECT_API_URL=http://127.0.0.1:4200/api make run   (or make schedule)
+ui: install
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/prefect server start --host 127.0.0.1 --port 4200 --analytics-off
+
+## Serve the nightly retraining deployment (cron from params.yaml) against PREFECT_API_URL.
+schedule: install
+	$(BIN)/lensmith schedule --params $(PARAMS)
 
 bench: install-dev
 	$(BIN)/python bench/ingest.py

@@ -250,3 +250,7 @@ def check_params(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m lensmith.cli`
+    main()

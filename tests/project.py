@@ -1,0 +1,66 @@
+"""A throw-away Lensmith project (git + DVC) in a temp dir, with tiny params so real stages run fast."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lensmith.params import apply_overrides, params_from_dict, read_params_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small but real: demo images, pretrained EfficientNet-Lite0, one epoch.
+TINY_OVERRIDES = [
+    "demo.per_class=24",
+    "demo.image_size=64",
+    "validate.min_images_per_class=5",
+    "validate.min_width=32",
+    "validate.min_height=32",
+    "split.min_class_size=5",
+    "train.image_size=64",
+    "train.epochs=1",
+    "train.freeze_epochs=0",
+    "train.batch_size=32",
+    "evaluate.robustness.severities=[3]",
+    "evaluate.worst_examples=4",
+]
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.update(DVC_NO_ANALYTICS="1", DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", GX_ANALYTICS_ENABLED="false")
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_project(root: Path, overrides: list[str] | None = None) -> Path:
+    """Copy what dvc.yaml depends on (code + pipeline files) into `root`, then git init + dvc init."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.yaml"):
+        shutil.copy2(REPO / name, root / name)
+    shutil.copytree(REPO / "lensmith", root / "lensmith", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = apply_overrides(read_params_yaml(REPO / "params.yaml"), TINY_OVERRIDES + list(overrides or []))
+    params_from_dict(raw, "tiny test params")
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["git", "config", "user.email", "tests@lensmith.local"], root)
+    run(["git", "config", "user.name", "lensmith tests"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    run([sys.executable, "-m", "dvc", "config", "core.autostage", "true"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "test project"], root)
+    return root
