@@ -1,0 +1,159 @@
+"""An ONNX Runtime session around an exported Lensmith model: providers with fallback, the model's own
+metadata (classes, preprocessing, version) read from `metadata_props`, and prediction on decoded images
+through the shared `Preprocessing`. Imports neither torch nor onnx, so a serving site needs neither.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from lensmith.errors import LensmithError
+from lensmith.preprocess import Preprocessing
+
+log = logging.getLogger("lensmith.onnx")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+# metadata_props keys written by `lensmith export`
+META_PREFIX = "lensmith."
+META_CLASSES = "lensmith.classes"
+META_PREPROCESSING = "lensmith.preprocessing"
+META_VERSION = "lensmith.model_version"
+
+
+class OnnxModelError(LensmithError):
+    """An ONNX model file is missing, unreadable or lacks Lensmith's metadata."""
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def usable_providers(requested: Sequence[str]) -> list[str]:
+    """`requested` in order, minus those this onnxruntime build lacks; CPU is always the last resort."""
+    available = set(available_providers())
+    chosen = [p for p in requested if p in available]
+    skipped = [p for p in requested if p not in available]
+    if skipped:
+        log.warning("onnxruntime: provider(s) %s not available in this build (%s); falling back", skipped, sorted(available))
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def provider_options(provider: str, cache_dir: Path | None) -> dict[str, Any]:
+    """TensorRT builds an engine per input shape range: cache it beside the model so restarts are fast."""
+    if provider == TENSORRT and cache_dir is not None:
+        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
+    return {}
+
+
+def session_options(threads: int = 0, optimized_path: Path | None = None, level: str = "all") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    options.log_severity_level = 3  # errors only: provider fallback is reported by our own log line
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return options
+
+
+def open_session(
+    path: Path,
+    providers: Sequence[str] = (CPU,),
+    *,
+    threads: int = 0,
+    optimized_path: Path | None = None,
+    level: str = "all",
+) -> ort.InferenceSession:
+    """An InferenceSession on the first usable provider; logs the provider that actually runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxModelError(f"no ONNX model at {path}; run `lensmith export` first")
+    chosen = usable_providers(providers)
+    cache_dir = path.parent / "trt_cache"
+    with_options = [(p, provider_options(p, cache_dir)) for p in chosen]
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads, optimized_path, level), providers=with_options
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise OnnxModelError(f"{path} cannot be loaded by onnxruntime ({type(exc).__name__}: {exc})") from None
+    active = session.get_providers()
+    log.info("onnxruntime: %s runs on %s (requested %s)", path.name, active[0], list(providers))
+    if active[0] != chosen[0]:
+        log.warning("onnxruntime: %s could not start on %s; running on %s instead", path.name, chosen[0], active[0])
+    return session
+
+
+def session_metadata(session: ort.InferenceSession) -> dict[str, str]:
+    """The model's `metadata_props` as ONNX Runtime exposes them (a str -> str map)."""
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class OnnxModel:
+    session: ort.InferenceSession
+    path: Path
+    classes: list[str]
+    preprocessing: Preprocessing
+    metadata: dict[str, str]
+
+    @classmethod
+    def load(cls, path: Path, providers: Sequence[str] = (CPU,), threads: int = 0) -> OnnxModel:
+        session = open_session(path, providers, threads=threads)
+        metadata = session_metadata(session)
+        try:
+            classes = json.loads(metadata[META_CLASSES])
+            preprocessing = Preprocessing.from_dict(json.loads(metadata[META_PREPROCESSING]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise OnnxModelError(
+                f"{path} lacks Lensmith metadata ({type(exc).__name__}: {exc}); export it with `lensmith export`"
+            ) from None
+        return cls(session=session, path=Path(path), classes=list(classes), preprocessing=preprocessing, metadata=metadata)
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def version(self) -> str:
+        return self.metadata.get(META_VERSION, "unknown")
+
+    @property
+    def input_name(self) -> str:
+        return self.session.get_inputs()[0].name
+
+    def logits(self, batch_nchw_float32: np.ndarray) -> np.ndarray:
+        """Raw logits for an already normalised float32 N x C x H x W batch."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch_nchw_float32, dtype=np.float32)})[0]
+
+    def logits_uint8(self, batch_nchw_uint8: np.ndarray) -> np.ndarray:
+        """Logits for N x C x H x W uint8 at the input size (the training cache's format)."""
+        return self.logits(self.preprocessing.normalize(batch_nchw_uint8))
+
+    def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded images of any size -> class probabilities (N x classes, float64)."""
+        return softmax(self.logits(self.preprocessing.batch(images)))
