@@ -9,7 +9,7 @@ reports/gate.html; a rejection raises GateFailedError (exit 1) after both are wr
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,8 @@ class GateResult:
 
     def __str__(self) -> str:
         failed = sum(1 for c in self.checks if not c.passed and c.blocking)
-        against = f"against production {self.champion_version}" if self.champion_version else "on floors only (no production model)"
-        head = f"gate {self.decision}: {len(self.checks) - failed}/{len(self.checks)} checks passed {against}"
+        against = f"production {self.champion_version}" if self.champion_version else "floors only (no production model)"
+        head = f"gate {self.decision}: {failed} of {len(self.checks)} checks failed (compared against {against})"
         return "\n".join([head, *(f"  - {r}" for r in self.reasons), *(f"  ! {w}" for w in self.warnings)])
 
 
@@ -84,28 +84,15 @@ def metric_check(name: str, value: Any, threshold: Any, comparison: str, kind: s
 
 
 def floor_checks(metrics: Any, gate: GateParams) -> list[Check]:
-    return [
-        metric_check("floor.min_accuracy", dig(metrics, "test.accuracy"), gate.min_accuracy, ">=", "floor", "metrics test.accuracy"),
-        metric_check("floor.min_macro_f1", dig(metrics, "test.macro_f1"), gate.min_macro_f1, ">=", "floor", "metrics test.macro_f1"),
-        metric_check(
-            "floor.min_positive_recall",
-            dig(metrics, "test.positive_class.recall"),
-            gate.min_positive_recall,
-            ">=",
-            "floor",
-            "metrics test.positive_class.recall",
-        ),
-        metric_check("floor.max_ece", dig(metrics, "calibration.ece"), gate.max_ece, "<=", "floor", "metrics calibration.ece"),
-        metric_check(
-            "floor.max_robustness_drop",
-            dig(metrics, "robustness.mean_relative_drop"),
-            gate.max_robustness_drop,
-            "<=",
-            "floor",
-            "metrics robustness.mean_relative_drop",
-        ),
-        *slice_floor_checks(metrics, gate),
+    floors = [
+        ("floor.min_accuracy", "test.accuracy", gate.min_accuracy, ">="),
+        ("floor.min_macro_f1", "test.macro_f1", gate.min_macro_f1, ">="),
+        ("floor.min_positive_recall", "test.positive_class.recall", gate.min_positive_recall, ">="),
+        ("floor.max_ece", "calibration.ece", gate.max_ece, "<="),
+        ("floor.max_robustness_drop", "robustness.mean_relative_drop", gate.max_robustness_drop, "<="),
     ]
+    checks = [metric_check(name, dig(metrics, key), limit, op, "floor", f"metrics {key}") for name, key, limit, op in floors]
+    return [*checks, *slice_floor_checks(metrics, gate)]
 
 
 def slice_values(metrics: Any) -> dict[str, dict[str, Any]]:
@@ -127,12 +114,14 @@ def slice_is_gated(cell: dict[str, Any], min_n: int) -> bool:
 
 def slice_floor_checks(metrics: Any, gate: GateParams) -> list[Check]:
     if not isinstance(dig(metrics, "slices"), dict):
-        return [Check("floor.min_slice_accuracy", None, gate.min_slice_accuracy, ">=", False, "floor", "metrics slices are missing")]
+        missing = "metrics slices are missing"
+        return [Check("floor.min_slice_accuracy", None, gate.min_slice_accuracy, ">=", False, "floor", missing)]
     checks = []
     for key, cell in slice_values(metrics).items():
-        check = metric_check(f"floor.min_slice_accuracy[{key}]", cell.get("accuracy"), gate.min_slice_accuracy, ">=", "floor")
+        name = f"floor.min_slice_accuracy[{key}]"
+        check = metric_check(name, cell.get("accuracy"), gate.min_slice_accuracy, ">=", "floor")
         if not slice_is_gated(cell, gate.min_slice_n):
-            check = Check(**{**asdict(check), "blocking": False, "detail": f"only {cell.get('n')} images: reported, not gated"})
+            check = replace(check, blocking=False, detail=f"only {cell.get('n')} images: reported, not gated")
         checks.append(check)
     return checks
 
@@ -180,12 +169,14 @@ def int8_checks(export: Any, params: Params) -> list[Check]:
     if not isinstance(export, dict) or serving_precision(export) != "int8":
         return []
     limit = int8_drop_limit(export, params)
-    check = metric_check("floor.int8_parity", int8_accuracy_drop(export), limit, "<=", "floor", "export.json int8 accuracy drop")
+    drop = int8_accuracy_drop(export)
+    check = metric_check("floor.int8_parity", drop, limit, "<=", "floor", "export.json int8 accuracy drop")
     if limit is None:
-        return [Check(**{**asdict(check), "passed": False, "detail": "no int8 accuracy-drop limit in params or export.json"})]
+        return [replace(check, passed=False, detail="no int8 accuracy-drop limit in params or export.json")]
     rejected_by_export = dig(export, "int8.accepted") is False or dig(export, "int8.passed") is False
     if rejected_by_export:
-        return [Check(**{**asdict(check), "passed": False, "detail": "export.json serves int8 although its int8 gate rejected it"})]
+        detail = "export.json serves int8 although its int8 gate rejected it"
+        return [replace(check, passed=False, detail=detail)]
     return [check]
 
 
@@ -194,23 +185,29 @@ def int8_checks(export: Any, params: Params) -> list[Check]:
 
 def improvement_check(metrics: Any, champion: Any, gate: GateParams) -> Check:
     name = f"champion.improvement[{gate.metric}]"
-    champ = dig(champion, gate.metric)
+    champ, ours = dig(champion, gate.metric), dig(metrics, gate.metric)
     if not isinstance(champ, (int, float)):
-        return Check(name, dig(metrics, gate.metric), None, ">=", False, "champion", f"production metrics lack {gate.metric}")
-    return metric_check(name, dig(metrics, gate.metric), float(champ) + gate.min_improvement, ">=", "champion", f"metrics {gate.metric}")
+        return Check(name, ours, None, ">=", False, "champion", f"production metrics lack {gate.metric}")
+    check = metric_check(name, ours, float(champ) + gate.min_improvement, ">=", "champion", f"metrics {gate.metric}")
+    return check if check.value is None else replace(check, detail=f"production {champ:.4f} + {gate.min_improvement}")
 
 
 def recall_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> list[Check]:
     checks = []
-    champ_classes = dig(champion, "test.per_class")
-    for label, cell in (champ_classes if isinstance(champ_classes, dict) else {}).items():
+    champ_classes, our_classes = dig(champion, "test.per_class"), dig(metrics, "test.per_class")
+    champ_classes = champ_classes if isinstance(champ_classes, dict) else {}
+    our_classes = our_classes if isinstance(our_classes, dict) else {}
+    for label, cell in champ_classes.items():
         champ_recall = cell.get("recall") if isinstance(cell, dict) else None
-        recall = dig(metrics, f"test.per_class.{label}.recall")
+        ours = our_classes.get(label)
+        recall = ours.get("recall") if isinstance(ours, dict) else None
         name = f"champion.recall_regression[{label}]"
         if not isinstance(champ_recall, (int, float)) or not isinstance(recall, (int, float)):
-            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", f"recall of class {label!r} is missing"))
+            missing = f"recall of class {label!r} is missing"
+            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", missing))
             continue
-        checks.append(metric_check(name, float(champ_recall) - float(recall), gate.max_regression, "<=", "champion"))
+        check = metric_check(name, float(champ_recall) - float(recall), gate.max_regression, "<=", "champion")
+        checks.append(replace(check, detail=f"recall {champ_recall:.4f} -> {recall:.4f}"))
     return checks
 
 
@@ -224,9 +221,11 @@ def slice_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> li
         acc, champ_acc = ours[key].get("accuracy"), theirs[key].get("accuracy")
         name = f"champion.slice_regression[{key}]"
         if not isinstance(acc, (int, float)) or not isinstance(champ_acc, (int, float)):
-            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", f"accuracy of slice {key} is missing"))
+            missing = f"accuracy of slice {key} is missing"
+            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", missing))
             continue
-        checks.append(metric_check(name, float(champ_acc) - float(acc), gate.max_regression, "<=", "champion"))
+        check = metric_check(name, float(champ_acc) - float(acc), gate.max_regression, "<=", "champion")
+        checks.append(replace(check, detail=f"accuracy {champ_acc:.4f} -> {acc:.4f}"))
     return checks
 
 
@@ -316,7 +315,11 @@ def _fmt(value: Any) -> str:
 
 
 def evaluate_gate(
-    metrics: Any, candidate_meta: Any, export: Any, champion: Champion | None, candidate_split_hash: str | None, params: Params
+    metrics: Any,
+    export: Any,
+    champion: Champion | None,
+    candidate_split_hash: str | None,
+    params: Params,
 ) -> GateResult:
     """Pure decision from already-loaded inputs (no files written)."""
     gate = params.gate
@@ -326,7 +329,8 @@ def evaluate_gate(
         warnings.append("reports/metrics.json is missing or unreadable: every metric check fails")
     if champion is not None:
         if champion.metrics is None:
-            checks.append(Check("champion.metrics", None, None, "present", False, "champion", f"production {champion.version} has no readable metrics.json"))
+            missing = f"production {champion.version} has no readable metrics.json"
+            checks.append(Check("champion.metrics", None, None, "present", False, "champion", missing))
         split_check = same_split_check(candidate_split_hash, split_hash_from_meta(champion.meta), gate)
         if not split_check.passed:
             warnings.append(f"{split_check.detail} (production {champion.version})")
@@ -335,7 +339,9 @@ def evaluate_gate(
     return GateResult(not reasons, checks, reasons, champion.version if champion else None, warnings)
 
 
-def gate_json(result: GateResult, metrics_path: Path, candidate_meta: Any, candidate_split_hash: str | None, params: Params) -> dict[str, Any]:
+def gate_json(
+    result: GateResult, metrics_path: Path, candidate_meta: Any, candidate_split_hash: str | None, params: Params
+) -> dict[str, Any]:
     return {
         "passed": result.passed,
         "decision": result.decision,
@@ -384,12 +390,13 @@ def run_gate(params: Params, layout: Layout, *, raise_on_reject: bool = True) ->
     export = read_json_or_none(layout.reports / EXPORT_JSON)
     champion = production_champion(layout)
     split_hash = candidate_test_split_hash(layout, candidate_meta)
-    result = evaluate_gate(metrics, candidate_meta, export, champion, split_hash, params)
+    result = evaluate_gate(metrics, export, champion, split_hash, params)
     result.json_path = layout.reports / GATE_JSON
     result.html_path = layout.reports / GATE_HTML
     write_json_atomic(result.json_path, gate_json(result, metrics_path, candidate_meta, split_hash, params))
     gate_html(result, params).save(result.html_path)
     if raise_on_reject and not result.passed:
-        shown = "; ".join(result.reasons[:5]) + (f"; ... ({len(result.reasons) - 5} more)" if len(result.reasons) > 5 else "")
+        more = len(result.reasons) - 5
+        shown = "; ".join(result.reasons[:5]) + (f"; ... ({more} more)" if more > 0 else "")
         raise GateFailedError(f"gate rejected the candidate: {shown} (see {result.json_path})")
     return result

@@ -156,7 +156,8 @@ def known_limits(metrics: Any, gate: Any, export: Any) -> list[str]:
     for row in slice_rows(metrics):
         acc = row.get("accuracy")
         if isinstance(acc, (int, float)) and floor is not None and acc < floor:
-            limits.append(f"slice {row['slice']} scores accuracy {acc:.3f}, below the gate floor {floor:.3f} (n={row.get('n')})")
+            n = row.get("n")
+            limits.append(f"slice {row['slice']} scores accuracy {acc:.3f}, below the gate floor {floor:.3f} (n={n})")
     rows = [r for r in slice_rows(metrics) if isinstance(r.get("accuracy"), (int, float))]
     if rows:
         weakest = min(rows, key=lambda r: r["accuracy"])
@@ -189,7 +190,11 @@ def gate_section(gate: Any) -> CardSection:
     failed = [c for c in gate.get("checks", []) if not c.get("passed")]
     return CardSection(
         "Gate",
-        key_values={"decision": gate.get("decision"), "champion": gate.get("champion_version"), "checks": len(gate.get("checks", []))},
+        key_values={
+            "decision": gate.get("decision"),
+            "champion": gate.get("champion_version"),
+            "checks": len(gate.get("checks", [])),
+        },
         bullets=[str(r) for r in gate.get("reasons", [])] or ([] if failed else ["all checks passed"]),
     )
 
@@ -261,12 +266,16 @@ def render_html(title: str, sections: list[CardSection]) -> HtmlReport:
         for text in section.paragraphs:
             report.paragraph(text)
         if section.key_values:
-            report.key_values({k: v if isinstance(v, (int, float, str, type(None))) else _fmt(v) for k, v in section.key_values.items()})
+            report.key_values({k: v if _is_scalar(v) else _fmt(v) for k, v in section.key_values.items()})
         if section.rows:
             report.table(section.rows)
         for bullet in section.bullets:
             report.paragraph(f"• {bullet}")
     return report
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str))
 
 
 def write_model_card(folder: Path, *, meta: dict[str, Any], metrics: Any, gate: Any, export: Any) -> Path:
