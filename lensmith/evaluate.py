@@ -1,0 +1,522 @@
+"""The evaluate stage: the candidate model on the test split.
+
+Writes reports/metrics.json (DVC metrics), reports/plots/{confusion,pr_curve,roc}.csv (DVC plots),
+PNG figures beside them, and a self-contained reports/evaluation.html.
+
+`evaluate_model` is the pure core (model + preprocessing + decoded images + labels + metadata ->
+`Evaluation`); `run_evaluate` is the file wiring around it.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+
+from lensmith import metrics as m
+from lensmith.fsutil import write_csv_atomic, write_bytes_atomic, write_json_atomic
+from lensmith.htmlreport import HtmlReport, figure_png
+from lensmith.imageio import ImageRejected, load_image
+from lensmith.inference import measure_speed, predict_probabilities, preprocess_uint8
+from lensmith.layout import Layout
+from lensmith.metrics import EvaluationError
+from lensmith.params import EvaluateParams, Params
+from lensmith.preprocess import Preprocessing
+from lensmith.robustness import fgsm_predictions, perturb_all, robustness_summary
+
+__all__ = ["EvaluationError", "Evaluation", "EvaluationSummary", "evaluate_model", "run_evaluate"]
+
+SPEED_BUDGET_S = 3.0  # seconds spent on each of throughput and latency
+THUMBNAIL_PX = 150
+
+
+def metrics_path(layout: Layout) -> Path:
+    return layout.reports / "metrics.json"
+
+
+def html_path(layout: Layout) -> Path:
+    return layout.reports / "evaluation.html"
+
+
+def plots_dir(layout: Layout) -> Path:
+    return layout.reports / "plots"
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------
+
+
+def read_test_split(layout: Layout) -> pd.DataFrame:
+    """The test split, checked for the columns evaluation needs and for emptiness."""
+    path = layout.split_file("test")
+    if not path.is_file():
+        raise EvaluationError(f"test split not found: {path}; it is produced by the split stage (`lensmith split`)")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:
+        raise EvaluationError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}); rerun `lensmith split`")
+    missing = [c for c in ("label",) if c not in frame.columns]
+    if "file" not in frame.columns and "path" not in frame.columns:
+        missing.append("file")
+    if missing:
+        raise EvaluationError(f"{path} lacks column(s) {missing}; rerun `lensmith split`")
+    if frame.empty:
+        raise EvaluationError(f"the test split {path} is empty: nothing to evaluate (check split.test and the data)")
+    return frame.reset_index(drop=True)
+
+
+def image_paths(frame: pd.DataFrame, root: Path) -> list[Path]:
+    """Local files to read: the `file` column (or `path` when absent), relative paths taken from the layout root."""
+    column = frame["file"] if "file" in frame.columns else frame["path"]
+    return [p if p.is_absolute() else root / p for p in (Path(str(v)) for v in column)]
+
+
+def decode_images(paths: Sequence[Path]) -> list[np.ndarray]:
+    """Decoded uint8 arrays (HxWxC), one per path; a missing or undecodable file is an EvaluationError."""
+    images = []
+    for path in paths:
+        try:
+            img = load_image(path)
+        except FileNotFoundError:
+            raise EvaluationError(f"test image {path} does not exist; rerun `lensmith ingest` and `lensmith split`") from None
+        except ImageRejected as exc:
+            raise EvaluationError(f"test image {path} cannot be decoded ({exc}); rerun `lensmith ingest`") from None
+        arr = np.asarray(img, dtype=np.uint8)
+        images.append(arr[:, :, None] if arr.ndim == 2 else arr)
+    return images
+
+
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Test labels -> class indices of the model; labels the model does not know are an EvaluationError."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({str(label) for label in labels} - set(index))
+    if unknown:
+        raise EvaluationError(
+            f"the test split has label(s) the model was not trained on: {', '.join(unknown)}; "
+            f"model classes: {', '.join(classes)} (retrain on the current splits)"
+        )
+    return np.asarray([index[str(label)] for label in labels], dtype=np.int64)
+
+
+# ---- the pure core ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """Everything evaluation computed: the metrics.json content and the data behind the plots."""
+
+    metrics: dict[str, Any]
+    classes: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    confusion: np.ndarray
+    pr_curve: pd.DataFrame
+    roc_curve: pd.DataFrame
+    reliability: pd.DataFrame
+    warnings: dict[str, str] = field(default_factory=dict)  # key -> message, also in metrics.json
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+
+def test_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], top_k: int, positive_indices: Sequence[int]
+) -> dict[str, Any]:
+    """The `test` block of metrics.json."""
+    y_pred = probs.argmax(axis=1)
+    n = len(classes)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": m.accuracy(y_true, y_pred),
+        "macro_f1": m.macro_f1(y_true, y_pred, n),
+        "weighted_f1": m.weighted_f1(y_true, y_pred, n),
+        "top_k": int(min(top_k, n)),
+        "top_k_accuracy": m.top_k_accuracy(y_true, probs, top_k),
+        "per_class": m.per_class_metrics(y_true, y_pred, classes),
+        "positive_class": {
+            "name": m.positive_class_name(classes, positive_indices),
+            **m.positive_class_metrics(y_true, y_pred, probs, positive_indices),
+        },
+    }
+
+
+def slices_block(
+    metadata: pd.DataFrame,
+    columns: Sequence[str],
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    num_classes: int,
+    positive_indices: Sequence[int],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Per-slice metrics for each column present; a warning (keyed `slices.<column>`) for each that is not."""
+    block: dict[str, Any] = {}
+    warnings: dict[str, str] = {}
+    for column in columns:
+        if column not in metadata.columns:
+            warnings[f"slices.{column}"] = f"slice column {column!r} is not in the test split; no per-slice metrics for it"
+            continue
+        block[column] = m.slice_metrics(metadata[column], y_true, y_pred, num_classes, positive_indices)
+    return block, warnings
+
+
+def robustness_accuracies(
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    images: Sequence[np.ndarray],
+    y_true: np.ndarray,
+    perturbations: Sequence[str],
+    severities: Sequence[int],
+    batch_size: int,
+    seed: int,
+) -> dict[str, dict[int, float]]:
+    """Accuracy under each perturbation x severity, applied to the decoded images before preprocessing."""
+    result: dict[str, dict[int, float]] = {}
+    for name in perturbations:
+        result[name] = {}
+        for severity in sorted(set(severities)):
+            probs = predict_probabilities(model, preprocessing, perturb_all(images, name, severity, seed), batch_size)
+            result[name][severity] = m.accuracy(y_true, probs.argmax(axis=1))
+    return result
+
+
+def fgsm_block(
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    images: Sequence[np.ndarray],
+    y_true: np.ndarray,
+    epsilon: float,
+    clean_accuracy: float,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Accuracy under a one-step FGSM attack; epsilon in 0..1 pixel units (see robustness.fgsm_predictions)."""
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        batch = preprocess_uint8(images[start : start + batch_size], preprocessing)
+        predictions.append(fgsm_predictions(model, preprocessing, batch, y_true[start : start + batch_size], epsilon))
+    acc = m.accuracy(y_true, np.concatenate(predictions))
+    drop = (clean_accuracy - acc) / clean_accuracy if clean_accuracy > 0 else 0.0
+    return {"epsilon": float(epsilon), "epsilon_units": "pixel_0_1", "accuracy": acc, "relative_drop": float(drop)}
+
+
+def evaluate_model(
+    model: nn.Module,
+    preprocessing: Preprocessing,
+    classes: Sequence[str],
+    images: Sequence[np.ndarray],
+    y_true: np.ndarray,
+    metadata: pd.DataFrame,
+    params: EvaluateParams,
+    *,
+    speed_budget_s: float = SPEED_BUDGET_S,
+) -> Evaluation:
+    """All metrics of one model on decoded test images (uint8 HxWxC) with true class indices."""
+    classes = list(classes)
+    positive = m.positive_class_indices(classes, params.positive_class, params.negative_class)
+    model.eval()
+    probs = predict_probabilities(model, preprocessing, images, params.batch_size)
+    y_pred = probs.argmax(axis=1)
+    test = test_metrics(y_true, probs, classes, params.top_k, positive)
+    slices, warnings = slices_block(metadata, params.slices, y_true, y_pred, len(classes), positive)
+    rob = params.robustness
+    robustness = robustness_summary(
+        test["accuracy"],
+        robustness_accuracies(
+            model, preprocessing, images, y_true, rob.perturbations, rob.severities, params.batch_size, rob.seed
+        ),
+    )
+    robustness["fgsm"] = (
+        fgsm_block(model, preprocessing, images, y_true, rob.fgsm_epsilon, test["accuracy"], params.batch_size)
+        if rob.fgsm_epsilon is not None
+        else None
+    )
+    speed = measure_speed(model, preprocessing, params.batch_size, budget_s=speed_budget_s)
+    metrics = {
+        "test": test,
+        "calibration": {"ece": m.expected_calibration_error(probs, y_true, params.ece_bins), "bins": params.ece_bins},
+        "slices": slices,
+        "robustness": robustness,
+        "throughput": speed.to_dict(),
+    }
+    if warnings:
+        metrics["warnings"] = dict(warnings)
+    return Evaluation(
+        metrics=metrics,
+        classes=classes,
+        y_true=y_true,
+        probs=probs,
+        confusion=m.confusion(y_true, y_pred, len(classes)),
+        pr_curve=m.pr_curve_frame(y_true, probs, positive),
+        roc_curve=m.roc_curve_frame(y_true, probs, positive),
+        reliability=m.reliability_table(probs, y_true, params.ece_bins),
+        warnings=warnings,
+    )
+
+
+def worst_misclassified(y_true: np.ndarray, probs: np.ndarray, limit: int) -> list[int]:
+    """Indices of wrong predictions, most confident first."""
+    y_pred = probs.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    confidence = probs[wrong, y_pred[wrong]]
+    return [int(i) for i in wrong[np.argsort(-confidence, kind="stable")][:limit]]
+
+
+def model_block(arch: str, classes: Sequence[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """`model` block of metrics.json: what was evaluated (data hash etc. copied from meta.json when present)."""
+    block: dict[str, Any] = {"arch": arch, "classes": {str(i): c for i, c in enumerate(classes)}}
+    for key in ("data_hash", "manifest_hash", "splits_hash", "weights_sha256", "git_commit", "best_epoch"):
+        if key in meta and not isinstance(meta[key], (dict, list)):
+            block[key] = meta[key]
+    return block
+
+
+# ---- figures --------------------------------------------------------------------------------------------
+
+
+def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Figure:
+    """Counts annotated; colour = share of the actual class (row-normalised) so small classes stay readable."""
+    n = len(classes)
+    fig = Figure(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
+    ax = fig.add_subplot()
+    rows = cm.sum(axis=1, keepdims=True)
+    ax.imshow(np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0), cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="black" if i != j else "white")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    return fig
+
+
+def curves_figure(pr: pd.DataFrame, roc: pd.DataFrame, positive: dict[str, Any]) -> Figure:
+    fig = Figure(figsize=(9, 4))
+    ax_pr, ax_roc = fig.subplots(1, 2)
+    ax_pr.plot(pr["recall"], pr["precision"])
+    ax_pr.set(xlabel="recall", ylabel="precision", title=f"PR, AP={_fmt(positive.get('average_precision'))}",
+              xlim=(0, 1.02), ylim=(0, 1.02))
+    ax_roc.plot(roc["fpr"], roc["tpr"])
+    ax_roc.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate",
+               title=f"ROC, AUC={_fmt(positive.get('roc_auc'))}", xlim=(0, 1.02), ylim=(0, 1.02))
+    fig.suptitle(f"positive class: {positive['name']}")
+    return fig
+
+
+def reliability_figure(table: pd.DataFrame, ece: float) -> Figure:
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    filled = table[table["count"] > 0]
+    widths = filled["bin_upper"] - filled["bin_lower"]
+    ax.bar(filled["bin_lower"], filled["accuracy"], width=widths, align="edge", edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", title=f"reliability, ECE={ece:.3f}", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    return fig
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def thumbnail_png(image: np.ndarray, size: int = THUMBNAIL_PX) -> bytes:
+    img = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    img.thumbnail((size, size))
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---- outputs --------------------------------------------------------------------------------------------
+
+
+def confusion_frame(evaluation: Evaluation) -> pd.DataFrame:
+    """One row per test image, for DVC's confusion template."""
+    classes = np.asarray(evaluation.classes, dtype=object)
+    return pd.DataFrame({"actual": classes[evaluation.y_true], "predicted": classes[evaluation.y_pred]})
+
+
+def write_plots(evaluation: Evaluation, out_dir: Path) -> dict[str, bytes]:
+    """CSV plot data for DVC plus PNG figures; returns the PNGs by name for the HTML report."""
+    write_csv_atomic(out_dir / "confusion.csv", confusion_frame(evaluation))
+    write_csv_atomic(out_dir / "pr_curve.csv", evaluation.pr_curve)
+    write_csv_atomic(out_dir / "roc.csv", evaluation.roc_curve)
+    write_csv_atomic(out_dir / "reliability.csv", evaluation.reliability)
+    test = evaluation.metrics["test"]
+    pngs = {
+        "confusion": figure_png(confusion_figure(evaluation.confusion, evaluation.classes)),
+        "curves": figure_png(curves_figure(evaluation.pr_curve, evaluation.roc_curve, test["positive_class"])),
+        "reliability": figure_png(reliability_figure(evaluation.reliability, evaluation.metrics["calibration"]["ece"])),
+    }
+    for name, data in pngs.items():
+        write_bytes_atomic(out_dir / f"{name}.png", data)
+    return pngs
+
+
+def slice_rows(slices: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {"column": column, "value": value, **values, "equalized_odds_gap (column)": block["equalized_odds_gap"]}
+        for column, block in slices.items()
+        for value, values in block["values"].items()
+    ]
+
+
+def robustness_rows(robustness: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for name, by_severity in robustness["perturbations"].items():
+        row: dict[str, Any] = {"perturbation": name}
+        for severity, cell in by_severity.items():
+            row[f"acc s{severity}"] = cell["accuracy"]
+            row[f"drop s{severity}"] = cell["relative_drop"]
+        rows.append(row)
+    return rows
+
+
+def build_html(
+    evaluation: Evaluation,
+    pngs: dict[str, bytes],
+    images: Sequence[np.ndarray],
+    files: Sequence[str],
+    worst_examples: int,
+) -> HtmlReport:
+    metrics = evaluation.metrics
+    test, rob, speed = metrics["test"], metrics["robustness"], metrics["throughput"]
+    model = metrics.get("model", {})
+    report = HtmlReport("Lensmith evaluation", f"model {model.get('arch', '?')} on {test['n']} test images;")
+    for text in evaluation.warnings.values():
+        report.raw_html(f'<p class="warn">warning: {html.escape(text)}</p>')
+    report.heading("Headline")
+    report.key_values(
+        {
+            "accuracy": test["accuracy"],
+            "macro F1": test["macro_f1"],
+            "weighted F1": test["weighted_f1"],
+            f"top-{test['top_k']} accuracy": test["top_k_accuracy"],
+            f"ROC-AUC ({test['positive_class']['name']})": test["positive_class"]["roc_auc"],
+            "average precision": test["positive_class"]["average_precision"],
+            "positive recall": test["positive_class"]["recall"],
+            "positive precision": test["positive_class"]["precision"],
+            "ECE": metrics["calibration"]["ece"],
+            "mean relative drop under perturbations": rob["mean_relative_drop"],
+            f"throughput (img/s, batch {speed['batch_size']})": speed["images_per_s"],
+            "latency batch 1 p50 / p95 (ms)": f"{speed['latency_ms_p50']:.2f} / {speed['latency_ms_p95']:.2f}",
+        }
+    )
+    report.heading("Per class")
+    report.table([{"class": label, **values} for label, values in test["per_class"].items()])
+    report.heading("Confusion matrix")
+    report.image(pngs["confusion"], "rows: actual, columns: predicted; colour: share of the actual class")
+    report.heading("Positive class: PR and ROC")
+    report.image(pngs["curves"], f"positive class: {test['positive_class']['name']}")
+    report.heading("Calibration")
+    report.image(pngs["reliability"], f"{metrics['calibration']['bins']} equal-width confidence bins")
+    report.heading("Per slice")
+    report.paragraph("TPR/FPR are for the positive class; the equalized-odds gap is the larger of the largest TPR "
+                     "difference and the largest FPR difference between a column's values.")
+    report.table(slice_rows(metrics["slices"]))
+    report.heading("Robustness")
+    report.paragraph(f"clean accuracy {rob['clean_accuracy']:.4f}; perturbations applied to the decoded image before "
+                     "preprocessing; drop = (clean - perturbed) / clean.")
+    report.table(robustness_rows(rob))
+    if rob.get("fgsm"):
+        report.key_values({f"FGSM accuracy (epsilon {rob['fgsm']['epsilon']:.4g}, 0..1 pixel units)": rob["fgsm"]["accuracy"]})
+    report.heading("Most confident mistakes")
+    worst = worst_misclassified(evaluation.y_true, evaluation.probs, worst_examples)
+    if worst:
+        y_pred = evaluation.y_pred
+        report.image_grid(
+            (
+                thumbnail_png(images[i]),
+                f"true {evaluation.classes[evaluation.y_true[i]]} / predicted {evaluation.classes[y_pred[i]]} "
+                f"({evaluation.probs[i, y_pred[i]]:.2f}) {Path(files[i]).name}",
+            )
+            for i in worst
+        )
+    else:
+        report.paragraph("no misclassified test images")
+    return report
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationSummary:
+    metrics_path: Path
+    html_path: Path
+    n_test: int
+    accuracy: float
+    macro_f1: float
+    positive_class: str
+    roc_auc: float | None
+    ece: float
+    mean_relative_drop: float | None
+    images_per_s: float
+    warnings: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [
+            f"evaluated {self.n_test} test images: accuracy {self.accuracy:.4f}, macro-F1 {self.macro_f1:.4f}, "
+            f"ROC-AUC[{self.positive_class}] {_fmt(self.roc_auc)}, ECE {self.ece:.4f}, "
+            f"mean robustness drop {_fmt(self.mean_relative_drop)}, {self.images_per_s:.1f} img/s",
+            f"wrote {self.metrics_path} and {self.html_path}",
+        ]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def load_candidate(layout: Layout) -> Any:
+    """The candidate model (modelio.TrainedModel) with an error naming the file and the stage that makes it."""
+    from lensmith.modelio import ModelFileError, load_trained
+
+    try:
+        return load_trained(layout.candidate, device="cpu")
+    except ModelFileError as exc:
+        raise EvaluationError(f"{exc} (the candidate model is produced by the train stage)") from None
+
+
+def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
+    """Evaluate models/candidate on data/splits/test.parquet and write the reports."""
+    frame = read_test_split(layout)
+    trained = load_candidate(layout)
+    y_true = label_indices(frame["label"].astype(str).tolist(), trained.classes)
+    m.positive_class_indices(trained.classes, params.evaluate.positive_class, params.evaluate.negative_class)
+    paths = image_paths(frame, layout.root)
+    images = decode_images(paths)
+    evaluation = evaluate_model(
+        trained.model,
+        trained.preprocessing,
+        trained.classes,
+        images,
+        y_true,
+        frame,
+        params.evaluate,
+        speed_budget_s=SPEED_BUDGET_S,
+    )
+    evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
+    pngs = write_plots(evaluation, plots_dir(layout))
+    write_json_atomic(metrics_path(layout), evaluation.metrics)
+    build_html(evaluation, pngs, images, [str(p) for p in paths], params.evaluate.worst_examples).save(html_path(layout))
+    test = evaluation.metrics["test"]
+    return EvaluationSummary(
+        metrics_path=metrics_path(layout),
+        html_path=html_path(layout),
+        n_test=test["n"],
+        accuracy=test["accuracy"],
+        macro_f1=test["macro_f1"],
+        positive_class=test["positive_class"]["name"],
+        roc_auc=test["positive_class"]["roc_auc"],
+        ece=evaluation.metrics["calibration"]["ece"],
+        mean_relative_drop=evaluation.metrics["robustness"]["mean_relative_drop"],
+        images_per_s=evaluation.metrics["throughput"]["images_per_s"],
+        warnings=tuple(evaluation.warnings.values()),
+    )
