@@ -19,7 +19,7 @@ from lensmith.fsutil import write_json_atomic
 from lensmith.htmlreport import HtmlReport
 from lensmith.layout import Layout
 from lensmith.params import GateParams, Params
-from lensmith.registry import Registry, RegistryError, dig, read_json_or_none
+from lensmith.registry import Registry, RegistryError, dig, export_weights_sha256, read_json_or_none
 
 GATE_JSON = "gate.json"
 GATE_HTML = "gate.html"
@@ -131,7 +131,7 @@ def slice_floor_checks(metrics: Any, gate: GateParams) -> list[Check]:
 
 def serving_precision(export: dict[str, Any]) -> str | None:
     """What export.json says is served ("int8", "fp32"...), read from the first key that is present."""
-    for key in ("serving", "serving_model", "served", "serve"):
+    for key in ("serving_variant", "serving", "serving_model", "served"):
         value = export.get(key)
         if isinstance(value, dict):
             value = value.get("precision") or value.get("model") or value.get("name") or value.get("path")
@@ -143,9 +143,8 @@ def serving_precision(export: dict[str, Any]) -> str | None:
 def int8_accuracy_drop(export: dict[str, Any]) -> float | None:
     """fp32 accuracy - int8 accuracy (fraction), computed from accuracies when present, else a stored drop."""
     int8 = export.get("int8") if isinstance(export.get("int8"), dict) else {}
-    int8_acc = int8.get("accuracy")
-    for ref in ("fp32", "onnx", "pytorch"):
-        ref_acc = dig(export, f"{ref}.accuracy")
+    int8_acc = int8.get("accuracy", dig(export, "accuracy.int8"))
+    for ref_acc in (dig(export, "accuracy.fp32"), dig(export, "fp32.accuracy"), dig(export, "onnx.accuracy")):
         if isinstance(int8_acc, (int, float)) and isinstance(ref_acc, (int, float)):
             return float(ref_acc) - float(int8_acc)
     drop = int8.get("accuracy_drop", int8.get("drop"))
@@ -164,6 +163,14 @@ def int8_drop_limit(export: dict[str, Any], params: Params) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def export_of_candidate(export: Any, candidate_meta: Any) -> tuple[Any, str | None]:
+    """(export report, warning): a report made from other weights (a stale one) is set aside."""
+    exported, weights = export_weights_sha256(export), dig(candidate_meta, "weights_sha256")
+    if export is None or not exported or not weights or exported == weights:
+        return export, None
+    return None, f"reports/export.json was made from other weights ({exported[:12]}), not the candidate: ignored"
+
+
 def int8_checks(export: Any, params: Params) -> list[Check]:
     """Only when export.json exists and serves int8: its accuracy drop must be within the export limit."""
     if not isinstance(export, dict) or serving_precision(export) != "int8":
@@ -173,7 +180,7 @@ def int8_checks(export: Any, params: Params) -> list[Check]:
     check = metric_check("floor.int8_parity", drop, limit, "<=", "floor", "export.json int8 accuracy drop")
     if limit is None:
         return [replace(check, passed=False, detail="no int8 accuracy-drop limit in params or export.json")]
-    rejected_by_export = dig(export, "int8.accepted") is False or dig(export, "int8.passed") is False
+    rejected_by_export = any(dig(export, f"int8.{key}") is False for key in ("kept", "accepted", "passed"))
     if rejected_by_export:
         detail = "export.json serves int8 although its int8 gate rejected it"
         return [replace(check, passed=False, detail=detail)]
@@ -387,10 +394,11 @@ def run_gate(params: Params, layout: Layout, *, raise_on_reject: bool = True) ->
     metrics_path = layout.reports / METRICS_JSON
     metrics = read_json_or_none(metrics_path)
     candidate_meta = read_json_or_none(layout.candidate / "meta.json")
-    export = read_json_or_none(layout.reports / EXPORT_JSON)
+    export, stale_export = export_of_candidate(read_json_or_none(layout.reports / EXPORT_JSON), candidate_meta)
     champion = production_champion(layout)
     split_hash = candidate_test_split_hash(layout, candidate_meta)
     result = evaluate_gate(metrics, export, champion, split_hash, params)
+    result.warnings += [stale_export] if stale_export else []
     result.json_path = layout.reports / GATE_JSON
     result.html_path = layout.reports / GATE_HTML
     write_json_atomic(result.json_path, gate_json(result, metrics_path, candidate_meta, split_hash, params))

@@ -30,7 +30,7 @@ from lensmith.errors import LensmithError
 from lensmith.fsutil import write_json_atomic
 
 ALIASES: tuple[str, ...] = ("production", "previous", "candidate")
-WEIGHT_FILES: tuple[str, ...] = ("model.pt", "model.onnx", "model.int8.onnx")
+WEIGHT_FILES: tuple[str, ...] = ("model.pt", "model.onnx", "model.opt.onnx", "model.int8.onnx")
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 REGISTRY_DIR = "registry"
 
@@ -80,6 +80,13 @@ def headline_metrics(metrics: Any) -> dict[str, float | None]:
         "ece": dig(metrics, "calibration.ece"),
         "robustness_mean_drop": dig(metrics, "robustness.mean_relative_drop"),
     }
+
+
+def export_weights_sha256(export: Any) -> str | None:
+    """The weights an export report was made from (its ONNX metadata), when it says."""
+    metadata = export.get("metadata") if isinstance(export, dict) else None
+    value = metadata.get("lensmith.weights_sha256") if isinstance(metadata, dict) else None
+    return str(value) if value else None
 
 
 def gate_allows_promotion(gate: Any) -> bool:
@@ -266,12 +273,17 @@ def check_register_inputs(candidate_dir: Path, metrics_path: Path, gate_path: Pa
             raise RegistryError(f"cannot register {candidate_dir}: {label} file {path} does not exist")
     gate = read_json_or_none(Path(gate_path)) if gate_path is not None else None
     meta = read_json_or_none(candidate_dir / "meta.json") or {}
-    gated_weights = dig(gate, "candidate.weights_sha256")
-    if gated_weights and meta.get("weights_sha256") and gated_weights != meta["weights_sha256"]:
-        raise RegistryError(
-            f"cannot register {candidate_dir}: {gate_path} was written for other weights "
-            f"({gated_weights[:12]} != {meta['weights_sha256'][:12]}); rerun the gate"
-        )
+    weights = meta.get("weights_sha256")
+    reports = [("gate", gate_path, dig(gate, "candidate.weights_sha256"), "rerun the gate")]
+    if export_path is not None:
+        exported = export_weights_sha256(read_json_or_none(Path(export_path)))
+        reports.append(("export", export_path, exported, "rerun the export"))
+    for label, path, reported, fix in reports:
+        if reported and weights and reported != weights:
+            raise RegistryError(
+                f"cannot register {candidate_dir}: {label} report {path} was written for other weights "
+                f"({reported[:12]} != {weights[:12]}); {fix}"
+            )
 
 
 def version_meta(
@@ -309,6 +321,8 @@ def stage_version(
     shutil.copyfile(metrics_path, staging / "metrics.json")
     if gate_path is not None:
         shutil.copyfile(gate_path, staging / "gate.json")
+    if export_path is None and (candidate_dir / "export.json").is_file():
+        export_path = candidate_dir / "export.json"  # the export stage writes its report beside the ONNX files
     if export_path is not None:
         shutil.copyfile(export_path, staging / "export.json")
     metrics = read_json_or_none(staging / "metrics.json")

@@ -283,6 +283,37 @@ def test_fp32_serving_needs_no_int8_check(project: Project) -> None:
     assert not any(c.name == "floor.int8_parity" for c in result.checks)
 
 
+def export_report(project: Project, *, drop: float, kept: bool = True, weights: str | None = None) -> dict[str, Any]:
+    """The export stage's report format (lensmith/export.py)."""
+    meta = json.loads((project.layout.candidate / "meta.json").read_text())
+    return {
+        "metadata": {"lensmith.weights_sha256": weights or meta["weights_sha256"]},
+        "accuracy": {"fp32": 0.91, "int8": 0.91 - drop, "n_test": 150},
+        "int8": {"decision": "int8 kept" if kept else "int8 rejected", "kept": kept, "accuracy": 0.91 - drop, "accuracy_drop": drop},
+        "serving_variant": "int8",
+    }
+
+
+def test_export_stage_report_uses_the_export_int8_limit(project: Project) -> None:
+    project.candidate(metrics_doc())
+    write_export(project, export_report(project, drop=0.005))
+    result = project.gate()  # limit from params export.int8_max_drop (0.01)
+    parity = next(c for c in result.checks if c.name == "floor.int8_parity")
+    assert parity.value == pytest.approx(0.005) and parity.threshold == pytest.approx(0.01)
+    write_export(project, export_report(project, drop=0.03))
+    assert failed_names(project.gate(expect_pass=False)) == {"floor.int8_parity"}
+    write_export(project, export_report(project, drop=0.005, kept=False))
+    assert "export.json serves int8 although" in project.gate(expect_pass=False).reasons[0]
+
+
+def test_a_stale_export_report_for_other_weights_is_ignored_with_a_warning(project: Project) -> None:
+    project.candidate(metrics_doc())
+    write_export(project, export_report(project, drop=0.5, weights="f" * 64))
+    result = project.gate()
+    assert not any(c.name == "floor.int8_parity" for c in result.checks)
+    assert any("made from other weights" in w for w in project.report()["warnings"])
+
+
 # ---- a rejected model is never promoted -----------------------------------------------------------
 
 

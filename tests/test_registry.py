@@ -219,14 +219,28 @@ def test_a_gate_report_for_other_weights_is_refused(registry: Registry, tmp_path
         registry.register(c["candidate"], metrics_path=c["metrics"], gate_path=c["gate"])  # type: ignore[arg-type]
 
 
-def test_int8_weights_and_export_report_are_stored(registry: Registry, tmp_path: Path) -> None:
+def test_onnx_files_and_export_report_are_stored(registry: Registry, tmp_path: Path) -> None:
     c = make_candidate(tmp_path, seed=0)
-    (c["candidate"] / "model.int8.onnx").write_bytes(b"int8")  # type: ignore[operator]
+    candidate: Path = c["candidate"]  # type: ignore[assignment]
+    for name in ("model.int8.onnx", "model.opt.onnx"):
+        (candidate / name).write_bytes(name.encode())
     export = tmp_path / "export.json"
-    export.write_text(json.dumps({"serving": "int8"}))
-    version = registry.register(c["candidate"], metrics_path=c["metrics"], gate_path=c["gate"], export_path=export)  # type: ignore[arg-type]
+    export.write_text(json.dumps({"serving_variant": "int8"}))
+    version = registry.register(candidate, metrics_path=c["metrics"], gate_path=c["gate"], export_path=export)  # type: ignore[arg-type]
     files = registry.show(version)["files"]
-    assert "model.int8.onnx" in files and "export.json" in files
+    assert {"model.pt", "model.onnx", "model.opt.onnx", "model.int8.onnx", "export.json"} <= set(files)
+    (candidate / "export.json").write_text(json.dumps({"serving_variant": "fp32"}))  # the export stage's copy
+    version = registry.register(candidate, metrics_path=c["metrics"], gate_path=c["gate"])  # type: ignore[arg-type]
+    assert json.loads((registry.resolve(version) / "export.json").read_text())["serving_variant"] == "fp32"
+
+
+def test_an_export_report_for_other_weights_is_refused(registry: Registry, tmp_path: Path) -> None:
+    c = make_candidate(tmp_path, seed=0)
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps({"metadata": {"lensmith.weights_sha256": "f" * 64}}))
+    with pytest.raises(RegistryError, match="export report .* other weights"):
+        registry.register(c["candidate"], metrics_path=c["metrics"], gate_path=c["gate"], export_path=export)  # type: ignore[arg-type]
+    assert registry.version_ids() == []
 
 
 def test_concurrent_registers_get_distinct_versions(registry: Registry, tmp_path: Path) -> None:
