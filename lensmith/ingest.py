@@ -328,8 +328,10 @@ def check_bad_fraction(
     if total == 0:
         raise DataError(f"no images found in {source} (data.image_extensions decides which files count)")
     share = len(rejections) / total
-    if share > max_bad_fraction or n_accepted == 0:
-        top = ", ".join(f"{reason} {count}" for reason, count in Counter(r.reason for r in rejections).most_common(3))
+    top = ", ".join(f"{reason} {count}" for reason, count in Counter(r.reason for r in rejections).most_common(3))
+    if n_accepted == 0:
+        raise DataError(f"none of the {total} files in {source} is usable; top reasons: {top}; see {report}")
+    if share > max_bad_fraction:
         raise DataError(
             f"{len(rejections)} of {total} files ({share:.1%}) were quarantined, above "
             f"validate.max_bad_fraction={max_bad_fraction:.1%}; top reasons: {top}; see {report}; "

@@ -66,6 +66,12 @@ class SourceListing:
     rejections: list[Rejection] = field(default_factory=list)
     metadata: pd.DataFrame | None = None  # indexed by identity `path`; columns joined into the manifest
 
+    def add(self, outcome: SourceItem | Rejection) -> None:
+        if isinstance(outcome, Rejection):
+            self.rejections.append(outcome)
+        else:
+            self.items.append(outcome)
+
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
@@ -147,7 +153,7 @@ def read_metadata_csv(data: bytes | Path, origin: str) -> pd.DataFrame:
 
 def posix_relative(raw: str) -> str:
     """Normalise a relative path written with / or \\ and ./ segments to POSIX form."""
-    return PurePosixPath(os.path.normpath(raw.replace("\\", "/")).replace("\\", "/")).as_posix()
+    return PurePosixPath(os.path.normpath(raw.replace("\\", "/"))).as_posix()
 
 
 # ------------------------------------------------------------------------------------------- ImageFolder
@@ -182,7 +188,7 @@ def list_image_folder(root: Path, extensions: set[str]) -> SourceListing:
                 listing.rejections.append(Rejection(identity, "symlink_outside_source", detail))
                 continue
             outcome = local_item(identity, rel_dir[0], file)
-            (listing.items if isinstance(outcome, SourceItem) else listing.rejections).append(outcome)  # type: ignore[arg-type]
+            listing.add(outcome)
     metadata_file = root / METADATA_FILE
     if metadata_file.is_file():
         listing.metadata = read_metadata_csv(metadata_file, str(metadata_file))
@@ -226,7 +232,7 @@ def csv_row_item(row: dict[str, Any], base: Path, extensions: set[str], seen: se
     raw = row["path"]
     if not isinstance(raw, str) or not raw.strip():
         return Rejection(str(raw), "missing_path", "manifest row has an empty path")
-    lexical = Path(os.path.normpath(base / raw.strip()))
+    lexical = Path(os.path.normpath(base / raw.strip().replace("\\", "/")))
     if not is_within(lexical, base):
         return Rejection(raw, "path_escapes_root", f"{raw!r} resolves to {lexical}, outside the manifest's folder {base}")
     identity = lexical.relative_to(base).as_posix()
@@ -334,7 +340,7 @@ def list_s3_folder(
                 if is_hidden(parts) or not has_image_extension(rel, extensions):
                     continue
                 outcome = s3_item(bucket, key, rel, obj, layout)
-                (listing.items if isinstance(outcome, SourceItem) else listing.rejections).append(outcome)  # type: ignore[arg-type]
+                listing.add(outcome)
         if metadata_key is not None:
             body = client.get_object(Bucket=bucket, Key=metadata_key)["Body"].read()
             metadata = read_metadata_csv(body, f"s3://{bucket}/{metadata_key}")
@@ -365,14 +371,15 @@ def s3_item(bucket: str, key: str, rel: str, obj: dict[str, Any], layout: Layout
     )
 
 
-_CLIENTS: dict[S3Settings, Any] = {}
+_CLIENTS: dict[tuple[int, S3Settings], Any] = {}
 
 
 def cached_s3_client(settings: S3Settings) -> Any:
-    """One client per process (worker processes create their own after fork)."""
-    if settings not in _CLIENTS:
-        _CLIENTS[settings] = make_s3_client(settings)
-    return _CLIENTS[settings]
+    """One client per process: keyed by pid so a forked worker never reuses its parent's open connections."""
+    key = (os.getpid(), settings)
+    if key not in _CLIENTS:
+        _CLIENTS[key] = make_s3_client(settings)
+    return _CLIENTS[key]
 
 
 def fetch_s3_object(settings: S3Settings, bucket: str, key: str, mirror: Path) -> bytes:
@@ -392,12 +399,11 @@ def manifest_file_path(file: str, layout: Layout) -> Path:
 
 def file_column_value(path: Path, layout: Layout) -> str:
     """Relative to the project root when inside it (portable), else absolute."""
-    root = layout.root.resolve()
-    absolute = path if path.is_absolute() else Path.cwd() / path
-    try:
-        return absolute.relative_to(root).as_posix()
-    except ValueError:
-        return str(absolute)
+    absolute = Path(os.path.abspath(path))
+    for root in (Path(os.path.abspath(layout.root)), layout.root.resolve()):
+        if is_within(absolute, root):
+            return absolute.relative_to(root).as_posix()
+    return str(absolute)
 
 
 def sha256_hex(data: bytes) -> str:

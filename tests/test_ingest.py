@@ -127,14 +127,16 @@ def test_csv_manifest_source_with_metadata_columns(tmp_path: Path) -> None:
     write_test_image(images / "day1" / "x.png", seed=1)
     write_test_image(images / "day1" / "y.png", seed=2)
     write_test_image(images / "z.JPG", seed=3, fmt="JPEG")
+    write_test_image(images / "day2" / "w.png", seed=4)
     (images / "labels.csv").write_text(
-        "path,label,site,operator\nday1/x.png,ok,A,kim\n./day1/y.png,crack,B,lee\nz.JPG,ok,A,\n", encoding="utf-8"
+        "path,label,site,operator\nday1/x.png,ok,A,kim\n./day1/y.png,crack,B,lee\nz.JPG,ok,A,\nday2\\w.png,ok,B,kim\n",
+        encoding="utf-8",
     )
     layout = Layout(tmp_path / "project")
     summary = run_ingest(params_for(images / "labels.csv"), layout)
     manifest = read_manifest(layout).set_index("path")
-    assert summary.per_class == {"crack": 1, "ok": 2}
-    assert manifest.index.tolist() == ["day1/x.png", "day1/y.png", "z.JPG"]
+    assert summary.per_class == {"crack": 1, "ok": 3}
+    assert manifest.index.tolist() == ["day1/x.png", "day1/y.png", "day2/w.png", "z.JPG"]
     assert manifest.loc["day1/y.png", "label"] == "crack" and manifest.loc["day1/y.png", "operator"] == "lee"
     assert pd.isna(manifest.loc["z.JPG", "operator"]) and manifest.loc["z.JPG", "format"] == "JPEG"
 

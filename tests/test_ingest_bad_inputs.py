@@ -216,6 +216,13 @@ def test_missing_source_unsupported_source_and_csv_without_columns(tmp_path: Pat
     csv = write_csv(tmp_path / "m.csv", ["a.png,x"], header="file,class")
     with pytest.raises(DataError, match="missing path, label \\(found: file, class\\)"):
         run_ingest(params_for(csv), layout)
+    only_bad = tmp_path / "only_bad"
+    (only_bad / "ok").mkdir(parents=True)
+    (only_bad / "ok" / "a.png").write_bytes(b"")
+    params = params_for(only_bad)
+    params.validate.max_bad_fraction = 1.0
+    with pytest.raises(DataError, match="none of the 1 files .* is usable; top reasons: empty_file 1"):
+        run_ingest(params, layout)
     empty = good_folder(tmp_path / "empty", n=0)
     empty.mkdir(parents=True, exist_ok=True)
     with pytest.raises(DataError, match="no images found"):
