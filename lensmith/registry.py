@@ -210,6 +210,7 @@ class Registry:
         check_register_inputs(candidate_dir, metrics_path, gate_path, export_path)
         with self._locked():
             self.versions_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_staging()
             aliases = self.aliases()
             version = self._next_version_id()
             staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.versions_dir))
@@ -223,6 +224,13 @@ class Registry:
             aliases["candidate"] = version
             self._write_aliases(aliases)
         return version
+
+    def _remove_stale_staging(self) -> None:
+        # Staging folders are only made while holding the lock, so any found by a lock holder
+        # belongs to a register that died (killed mid-copy).
+        for path in self.versions_dir.glob(".v*"):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
 
     def _next_version_id(self) -> str:
         existing = self.version_ids()

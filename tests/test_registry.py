@@ -190,7 +190,11 @@ def test_a_failure_mid_register_leaves_no_half_version(registry: Registry, tmp_p
     assert list(registry.versions_dir.iterdir()) == []  # neither a version nor a staging folder
     assert registry.aliases()["candidate"] is None
     monkeypatch.undo()
+    killed = registry.versions_dir / ".v0001.killed"  # what a register killed mid-copy leaves
+    killed.mkdir()
+    (killed / "model.pt").write_bytes(b"half")
     assert register(registry, tmp_path, 1) == "v0001"
+    assert sorted(p.name for p in registry.versions_dir.iterdir()) == ["v0001"]
 
 
 def test_registered_versions_cannot_be_overwritten_through_the_api(
