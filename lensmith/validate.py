@@ -47,10 +47,14 @@ def read_table(path: Path, required: Sequence[str], what: str) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DataError(f"{what} {path} cannot be read as parquet: {exc}") from None
+    require_columns(frame, required, f"{what} {path}")
+    return frame.reset_index(drop=True)
+
+
+def require_columns(frame: pd.DataFrame, required: Sequence[str], what: str, hint: str = "") -> None:
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(f"{what} {path} lacks required column(s): {', '.join(missing)}")
-    return frame.reset_index(drop=True)
+        raise DataError(f"{what} lacks required column(s): {', '.join(missing)}{hint}")
 
 
 def expected_labels(params: ValidateParams, layout: Layout, manifest_labels: Sequence[str]) -> tuple[list[str], str]:
@@ -81,6 +85,7 @@ def read_label_lock(lock: Path) -> list[str]:
 def with_derived_columns(manifest: pd.DataFrame, max_distance: int) -> pd.DataFrame:
     """The manifest plus `pixels`, `near_duplicate_group` and `near_duplicate_distinct_images`."""
     frame = manifest.copy()
+    frame["label"] = frame["label"].astype(str)
     frame["pixels"] = frame["width"].astype("int64") * frame["height"].astype("int64")
     frame["near_duplicate_group"] = near_duplicate_groups(valid_phashes(frame["phash"]), max_distance)
     # Copies of one file (same sha256) are exact duplicates, a separate check: count distinct files.
@@ -209,7 +214,13 @@ def leak_examples(frame: pd.DataFrame, group_column: str, count_column: str) -> 
 def run_validate(params: Params, layout: Layout) -> ValidationResult:
     """Validate data/manifest.parquet; write reports/validation.{json,html}; raise GateFailedError if it fails."""
     vp = params.validate
-    manifest = read_table(layout.manifest, [*MANIFEST_COLUMNS, *vp.required_metadata], "manifest")
+    manifest = read_table(layout.manifest, MANIFEST_COLUMNS, "manifest")
+    require_columns(
+        manifest,
+        vp.required_metadata,
+        f"manifest {layout.manifest}",
+        " (metadata listed in validate.required_metadata; add it to the source's metadata CSV or drop it from that list)",
+    )
     if manifest.empty:
         raise DataError(f"manifest {layout.manifest} has no rows: nothing to validate")
     labels, label_source = expected_labels(vp, layout, manifest["label"].astype(str).unique().tolist())

@@ -308,8 +308,10 @@ def test_missing_manifest_names_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"sha256, batch"):
-        validate(tmp_path, good_manifest().drop(columns=["sha256", "batch"]))
+    with pytest.raises(DataError, match=r"lacks required column\(s\): sha256, phash$"):
+        validate(tmp_path, good_manifest().drop(columns=["sha256", "phash"]))
+    with pytest.raises(DataError, match=r"column\(s\): batch \(metadata listed in validate.required_metadata"):
+        validate(tmp_path, good_manifest().drop(columns=["batch"]))
 
 
 def write_project(tmp_path: Path, manifest: pd.DataFrame) -> Path:

@@ -77,12 +77,12 @@ def describe_failure(check: CheckResult) -> str:
         noun = "rows" if check.example_column != "label" else "classes"
         text = f"{check.name}: {check.unexpected_count} {noun} ({_percent(check.unexpected_percent)})"
     else:
-        text = f"{check.name}: observed {check.observed_value!r}, expected {_bounds(check.kwargs)}"
+        text = f"{check.name}: observed {check.observed_value!r}, expected {expected_text(check)}"
     if check.examples:
         more = ", ..." if len(check.examples) > 3 or (check.unexpected_count or 0) > 3 else ""
         text += f" e.g. {', '.join(check.examples[:3])}{more}"
     if check.hint:
-        text += f". {check.hint}"
+        text += f"; {check.hint}"
     return text
 
 
@@ -97,14 +97,24 @@ def _percent(value: float | None) -> str:
     return "?%" if value is None else f"{value:.3g}%"
 
 
-def _bounds(kwargs: dict[str, Any]) -> str:
+def expected_text(check: CheckResult) -> str:
+    """What the expectation asks for, in a few words (for the summary and the HTML table)."""
+    kwargs = check.kwargs
+    if check.expectation_type.endswith("_to_be_unique"):
+        return "unique"
+    if check.expectation_type.endswith("_to_not_be_null"):
+        return "not null"
+    if "value_set" in kwargs:
+        return "in {" + ", ".join(map(str, kwargs["value_set"])) + "}"
+    if "regex" in kwargs:
+        return f"matches {kwargs['regex']}"
     lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
     if lo is not None and hi is not None:
-        return f"between {lo} and {hi}"
+        return f"between {lo:g} and {hi:g}"
     if hi is not None:
-        return f"<= {hi}"
+        return f"<= {hi:g}"
     if lo is not None:
-        return f">= {lo}"
+        return f">= {lo:g}"
     return str({k: v for k, v in kwargs.items() if k != "column"})
 
 
@@ -152,7 +162,7 @@ def _check_rows(checks: Sequence[CheckResult]) -> list[dict[str, Any]]:
             "observed": None if check.observed_value is None else str(check.observed_value),
             "unexpected": check.unexpected_count,
             "unexpected %": check.unexpected_percent,
-            "expected": _bounds(check.kwargs),
+            "expected": expected_text(check),
         }
         for check in checks
     ]
@@ -170,3 +180,5 @@ def _render_section(report: HtmlReport, name: str, section: Any) -> None:
         if isinstance(value, list) and value and isinstance(value[0], dict):
             report.heading(key.replace("_", " "), level=3)
             report.table(value)
+        elif isinstance(value, list):
+            report.paragraph(f"{key.replace('_', ' ')}: {', '.join(map(str, value)) or '(none)'}")
