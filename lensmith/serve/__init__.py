@@ -1,0 +1,1 @@
+"""`lensmith serve`: FastAPI + ONNX Runtime prediction service that feeds the data flywheel (no torch)."""
