@@ -21,13 +21,12 @@ from lensmith.fsutil import write_json_atomic
 from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.neardup import hamming_distance, near_duplicate_groups
 from lensmith.params import Params, ValidateParams
-from lensmith.validation import gxrun
-from lensmith.validation.gxrun import Check, Frame
+from lensmith.validation import gxrun  # first: it switches GX analytics off before GX is imported
+from lensmith.validation.gxrun import MAX_EXAMPLES, Check, Frame
 from lensmith.validation.report import ValidationResult, gate_failure_message, write_reports
 
-gxe = gxrun.gx.expectations
-WARNING = gxrun.FailureSeverity.WARNING
-MAX_EXAMPLES = gxrun.MAX_EXAMPLES
+import great_expectations.expectations as gxe  # noqa: E402, I001
+from great_expectations.expectations.metadata_types import FailureSeverity  # noqa: E402
 
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "brightness", "sharpness", "phash")
 SPLIT_COLUMNS = ("path", "sha256", "phash")
@@ -122,8 +121,8 @@ def manifest_checks(params: ValidateParams, labels: list[str], label_source: str
     lo, hi = params.brightness_range
     near_dup = gxe.ExpectColumnValuesToBeBetween(column="near_duplicate_distinct_images", max_value=1)
     if not params.fail_on_near_duplicates:
-        near_dup.severity = WARNING
-    checks = [
+        near_dup.severity = FailureSeverity.WARNING
+    return [
         Check("path_unique", "manifest", gxe.ExpectColumnValuesToBeUnique(column="path")),
         Check("label_in_expected_set", "manifest", gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels), label_hint),
         Check("expected_labels_present", "classes", gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1), label_hint),
@@ -158,7 +157,6 @@ def manifest_checks(params: ValidateParams, labels: list[str], label_source: str
         Check("brightness_in_range", "manifest", gxe.ExpectColumnValuesToBeBetween(column="brightness", min_value=lo, max_value=hi)),
         Check("sharpness_min", "manifest", gxe.ExpectColumnValuesToBeBetween(column="sharpness", min_value=params.min_sharpness)),
     ]
-    return checks
 
 
 def leakage_checks(max_distance: int) -> list[Check]:
