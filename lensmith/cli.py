@@ -238,6 +238,98 @@ def models_rollback(root: RootOpt = Path(".")) -> None:
     typer.echo(f"production -> {_registry(root).rollback()} (rolled back)")
 
 
+@app.command()
+@user_errors
+def export(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """ONNX export with the parity gate, ORT EXTENDED graph and accuracy-gated int8: models/candidate/, reports/export.json."""
+    from lensmith.export import run_export
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_export(params, layout)))
+
+
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind (default: serve.host)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: serve.port)")] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Model folder (model.onnx, export.json) or .onnx file; default: the registry's production")
+    ] = None,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """The prediction service (FastAPI + ONNX Runtime) under /v1 with /metrics; set LENSMITH_API_TOKEN for feedback/admin."""
+    import logging
+
+    import uvicorn
+
+    from lensmith.serve.app import create_app
+    from lensmith.serve.models import PathSource, production_source
+
+    params, layout = _context(params_file, overrides, root)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    source = PathSource(model.resolve()) if model is not None else production_source(layout.models)
+    source.locate()  # fail here, with the reason, rather than serve nothing
+    app_ = create_app(params.serve, layout.root, source)
+    uvicorn.run(app_, host=host or params.serve.host, port=port or params.serve.port, log_level="info", server_header=False)
+
+
+review_app = typer.Typer(help="The review queue fed by serving: export it for labelling, import corrected labels.", no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+@user_errors
+def review_export(
+    out: Annotated[Path, typer.Option(help="Folder for review.csv and the Label Studio files")] = Path("reports/review"),
+    url_prefix: Annotated[str, typer.Option(help="Prefix of image URLs in the Label Studio tasks")] = "/data/local-files/?d=",
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Write the review queue as CSV (fill in corrected_label) and a Label Studio import (tasks + labelling config)."""
+    from lensmith.serve.review import export_queue
+
+    params, layout = _context(params_file, overrides, root)
+    classes = params.validate.labels or _queue_classes(layout)
+    typer.echo(str(export_queue(layout.root / params.serve.review_dir, out, classes, url_prefix)))
+
+
+def _queue_classes(layout) -> list[str]:  # noqa: ANN001
+    import json
+
+    meta = layout.candidate / "meta.json"
+    return list(json.loads(meta.read_text())["classes"]) if meta.is_file() else []
+
+
+@review_app.command("import")
+@user_errors
+def review_import(
+    corrections: Annotated[Path, typer.Argument(help="review.csv with corrected_label filled in, or a Label Studio JSON export")],
+    allow_new_labels: Annotated[bool, typer.Option(help="Accept labels the current model does not know")] = False,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Merge corrected labels into data.source as NEW files (<label>/reviewed-<time>/); conflicts are reported, nothing is overwritten."""
+    from lensmith.serve.review import import_corrections, manifest_labels, read_corrections
+    from lensmith.sources import is_s3_uri
+
+    params, layout = _context(params_file, overrides, root)
+    if is_s3_uri(params.data.source):
+        raise LensmithError("review import writes into a local image folder; data.source is an s3:// prefix")
+    source = Path(params.data.source)
+    source = source if source.is_absolute() else layout.root / source
+    classes = params.validate.labels or _queue_classes(layout)
+    report = import_corrections(
+        layout.root / params.serve.review_dir, read_corrections(corrections), source, classes,
+        manifest_labels(layout.manifest), allow_new_labels,
+    )
+    typer.echo(str(report))
+
+
 @app.command("check-params")
 @user_errors
 def check_params(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
