@@ -272,7 +272,10 @@ def worst_misclassified(y_true: np.ndarray, probs: np.ndarray, limit: int) -> li
 def model_block(arch: str, classes: Sequence[str], meta: dict[str, Any]) -> dict[str, Any]:
     """`model` block of metrics.json: what was evaluated (data hash etc. copied from meta.json when present)."""
     block: dict[str, Any] = {"arch": arch, "classes": {str(i): c for i, c in enumerate(classes)}}
-    for key in ("data_hash", "manifest_hash", "splits_hash", "weights_sha256", "git_commit", "best_epoch"):
+    data_hash = meta.get("data_hash")
+    # train writes {"combined": ..., "<file>": ...}; the combined hash is the one to compare runs by
+    block["data_hash"] = data_hash.get("combined") if isinstance(data_hash, dict) else data_hash
+    for key in ("weights_sha256", "git_commit", "best_epoch"):
         if key in meta and not isinstance(meta[key], (dict, list)):
             block[key] = meta[key]
     return block
@@ -287,10 +290,12 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Figure:
     fig = Figure(figsize=(1.2 + 0.6 * n, 1.0 + 0.6 * n))
     ax = fig.add_subplot()
     rows = cm.sum(axis=1, keepdims=True)
-    ax.imshow(np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0), cmap="Blues", vmin=0, vmax=1)
+    shares = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="black" if i != j else "white")
+            color = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")

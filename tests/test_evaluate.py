@@ -253,3 +253,50 @@ def test_missing_image_file_is_named(project: Layout) -> None:
     victim.unlink()
     with pytest.raises(EvaluationError, match=re.escape(str(victim))):
         ev.run_evaluate(stage_params(), project)
+
+
+# ---- end to end with the real demo data and the real trainer -------------------------------------------------
+
+
+def standin_splits(layout: Layout) -> None:
+    """70/15/15 per class by position in the manifest (the split stage's own logic is not under test here)."""
+    manifest = pd.read_parquet(layout.manifest)
+    position = manifest.groupby("label").cumcount() % 20
+    parts = {"train": position < 14, "val": (position >= 14) & (position < 17), "test": position >= 17}
+    layout.splits_dir.mkdir(parents=True, exist_ok=True)
+    for name, mask in parts.items():
+        manifest[mask].to_parquet(layout.split_file(name), index=False)
+
+
+@pytest.mark.slow
+def test_evaluate_a_model_trained_by_lensmith_train_on_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensmith.demodata import generate_demo_dataset
+    from lensmith.ingest import run_ingest
+    from lensmith.train import run_train
+
+    monkeypatch.setattr(ev, "SPEED_BUDGET_S", 0.2)
+    layout = Layout(tmp_path)
+    demo = tmp_path / "data/raw/demo"
+    generate_demo_dataset(demo, sites=None, seed=0, per_class=20, image_size=64, workers=1)
+    params = Params.model_validate(
+        {
+            "data": {"source": str(demo)},
+            "train": {"image_size": 64, "epochs": 2, "freeze_epochs": 0, "batch_size": 32, "device": "cpu", "num_threads": 1},
+            "evaluate": {"batch_size": 16, "worst_examples": 4, "robustness": {"severities": [3], "fgsm_epsilon": 0.01}},
+        }
+    )
+    run_ingest(params, layout)
+    standin_splits(layout)
+    run_train(params, layout)
+    summary = ev.run_evaluate(params, layout)
+
+    metrics = json.loads((layout.reports / "metrics.json").read_text())
+    test = metrics["test"]
+    assert test["n"] == summary.n_test == len(pd.read_parquet(layout.split_file("test")))
+    assert test["positive_class"]["name"] == "any of crack|pitting|scratch|stain"  # negative_class: ok
+    assert set(metrics["slices"]) == {"site", "lighting", "camera"}
+    assert set(metrics["robustness"]["perturbations"]) == {"brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"}
+    assert metrics["robustness"]["fgsm"]["epsilon"] == 0.01
+    assert metrics["model"]["arch"] == "efficientnet_lite0" and len(metrics["model"]["data_hash"]) == 64
+    assert test["accuracy"] > 1 / len(metrics["model"]["classes"])  # pretrained backbone, 2 epochs: above chance
+    assert (layout.reports / "evaluation.html").stat().st_size > 10_000
