@@ -62,7 +62,9 @@ def read_test_split(layout: Layout) -> pd.DataFrame:
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:
-        raise EvaluationError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}); rerun `lensmith split`")
+        raise EvaluationError(
+            f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}); rerun `lensmith split`"
+        ) from None
     missing = [c for c in ("label",) if c not in frame.columns]
     if "file" not in frame.columns and "path" not in frame.columns:
         missing.append("file")
@@ -86,7 +88,9 @@ def decode_images(paths: Sequence[Path]) -> list[np.ndarray]:
         try:
             img = load_image(path)
         except FileNotFoundError:
-            raise EvaluationError(f"test image {path} does not exist; rerun `lensmith ingest` and `lensmith split`") from None
+            raise EvaluationError(
+                f"test image {path} does not exist; rerun `lensmith ingest` and `lensmith split`"
+            ) from None
         except ImageRejected as exc:
             raise EvaluationError(f"test image {path} cannot be decoded ({exc}); rerun `lensmith ingest`") from None
         arr = np.asarray(img, dtype=np.uint8)
@@ -162,7 +166,9 @@ def slices_block(
     warnings: dict[str, str] = {}
     for column in columns:
         if column not in metadata.columns:
-            warnings[f"slices.{column}"] = f"slice column {column!r} is not in the test split; no per-slice metrics for it"
+            warnings[f"slices.{column}"] = (
+                f"slice column {column!r} is not in the test split; no per-slice metrics for it"
+            )
             continue
         block[column] = m.slice_metrics(metadata[column], y_true, y_pred, num_classes, positive_indices)
     return block, warnings
@@ -416,6 +422,10 @@ def build_html(
             "latency batch 1 p50 / p95 (ms)": f"{speed['latency_ms_p50']:.2f} / {speed['latency_ms_p95']:.2f}",
         }
     )
+    report.paragraph(
+        f"Speed: eager PyTorch on this machine's CPU with {speed['num_threads']} thread(s), normalisation + forward "
+        "pass on input already at the model's size (decoding and resizing excluded)."
+    )
     report.heading("Per class")
     report.table([{"class": label, **values} for label, values in test["per_class"].items()])
     report.heading("Confusion matrix")
@@ -433,7 +443,8 @@ def build_html(
                      "preprocessing; drop = (clean - perturbed) / clean.")
     report.table(robustness_rows(rob))
     if rob.get("fgsm"):
-        report.key_values({f"FGSM accuracy (epsilon {rob['fgsm']['epsilon']:.4g}, 0..1 pixel units)": rob["fgsm"]["accuracy"]})
+        fgsm = rob["fgsm"]
+        report.key_values({f"FGSM accuracy (epsilon {fgsm['epsilon']:.4g}, 0..1 pixel units)": fgsm["accuracy"]})
     report.heading("Most confident mistakes")
     worst = worst_misclassified(evaluation.y_true, evaluation.probs, worst_examples)
     if worst:
@@ -510,7 +521,8 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
     evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
     pngs = write_plots(evaluation, plots_dir(layout))
     write_json_atomic(metrics_path(layout), evaluation.metrics)
-    build_html(evaluation, pngs, images, [str(p) for p in paths], params.evaluate.worst_examples).save(html_path(layout))
+    report = build_html(evaluation, pngs, images, [str(p) for p in paths], params.evaluate.worst_examples)
+    report.save(html_path(layout))
     test = evaluation.metrics["test"]
     return EvaluationSummary(
         metrics_path=metrics_path(layout),
