@@ -33,8 +33,10 @@ def affine_theta(params: AugmentParams, n: int, generator: torch.Generator) -> t
     area = _uniform(n, lo, hi, generator)
     log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), generator)
     ratio = torch.exp(log_ratio)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+    too_wide = (w > 1) | (h > 1)  # torchvision falls back to a square-ish crop; keep the area, drop the ratio
+    w = torch.where(too_wide, torch.sqrt(area), w)
+    h = torch.where(too_wide, torch.sqrt(area), h)
     cx = _uniform(n, -1.0, 1.0, generator) * (1 - w)
     cy = _uniform(n, -1.0, 1.0, generator) * (1 - h)
     angle = torch.deg2rad(_uniform(n, -params.rotation_degrees, params.rotation_degrees, generator))
