@@ -1,0 +1,161 @@
+"""Export: a real dynamo export of a small model on real demo images, its checks, gates and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from servekit import copy_project, exported_project, tiny_params
+
+from lensmith.export import (
+    ParityError,
+    Parity,
+    check_parity,
+    choose_variant,
+    int8_block,
+    load_split_images,
+    onnx_logits,
+    parity,
+    torch_logits,
+)
+from lensmith.modelio import load_trained
+from lensmith.layout import Layout
+from lensmith.onnxmodel import OnnxModel
+
+pytestmark = pytest.mark.timeout(900)
+
+REQUIRED_METADATA = {
+    "lensmith.classes",
+    "lensmith.preprocessing",
+    "lensmith.input_size",
+    "lensmith.mean",
+    "lensmith.std",
+    "lensmith.resize",
+    "lensmith.version",
+    "lensmith.git_commit",
+    "lensmith.data_hash",
+    "lensmith.train_params_hash",
+    "lensmith.model_version",
+}
+
+
+@pytest.fixture(scope="module")
+def project() -> Layout:
+    return Layout(exported_project())
+
+
+def test_export_writes_a_checked_onnx_with_metadata(project: Layout) -> None:
+    model = onnx.load(str(project.candidate / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert REQUIRED_METADATA <= set(props)
+    trained = load_trained(project.candidate)
+    assert json.loads(props["lensmith.classes"]) == trained.classes
+    assert json.loads(props["lensmith.preprocessing"]) == trained.preprocessing.to_dict()
+    assert props["lensmith.input_size"] == "3x32x32"
+
+
+def test_exported_model_has_a_dynamic_batch_axis_and_matches_pytorch(project: Layout) -> None:
+    trained = load_trained(project.candidate)
+    test = load_split_images(project, "test", trained.classes, trained.preprocessing)
+    onnx_model = OnnxModel.load(project.candidate / "model.onnx")
+    for n in (1, 3, len(test.labels)):
+        ref = torch_logits(trained.model, trained.preprocessing, test.images[:n])
+        got = onnx_model.logits_uint8(test.images[:n])
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_export_report_records_parity_int8_decision_and_speed(project: Layout) -> None:
+    report = json.loads((project.reports / "export.json").read_text())
+    assert report == json.loads((project.candidate / "export.json").read_text())
+    n_test = len(load_split_images(project, "test", load_trained(project.candidate).classes, load_trained(project.candidate).preprocessing).labels)
+    assert report["parity"]["n_images"] == n_test
+    assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0
+    assert report["parity"]["optimized"]["max_abs_diff"] <= 1e-4
+    assert report["provider"] == "CPUExecutionProvider"
+    assert set(report["images_per_s"]["fp32"]) == {"b1", "b32"}
+    kept = report["int8"]["kept"]
+    assert (project.candidate / "model.int8.onnx").is_file() == kept
+    assert report["serving_variant"] in ({"fp32", "int8"} if kept else {"fp32"})
+    assert (project.candidate / "model.opt.onnx").is_file()
+
+
+def test_int8_file_is_quantised_qdq_per_channel(project: Layout) -> None:
+    if not (project.candidate / "model.int8.onnx").is_file():
+        pytest.skip("the int8 gate rejected the model in this run")
+    graph = onnx.load(str(project.candidate / "model.int8.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weight_scales = [i for i in graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
+    assert weight_scales, "per-channel quantisation stores one scale per output channel"
+
+
+def test_parity_gate_fails_with_the_numbers_on_a_different_model(project: Layout, tmp_path: Path) -> None:
+    trained = load_trained(project.candidate)
+    test = load_split_images(project, "test", trained.classes, trained.preprocessing)
+    other = OnnxModel.load(Path(exported_project(seed=1)) / "models" / "candidate" / "model.onnx")
+    result = parity(torch_logits(trained.model, trained.preprocessing, test.images), onnx_logits(other, test.images))
+    assert result.max_abs_diff > 1e-4
+    with pytest.raises(ParityError, match=r"max \|logit diff\| .* top-1 agreement"):
+        check_parity(result, tiny_params().export, "model.onnx")
+    check_parity(Parity(n_images=3, max_abs_diff=5e-5, mean_abs_diff=1e-5, top1_agreement=1.0), tiny_params().export, "x")
+
+
+def test_int8_gate_rejects_an_accuracy_drop_and_is_served_only_when_faster() -> None:
+    ep = tiny_params(int8_max_drop=0.01).export
+    fast = {"fp32": {"b1": 100.0, "b32": 400.0}, "int8": {"b1": 250.0, "b32": 1200.0}}
+    slow = {"fp32": {"b1": 100.0, "b32": 400.0}, "int8": {"b1": 60.0, "b32": 380.0}}
+    rejected = int8_block(ep, 0.90, 0.88, fast, None)
+    assert not rejected["kept"] and "drop +0.0200" in rejected["reason"]
+    kept_fast = int8_block(ep, 0.90, 0.895, fast, None)
+    assert kept_fast["kept"] and choose_variant(kept_fast) == "int8"
+    kept_slow = int8_block(ep, 0.90, 0.90, slow, None)
+    assert kept_slow["kept"] and choose_variant(kept_slow) == "fp32"
+    assert choose_variant(rejected) == "fp32"
+
+
+def test_unavailable_providers_fall_back_to_cpu_with_a_log_line(project: Layout, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="lensmith.onnx"):
+        model = OnnxModel.load(project.candidate / "model.onnx", ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    assert model.provider == "CPUExecutionProvider"
+    assert any("runs on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
+    assert any("not available" in r.getMessage() for r in caplog.records)
+
+
+def test_export_without_a_candidate_is_a_one_line_error(tmp_path: Path) -> None:
+    from lensmith.cli import app
+
+    result = CliRunner().invoke(app, ["export", "--root", str(tmp_path), "--params", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 1
+    assert "no trained model" in result.output and "Traceback" not in result.output
+
+
+def test_serving_code_imports_without_torch() -> None:
+    code = "import sys; import lensmith.serve.app, lensmith.onnxmodel; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_export_reruns_on_the_real_project(tmp_path: Path) -> None:
+    """The CLI end to end on a copy: re-exporting replaces the files and rewrites the report."""
+    from lensmith.cli import app
+
+    layout = copy_project(tmp_path)
+    (layout.candidate / "model.onnx").unlink()
+    params = tmp_path / "params.yaml"
+    import yaml
+
+    params.write_text(yaml.safe_dump(tiny_params(int8=False).model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["export", "--root", str(layout.root), "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert "parity on" in result.output and "int8 skipped" in result.output
+    assert (layout.candidate / "model.onnx").is_file() and not (layout.candidate / "model.int8.onnx").exists()
