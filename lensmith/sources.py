@@ -115,7 +115,9 @@ def is_hidden(parts: tuple[str, ...] | list[str]) -> bool:
 
 
 def is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    """Lexical containment of normalised absolute paths (string test: `root in path.parents` is slow)."""
+    p, r = str(path), str(root).rstrip(os.sep)
+    return p == r or p.startswith(r + os.sep)
 
 
 def symlink_escape_detail(path: Path, real_root: Path) -> str | None:
