@@ -1,0 +1,106 @@
+"""Inference speed: ONNX Runtime fp32 vs eager PyTorch fp32, and static int8 vs fp32, on a trained model.
+
+    .venv/bin/python bench/inference.py [--arch resnet18] [--per-class 120] [--epochs 3] [--seconds 2] [--rounds 3]
+
+Trains `arch` briefly on the demo tile images (real-looking JPEGs, split by batch), exports it with
+`lensmith export` logic (parity gate, EXTENDED graph, accuracy-gated int8), then measures images/s at
+batch 1 and 32 in one run, rotating the order each round (the machine is shared and noisy), and prints
+medians and ratios. Targets: ORT fp32 / eager >= 1.5x; int8 / fp32 >= 2x with accuracy within 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import demo_metadata, ensure_demo_data, split_by_batch, write_splits  # noqa: E402
+
+from lensmith.export import accuracy, compare_speed, load_split_images, onnx_logits, run_export  # noqa: E402
+from lensmith.layout import Layout  # noqa: E402
+from lensmith.modelio import load_trained  # noqa: E402
+from lensmith.onnxmodel import OnnxModel  # noqa: E402
+from lensmith.params import params_from_dict  # noqa: E402
+from lensmith.train import run_train  # noqa: E402
+
+
+def build_and_train(root: Path, arch: str, per_class: int, epochs: int, image_size: int) -> tuple[Layout, object]:
+    demo = ensure_demo_data(root / "demo", per_class=per_class, image_size=image_size)
+    meta = demo_metadata(demo)
+    layout = write_splits(root, meta, split_by_batch(meta))
+    params = params_from_dict(
+        {
+            "train": {"model": arch, "pretrained": False, "image_size": image_size, "epochs": epochs, "freeze_epochs": 0,
+                      "warmup_epochs": 0, "batch_size": 32, "lr": 2e-3, "early_stopping_patience": epochs},
+            "export": {"calibration_images": 256, "bench_seconds": 1.0},
+        }
+    )
+    if not (layout.candidate / "model.pt").is_file() or json.loads((layout.candidate / "meta.json").read_text())["arch"] != arch:
+        print(run_train(params, layout), flush=True)
+    return layout, params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--per-class", type=int, default=120)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per variant and batch size, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--root", type=Path, default=Path(".cache/bench/inference"))
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    layout, params = build_and_train(args.root.resolve(), args.arch, args.per_class, args.epochs, args.image_size)
+    started = time.perf_counter()
+    print(run_export(params, layout), flush=True)
+    print(f"export took {time.perf_counter() - started:.1f}s")
+
+    trained = load_trained(layout.candidate)
+    model = trained.model.to(memory_format=torch.channels_last)
+    pre = trained.preprocessing
+    test = load_split_images(layout, "test", trained.classes, pre)
+    fp32 = OnnxModel.load(layout.candidate / "model.opt.onnx")
+    runners = {"eager": lambda b: torch_forward(model, pre, b), "ort_fp32": fp32.logits_uint8}
+    int8_path = layout.candidate / "model.int8.onnx"
+    report = json.loads((layout.reports / "export.json").read_text())
+    if int8_path.is_file():
+        int8 = OnnxModel.load(int8_path)
+        runners["ort_int8"] = int8.logits_uint8
+        int8_acc = accuracy(onnx_logits(int8, test.images), test.labels)
+    else:
+        int8_acc = report["int8"].get("accuracy")
+    fp32_acc = accuracy(onnx_logits(fp32, test.images), test.labels)
+    speed = compare_speed(runners, test.images, (1, 32), args.seconds * len(runners), args.rounds)
+
+    print(f"\n{args.arch} @ {pre.image_size}px, {len(test.labels)} test images, {torch.get_num_threads()} threads; images/s (median of {args.rounds} rotated rounds)")
+    print(f"{'variant':<10} {'batch 1':>10} {'batch 32':>10}")
+    for name, per in speed.items():
+        print(f"{name:<10} {per['b1']:>10.1f} {per['b32']:>10.1f}")
+    for b in ("b1", "b32"):
+        print(f"ORT fp32 / eager  {b}: {speed['ort_fp32'][b] / speed['eager'][b]:.2f}x (target >= 1.5x)")
+    if "ort_int8" in speed:
+        for b in ("b1", "b32"):
+            print(f"ORT int8 / fp32   {b}: {speed['ort_int8'][b] / speed['ort_fp32'][b]:.2f}x (target >= 2x)")
+    print(f"test accuracy: fp32 {fp32_acc:.4f}, int8 {int8_acc if int8_acc is None else f'{int8_acc:.4f}'}"
+          f" (drop {'n/a' if int8_acc is None else f'{fp32_acc - int8_acc:+.4f}'}, target within 0.01); export gate: {report['int8']['decision']}")
+    print(f"parity: max |logit diff| {report['parity']['max_abs_diff']:.2e}, top-1 agreement {report['parity']['top1_agreement']:.2%}; serving variant {report['serving_variant']}")
+
+
+def torch_forward(model: torch.nn.Module, pre, batch: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    with torch.inference_mode():
+        x = pre.normalize_tensor(torch.from_numpy(batch)).contiguous(memory_format=torch.channels_last)
+        return model(x).numpy()
+
+
+if __name__ == "__main__":
+    main()
