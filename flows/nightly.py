@@ -75,7 +75,7 @@ def promote_or_keep_task(root: Path) -> dict[str, Any]:
     else:
         decision["version"] = None
         text = "## Gate rejected the candidate: production kept\n" + "\n".join(f"- {r}" for r in decision["reasons"])
-    create_markdown_artifact(key="gate-decision", markdown=text, description="Champion/challenger gate")
+    create_markdown_artifact(key="promotion", markdown=text, description="Registry: promoted or kept")
     return decision
 
 

@@ -26,6 +26,7 @@ FLOW_GRAPH: dict[str, tuple[str, ...]] = {
     "split": ("ingest", "validate"),
     "train": ("split",),
     "evaluate": ("split", "train"),
+    "gate": ("train", "evaluate"),
 }
 
 
@@ -46,7 +47,7 @@ def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
 
 @flow(name="lensmith-training", log_prints=True)
 def training_flow(root: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """ingest -> validate -> split -> train -> evaluate (plus demo data), one task per DVC stage."""
+    """demo data -> ingest -> validate -> split -> train -> evaluate -> gate, one task per DVC stage."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params_path = root_path / params_file if not Path(params_file).is_absolute() else Path(params_file)
@@ -69,5 +70,6 @@ def training_flow(root: str = ".", params_file: str = "params.yaml", overrides: 
             "validation": str(layout.validation_html),
             "evaluation": str(layout.reports / "evaluation.html"),
             "metrics": str(layout.reports / "metrics.json"),
+            "gate": str(layout.reports / "gate.json"),
         },
     }

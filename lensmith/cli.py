@@ -18,6 +18,8 @@ for _switch, _value in {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "GX_ANALYTICS_ENABLED": "false",
+    # a loaded 2-core machine needs longer than Prefect's default 20 s to start the ephemeral API
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }.items():
     os.environ.setdefault(_switch, _value)
 
@@ -111,10 +113,10 @@ def validate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = N
 @user_errors
 def split(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
     """Stratified, group-aware, stable train/val/test split into data/splits/; checks leakage between splits."""
-    from lensmith.split import run_split
+    from lensmith.stages import run_stage
 
     params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_split(params, layout)))
+    typer.echo(str(run_stage("split", params, layout)))
 
 
 @app.command()
@@ -142,6 +144,23 @@ def evaluate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = N
     typer.echo(str(run_evaluate(params, layout)))
 
 
+def _check_prefect_api(on_unreachable: str) -> None:
+    """With PREFECT_API_URL set, the server must answer; else fail clearly or fall back to ephemeral."""
+    from lensmith.procutil import http_ok
+
+    api = os.environ.get("PREFECT_API_URL")
+    if not api or http_ok(api.rstrip("/") + "/health", timeout_s=5):
+        return
+    if on_unreachable == "ephemeral":
+        typer.secho(f"lensmith: Prefect API {api} is unreachable; running on a temporary local server", err=True)
+        os.environ.pop("PREFECT_API_URL")
+        return
+    raise LensmithError(
+        f"Prefect API {api} is unreachable (is `make ui` / `prefect server start` running?). "
+        "Unset PREFECT_API_URL to run on a temporary server, or set orchestration.on_unreachable_server=ephemeral."
+    )
+
+
 @app.command()
 @user_errors
 def run(
@@ -155,7 +174,8 @@ def run(
     """
     from flows.training import training_flow
 
-    _context(params_file, overrides, root)  # fail fast on bad params, before Prefect starts
+    params, _ = _context(params_file, overrides, root)  # fail fast on bad params, before Prefect starts
+    _check_prefect_api(params.orchestration.on_unreachable_server)
     result = training_flow(root=str(root.resolve()), params_file=str(params_file), overrides=overrides or [])
     for stage, info in result["stages"].items():
         typer.echo(f"  {stage:<10} {'ran' if info['ran'] else 'unchanged'} ({info['seconds']:.1f}s)")
@@ -179,12 +199,19 @@ def schedule(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(
 
 @app.command()
 @user_errors
-def gate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+def gate(
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Exit 0 on reject (the decision is in reports/gate.json); the DVC stage uses this")
+    ] = False,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
     """Champion/challenger gate + absolute floors: writes reports/gate.{json,html}; exit 1 on reject."""
     from lensmith.gate import run_gate
 
     params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_gate(params, layout)))
+    typer.echo(str(run_gate(params, layout, raise_on_reject=not report_only)))
 
 
 models_app = typer.Typer(help="The model registry: list, show, promote and roll back versions.", no_args_is_help=True)

@@ -190,6 +190,9 @@ class OrchestrationParams(Section):
     io_retries: int = Field(2, ge=0, le=10, description="Retries for I/O-bound stages (ingest, push/pull)")
     retry_delay_s: float = Field(5.0, ge=0.0)
     stage_timeout_s: float = Field(4 * 3600.0, gt=0.0)
+    on_unreachable_server: Literal["error", "ephemeral"] = Field(
+        "error", description="When PREFECT_API_URL does not answer: fail clearly, or run on a temporary local server"
+    )
 
 
 class NightlyParams(Section):

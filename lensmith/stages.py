@@ -14,7 +14,7 @@ from typing import Any
 from lensmith.layout import Layout
 from lensmith.params import Params
 
-TRAINING_STAGES: tuple[str, ...] = ("demo_data", "ingest", "validate", "split", "train", "evaluate")
+TRAINING_STAGES: tuple[str, ...] = ("demo_data", "ingest", "validate", "split", "train", "evaluate", "gate")
 
 
 def _demo_data(params: Params, layout: Layout) -> Any:
@@ -43,9 +43,13 @@ def _validate(params: Params, layout: Layout) -> Any:
 
 
 def _split(params: Params, layout: Layout) -> Any:
+    """Split, then the leakage gate on the result (raises GateFailedError after writing its reports)."""
     from lensmith.split import run_split
+    from lensmith.validate import check_split_leakage
 
-    return run_split(params, layout)
+    summary = run_split(params, layout)
+    check_split_leakage(params, layout)
+    return summary
 
 
 def _train(params: Params, layout: Layout) -> Any:
@@ -60,6 +64,12 @@ def _evaluate(params: Params, layout: Layout) -> Any:
     return run_evaluate(params, layout)
 
 
+def _gate(params: Params, layout: Layout) -> Any:
+    from lensmith.gate import run_gate
+
+    return run_gate(params, layout, raise_on_reject=False)
+
+
 STAGE_FUNCTIONS: dict[str, Callable[[Params, Layout], Any]] = {
     "demo_data": _demo_data,
     "ingest": _ingest,
@@ -67,6 +77,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Params, Layout], Any]] = {
     "split": _split,
     "train": _train,
     "evaluate": _evaluate,
+    "gate": _gate,
 }
 
 

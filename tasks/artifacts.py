@@ -90,11 +90,26 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def publish_gate(layout: Layout) -> None:
+    gate = _read_json(layout.reports / "gate.json")
+    if gate is None:
+        return
+    lines = [f"## Gate: {'PASSED' if gate.get('passed') else 'REJECTED'} (decision: {gate.get('decision')})",
+             f"Champion: {gate.get('champion_version') or 'none (first model: floors only)'}", ""]
+    lines += [f"- {reason}" for reason in gate.get("reasons", [])]
+    create_markdown_artifact(key="gate-decision", markdown="\n".join(lines), description="Champion/challenger gate")
+    rows = [{"check": c.get("name"), "value": _fmt(c.get("value")), "threshold": _fmt(c.get("threshold")),
+             "passed": str(c.get("passed"))} for c in gate.get("checks", [])]
+    if rows:
+        create_table_artifact(key="gate-checks", table=rows, description="Every gate check")
+
+
 PUBLISHERS = {
     "validate": publish_validation,
     "split": publish_split,
     "train": publish_training,
     "evaluate": publish_evaluation,
+    "gate": publish_gate,
 }
 
 

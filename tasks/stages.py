@@ -45,7 +45,7 @@ def stage_task(stage: str, params: Params):  # noqa: ANN201 - a Prefect Task
         task_run_name=stage,
         retries=retries,
         retry_delay_seconds=[orch.retry_delay_s * (2**i) for i in range(retries)] if retries else 0,
-        timeout_seconds=orch.stage_timeout_s,
+        # the stage timeout is enforced on the `dvc repro` subprocess (a thread-run task cannot be interrupted)
         log_prints=True,
         cache_policy=NO_CACHE,  # DVC decides what is up to date
     )
