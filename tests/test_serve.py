@@ -162,8 +162,9 @@ def test_bad_input_gets_a_4xx_json_error(layout: Layout, case: str) -> None:
 
 def test_chunked_upload_over_the_limit_is_refused(layout: Layout) -> None:
     async def body():  # noqa: ANN202 - no Content-Length: the limit is enforced while streaming
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
         for _ in range(10):
-            yield b"-" * 50_000
+            yield b"\xff" * 50_000
 
     async def go(s: Running):
         return await s.client.post("/v1/predict", content=body(), headers={"content-type": "multipart/form-data; boundary=x"})
