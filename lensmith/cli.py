@@ -186,6 +186,23 @@ def run(
 
 @app.command()
 @user_errors
+def nightly(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+    """Run the nightly retraining flow once now: pull, retrain if anything changed, gate, promote, push, record."""
+    from flows.nightly import nightly_flow
+
+    params, _ = _context(params_file, None, root)
+    _check_prefect_api(params.orchestration.on_unreachable_server)
+    result = nightly_flow(root=str(root.resolve()), params_file=str(params_file))
+    typer.echo(f"nightly: {result['status']} in {result['seconds']:.1f}s")
+    if result.get("decision"):
+        decision = result["decision"]
+        typer.echo(f"  version: {decision.get('version') or '-'}; reasons: {'; '.join(decision.get('reasons') or []) or '-'}")
+    if result.get("commit"):
+        typer.echo(f"  recorded as commit {result['commit']}")
+
+
+@app.command()
+@user_errors
 def schedule(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
     """Serve the nightly retraining deployment (cron nightly.cron in nightly.timezone) on the Prefect API.
 

@@ -1,0 +1,101 @@
+"""Nightly retraining end to end on a real S3 remote: promote, record, reproduce, no-op, reject."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from project import make_project, run, tool_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+
+# Floors relaxed so a one-epoch model on 120 images is promotable: this test is about the mechanics.
+LENIENT_GATE = [
+    "gate.min_accuracy=0.0",
+    "gate.min_macro_f1=0.0",
+    "gate.min_positive_recall=0.0",
+    "gate.max_ece=1.0",
+    "gate.max_robustness_drop=1.0",
+    "gate.min_slice_accuracy=0.0",
+]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lensmith(root: Path, *args: str, env: dict[str, str]):  # noqa: ANN201
+    return run([sys.executable, "-m", "lensmith.cli", *args], root, env=env, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def nightly_project(tmp_path_factory: pytest.TempPathFactory, s3_server) -> tuple[Path, dict[str, str]]:  # noqa: ANN001
+    env = tool_env(s3_server.env)
+    root = make_project(tmp_path_factory.mktemp("nightly") / "proj", LENIENT_GATE)
+    bucket = s3_server.make_bucket("nightly")
+    run([sys.executable, "-m", "dvc", "remote", "add", "-d", "storage", f"s3://{bucket}/dvc"], root, env=env)
+    run([sys.executable, "-m", "dvc", "remote", "modify", "storage", "endpointurl", s3_server.endpoint_url], root, env=env)
+    run(["git", "commit", "-qam", "S3 remote"], root)
+    proc = lensmith(root, "nightly", env=env)
+    assert "nightly: promoted" in proc.stdout, proc.stdout + proc.stderr
+    return root, env
+
+
+def test_first_nightly_promotes_records_and_pushes(nightly_project) -> None:  # noqa: ANN001
+    root, _ = nightly_project
+    aliases = json.loads((root / "models" / "registry" / "aliases.json").read_text())
+    assert aliases["production"] == "v0001"
+    tags = run(["git", "tag", "--list", "nightly-*"], root).stdout.split()
+    assert len(tags) == 1
+    tracked = run(["git", "show", "--name-only", "--format=", tags[0]], root).stdout.split()
+    assert {"dvc.lock", "reports/metrics.json", "reports/gate.json", "models/registry/aliases.json"} <= set(tracked)
+    assert run(["git", "status", "--porcelain", "--", "dvc.lock", "params.yaml"], root).stdout.strip() == ""
+
+
+def test_run_ref_plus_dvc_pull_restores_identical_data_and_model_and_retrains_identically(nightly_project, tmp_path: Path) -> None:  # noqa: ANN001
+    root, env = nightly_project
+    tag = run(["git", "tag", "--list", "nightly-*"], root).stdout.split()[0]
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", "--branch", tag, str(root), str(clone)], tmp_path)
+    run([sys.executable, "-m", "dvc", "pull"], clone, env=env)
+    for rel in ["data/manifest.parquet", "data/splits/train.parquet", "data/splits/test.parquet",
+                "models/candidate/model.pt", "models/registry/versions/v0001/model.pt"]:
+        assert sha256(clone / rel) == sha256(root / rel), rel
+    assert run([sys.executable, "-m", "dvc", "status", "--json"], clone, env=env).stdout.strip() == "{}"
+    run([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"], clone, env=env)
+    retrained = torch.load(clone / "models/candidate/model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    original = torch.load(root / "models/candidate/model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    assert retrained.keys() == original.keys()
+    for key in original:
+        assert torch.equal(retrained[key], original[key]), key
+
+
+def test_noop_nightly_is_fast_and_changes_nothing(nightly_project) -> None:  # noqa: ANN001
+    root, env = nightly_project
+    head = run(["git", "rev-parse", "HEAD"], root).stdout
+    start = time.perf_counter()
+    proc = lensmith(root, "nightly", env=env)
+    elapsed = time.perf_counter() - start
+    assert "nightly: no-op" in proc.stdout, proc.stdout
+    assert run(["git", "rev-parse", "HEAD"], root).stdout == head
+    print(f"no-op nightly: {elapsed:.1f}s wall (target <= 20 s on a quiet machine)")
+
+
+def test_rejected_candidate_keeps_production_and_is_recorded(nightly_project) -> None:  # noqa: ANN001
+    root, env = nightly_project
+    params = (root / "params.yaml").read_text().replace("min_accuracy: 0.0", "min_accuracy: 0.999")
+    (root / "params.yaml").write_text(params)
+    run(["git", "commit", "-qam", "stricter gate"], root)
+    proc = lensmith(root, "nightly", env=env)
+    assert "nightly: rejected" in proc.stdout, proc.stdout
+    aliases = json.loads((root / "models" / "registry" / "aliases.json").read_text())
+    assert aliases["production"] == "v0001"
+    gate = json.loads((root / "reports" / "gate.json").read_text())
+    assert gate["passed"] is False and any("accuracy" in r for r in gate["reasons"])
+    assert "rejected" in run(["git", "log", "-1", "--format=%s"], root).stdout
