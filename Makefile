@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 RUN_STAMP := $(VENV)/.stamp-run-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements-dev.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test install install-dev lock demo-data ui schedule bench clean
+.PHONY: run test install install-dev system-deps lock ui schedule bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,19 +34,24 @@ $(DEV_STAMP): $(BIN)/python requirements-dev.lock pyproject.toml
 
 install: $(RUN_STAMP)
 
-install-dev: $(DEV_STAMP)
+## System packages the tests use: Debian's chromium for the Prefect UI browser test (needs root + apt).
+system-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium is missing and this is not root: the Prefect UI browser test will be skipped"; fi; \
+	fi
+
+install-dev: $(DEV_STAMP) system-deps
 
 ## Regenerate the lock files from pyproject.toml (exact versions; CPU onnxruntime extra).
 lock: $(BIN)/python
 	$(BIN)/uv pip compile pyproject.toml --extra cpu --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o requirements-dev.lock
 
-demo-data: install
-	@if [ ! -f data/raw/demo/metadata.csv ]; then $(BIN)/lensmith demo-data; else echo "demo data present: data/raw/demo"; fi
-
-## Quick start 1: install, generate the embedded demo data, run the pipeline.
-run: demo-data
-	$(BIN)/lensmith run --params $(PARAMS)
+## Quick start 1: install, then run the pipeline flow; its first DVC stage generates the embedded demo data.
+run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/lensmith run --params $(PARAMS)
 
 ## Quick start 2: install dev dependencies and run the whole test suite (starts its own servers).
 test: install-dev
