@@ -82,6 +82,7 @@ def test_train_writes_the_candidate_model_meta_checkpoint_and_curves(project: La
     assert "best epoch" in str(summary) and "model.pt" in str(summary)
 
 
+@pytest.mark.slow
 def test_same_data_params_and_seed_give_byte_identical_weights(tmp_path: Path) -> None:
     params = tiny_params(epochs=2)
     first = run_train(params, make_project(tmp_path / "a"))
@@ -202,6 +203,7 @@ def test_resume_with_changed_params_is_a_clear_error(project: Layout) -> None:
         run_train(tiny_params(epochs=1, lr=0.5), project, resume=True)
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = tiny_params(epochs=3, pretrained=True, freeze_epochs=1)
     reference = run_train(params, make_project(tmp_path / "ref"))
