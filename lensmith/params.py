@@ -284,6 +284,55 @@ class ServeParams(Section):
     threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
 
 
+class FinetuneParams(Section):
+    epochs: int = Field(3, ge=1, le=100, description="Fine-tuning epochs on the site's images")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Low learning rate: adapt, do not forget")
+    max_images: int = Field(200, ge=4, description="Most site images used (the rest of the site set tests)")
+    test_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Share of the site's images kept to evaluate on the site")
+    site_column: str = Field("site", description="Manifest/metadata column naming the site")
+    freeze_backbone: bool = Field(False, description="Train only the classifier head")
+    seed: int = 0
+
+
+class DriftParams(Section):
+    embedding_dims: int = Field(16, ge=1, le=256, description="PCA components of the penultimate-layer embeddings")
+    share_threshold: float = Field(0.5, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts")
+    confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="Retrain when mean confidence drops this much (relative)")
+    p_value: float = Field(0.05, gt=0.0, lt=1.0, description="Per-column significance of the KS / chi-square tests")
+    min_window: int = Field(30, ge=1, description="Windows with fewer images are reported but never trigger")
+    max_reference_rows: int = Field(5000, ge=100, description="Reference rows kept (seeded sample of the train split)")
+    model: str = Field("production", description="Registry alias/version whose reference is compared, or 'candidate'")
+    since: str = Field("7d", description="Prediction-log window when --current is the log, e.g. 12h, 7d, 2w")
+    current: str | None = Field(None, description="What the monitoring flow checks: folder, s3:// prefix; null = the prediction log")
+    batch_size: int = Field(64, ge=1, le=4096, description="Images per ONNX Runtime run for embeddings")
+    cron: str = Field("0 6 * * *", description="When the monitoring deployment runs")
+    timezone: str = Field("UTC", description="IANA timezone of the monitoring cron")
+    deployment_name: str = "drift-monitoring"
+    webhook_url: str | None = Field(None, description="Optional URL that receives a JSON alert on trigger")
+    webhook_timeout_s: float = Field(5.0, gt=0.0)
+    seed: int = 0
+    finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+
+    @field_validator("since")
+    @classmethod
+    def _since_is_duration(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"\d+[smhdw]", value.strip()):
+            raise ValueError(f"{value!r} is not a duration like 30m, 12h, 7d or 2w")
+        return value.strip()
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_is_valid(cls, value: str) -> str:
+        return NightlyParams._cron_is_valid(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_is_known(cls, value: str) -> str:
+        return NightlyParams._timezone_is_known(value)
+
+
 with warnings.catch_warnings():
     # `validate` is the stage's name; shadowing pydantic's deprecated BaseModel.validate is harmless.
     warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
@@ -300,6 +349,7 @@ with warnings.catch_warnings():
         export: ExportParams = Field(default_factory=ExportParams)
         serve: ServeParams = Field(default_factory=ServeParams)
         gate: GateParams = Field(default_factory=GateParams)
+        drift: DriftParams = Field(default_factory=DriftParams)
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
