@@ -547,7 +547,10 @@ def render_all(out: Path, seed: int, image_size: int, jobs: Sequence[ImageJob], 
             return rows
         # spawn: safe even when the caller already runs threads (torch, prefect)
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(render_chunk, out, seed, image_size, chunk): len(chunk) for chunk in chunked(jobs, chunk_size)}
+            futures = {
+                pool.submit(render_chunk, out, seed, image_size, chunk): len(chunk)
+                for chunk in chunked(jobs, chunk_size)
+            }
             for future in as_completed(futures):
                 rows.extend(future.result())
                 progress.update(futures[future])

@@ -24,8 +24,11 @@ fractions by binomial noise (about 5 points with 50 groups per class), so instea
      each class's total count (old + new images), so a new run also evens out past drift.
 So adding images never moves an existing image, and each class ends within about one small
 group of its target fractions (measured: <= 1 point for 50 images/class in groups of 1-3, and
-for 500 images/class in groups of 5-10). This needs the previous outputs to survive a re-run: the DVC stage declares `data/splits`
-with `persist: true` (DVC would otherwise delete outputs before running the stage).
+for 500 images/class in groups of 5-10).
+
+This needs the previous outputs to survive a re-run: the DVC stage declares `data/splits` with
+`persist: true` (DVC would otherwise delete outputs before running the stage). Changed fractions
+or group column apply to new groups only; delete data/splits to re-split from scratch.
 
 Classes with fewer than `split.min_class_size` images cannot be split: `on_small_class: error`
 raises DataError naming them; `warn` puts their (new) groups in train and records a warning.
@@ -138,7 +141,9 @@ def read_previous_assignments(layout: Layout) -> pd.Series:
         try:
             paths = pd.read_parquet(file, columns=["path"])["path"]
         except Exception as exc:  # noqa: BLE001
-            raise DataError(f"cannot read the previous split file {file}: {exc}; delete it to re-split from scratch") from None
+            raise DataError(
+                f"cannot read the previous split file {file}: {exc}; delete it to re-split from scratch"
+            ) from None
         parts.append(pd.Series(name, index=paths.astype(str).to_numpy()))
     if not parts:
         return pd.Series(dtype=object)
@@ -172,7 +177,8 @@ def group_keys(frame: pd.DataFrame, group_column: str | None, near_duplicate_dis
     """Group key per row: union of group-column groups, exact duplicates and near-duplicates."""
     if group_column is not None and group_column not in frame.columns:
         raise DataError(
-            f"split.group_column {group_column!r} is not a manifest column; available: {', '.join(map(str, frame.columns))} "
+            f"split.group_column {group_column!r} is not a manifest column; "
+            f"available: {', '.join(map(str, frame.columns))} "
             "(or set split.group_column: null to group only duplicates)"
         )
     keys = member_keys(frame, group_column)
@@ -182,7 +188,9 @@ def group_keys(frame: pd.DataFrame, group_column: str | None, near_duplicate_dis
     if "phash" in frame.columns:
         labellings.append(near_duplicate_groups(frame["phash"].tolist(), near_duplicate_distance))
     edges = [first_member_edges(np.asarray(codes)) for codes in labellings]
-    component = connected_groups(len(frame), np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges]))
+    left = np.concatenate([edge[0] for edge in edges])
+    right = np.concatenate([edge[1] for edge in edges])
+    component = connected_groups(len(frame), left, right)
     return smallest_key_per_component(keys, component)
 
 

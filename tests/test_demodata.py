@@ -147,7 +147,10 @@ def test_defect_signatures_differ():
 
 def test_ok_images_differ_from_defect_images_only_locally():
     """The label must not be readable from global brightness: ok and defect images overlap in mean."""
-    means = {label: [render_image(ImageJob("A", label, i, i // 6), 0, 128)[0].mean() for i in range(24)] for label in CLASSES}
+    means = {
+        label: [render_image(ImageJob("A", label, i, i // 6), 0, 128)[0].mean() for i in range(24)]
+        for label in CLASSES
+    }
     ok_low, ok_high = np.percentile(means["ok"], [10, 90])
     for label in DEFECTS:
         assert ok_low < np.median(means[label]) < ok_high, label

@@ -35,7 +35,8 @@ def synthetic_manifest(
             size = min(int(rng.integers(group_sizes[0], group_sizes[1] + 1)), n - made)
             for i in range(size):
                 path = f"{label}/{prefix}{label}_b{batch:04d}_{i}.jpg"
-                rows.append({"path": path, "file": f"/data/{path}", "label": label, "batch": f"{prefix}{label}-{batch}"})
+                batch_id = f"{prefix}{label}-{batch}"
+                rows.append({"path": path, "file": f"/data/{path}", "label": label, "batch": batch_id})
             made, batch = made + size, batch + 1
     frame = pd.DataFrame(rows)
     frame["sha256"] = [f"{prefix}{i:060x}" for i in range(len(frame))]
