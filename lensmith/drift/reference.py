@@ -1,0 +1,187 @@
+"""The drift reference, stored beside the model at training time (after export).
+
+models/candidate/drift_reference.parquet  one row per reference image: split (train|val), path, label,
+                                          image statistics, PCA components of the penultimate-layer
+                                          embedding, predicted label and confidence
+models/candidate/drift_reference.json     the PCA (mean, components), per-column summaries, the model it
+                                          was made with, and the validation predictions' class
+                                          distribution, mean confidence and accuracy
+
+Statistics come from the split files (ingest measured them) when present, else from the images.
+Embeddings and predictions come from the exported model.onnx through ONNX Runtime, exactly as
+monitoring computes them for current images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lensmith.datacache import cached_images
+from lensmith.drift.current import STAT_COLUMNS
+from lensmith.drift.embeddings import EmbeddingModel, Projection, component_columns, file_sha256, fit_projection
+from lensmith.errors import DataError
+from lensmith.fsutil import write_json_atomic, write_parquet_atomic
+from lensmith.imageio import load_image
+from lensmith.imagestats import image_stats
+from lensmith.layout import Layout
+from lensmith.params import Params
+
+REFERENCE_PARQUET = "drift_reference.parquet"
+REFERENCE_JSON = "drift_reference.json"
+ONNX_FILE = "model.onnx"
+REFERENCE_FORMAT = 1
+
+
+@dataclass
+class Reference:
+    frame: pd.DataFrame
+    meta: dict[str, Any]
+    projection: Projection
+
+    @property
+    def embedding_columns(self) -> list[str]:
+        return list(self.meta["embedding_columns"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def mean_confidence(self) -> float:
+        return float(self.meta["predictions"]["mean_confidence"])
+
+
+def reference_paths(model_dir: Path) -> tuple[Path, Path]:
+    return Path(model_dir) / REFERENCE_PARQUET, Path(model_dir) / REFERENCE_JSON
+
+
+# ---- building --------------------------------------------------------------------------------------------
+
+
+def read_split_rows(layout: Layout, name: str, limit: int, seed: int) -> pd.DataFrame:
+    """The split's rows (at most `limit`, a seeded sample) with absolute `file` paths."""
+    path = layout.split_file(name)
+    if not path.is_file():
+        raise DataError(f"the {name} split {path} is missing; run `lensmith split` first")
+    frame = pd.read_parquet(path)
+    if frame.empty or not {"file", "label"} <= set(frame.columns):
+        raise DataError(f"{path} is empty or lacks the file/label columns; rerun `lensmith split`")
+    if len(frame) > limit:
+        frame = frame.sample(n=limit, random_state=seed).sort_index()
+    frame = frame.reset_index(drop=True)
+    frame["file"] = [str(f if Path(f).is_absolute() else layout.root / f) for f in frame["file"].astype(str)]
+    return frame
+
+
+def image_sha256s(frame: pd.DataFrame) -> list[str]:
+    if "sha256" in frame.columns and frame["sha256"].notna().all():
+        return frame["sha256"].astype(str).tolist()
+    return [file_sha256(Path(f)) for f in frame["file"]]
+
+
+def stats_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Image statistics per row: the manifest's columns when the split carries them, else measured now."""
+    if set(STAT_COLUMNS) <= set(frame.columns) and frame[list(STAT_COLUMNS)].notna().all().all():
+        return frame[list(STAT_COLUMNS)].astype(float).reset_index(drop=True)
+    rows = []
+    for file in frame["file"]:
+        img = load_image(file)
+        rows.append({**image_stats(img), "width": img.width, "height": img.height})
+    return pd.DataFrame(rows, columns=list(STAT_COLUMNS)).astype(float)
+
+
+def split_reference_rows(
+    layout: Layout, name: str, model: EmbeddingModel, limit: int, batch_size: int, seed: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """(rows without embedding columns, raw embeddings) for one split."""
+    frame = read_split_rows(layout, name, limit, seed)
+    images = cached_images(
+        [Path(f) for f in frame["file"]], image_sha256s(frame), model.preprocessing, layout.cache_dir, desc=f"caching {name}"
+    )
+    outputs = model.run_all(images, batch_size)
+    rows = pd.DataFrame({"split": name, "path": frame.get("path", frame["file"]).astype(str), "label": frame["label"].astype(str)})
+    rows = pd.concat([rows, stats_frame(frame)], axis=1)
+    rows["predicted_label"] = [model.classes[i] for i in outputs.probabilities.argmax(axis=1)]
+    rows["confidence"] = outputs.probabilities.max(axis=1)
+    return rows, outputs.embeddings
+
+
+def column_summary(frame: pd.DataFrame, columns: list[str]) -> dict[str, dict[str, float]]:
+    return {c: {"mean": float(frame[c].mean()), "std": float(frame[c].std(ddof=0)), "min": float(frame[c].min()), "max": float(frame[c].max())} for c in columns}
+
+
+def predictions_summary(rows: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    counts = rows["predicted_label"].value_counts()
+    return {
+        "split": str(rows["split"].iloc[0]),
+        "n": int(len(rows)),
+        "mean_confidence": float(rows["confidence"].mean()),
+        "accuracy": float((rows["predicted_label"] == rows["label"]).mean()),
+        "class_distribution": {c: float(counts.get(c, 0)) / len(rows) for c in classes},
+    }
+
+
+def build_reference(params: Params, layout: Layout, model_dir: Path) -> Path:
+    """Write drift_reference.parquet + .json into `model_dir` (which holds the exported model.onnx); returns the parquet."""
+    dp = params.drift
+    model_dir = Path(model_dir)
+    model = EmbeddingModel(model_dir / ONNX_FILE, layout.cache_dir)
+    train, train_emb = split_reference_rows(layout, "train", model, dp.max_reference_rows, dp.batch_size, dp.seed)
+    projection = fit_projection(train_emb, dp.embedding_dims, dp.seed)
+    columns = component_columns(len(projection.components))
+    parts, embedded = [train], [train_emb]
+    if layout.split_file("val").is_file():
+        val, val_emb = split_reference_rows(layout, "val", model, dp.max_reference_rows, dp.batch_size, dp.seed)
+        parts.append(val)
+        embedded.append(val_emb)
+    frame = pd.concat(parts, ignore_index=True)
+    frame[columns] = projection.transform(np.concatenate(embedded))
+    prediction_rows = parts[-1]  # validation predictions when there is a val split: train ones are overconfident
+    meta = {
+        "format": REFERENCE_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_version": model.version,
+        "model_sha256": file_sha256(model.model_path),
+        "classes": model.classes,
+        "preprocessing": model.preprocessing.to_dict(),
+        "embedding_size": int(train_emb.shape[1]),
+        "embedding_columns": columns,
+        "stat_columns": list(STAT_COLUMNS),
+        "n": {split: int((frame["split"] == split).sum()) for split in ("train", "val")},
+        "projection": projection.to_dict(),
+        "summary": column_summary(frame[frame["split"] == "train"], [*STAT_COLUMNS, *columns]),
+        "predictions": predictions_summary(prediction_rows, model.classes),
+        "params": dp.model_dump(mode="json", exclude={"finetune"}),
+    }
+    parquet_path, json_path = reference_paths(model_dir)
+    write_parquet_atomic(parquet_path, frame)
+    write_json_atomic(json_path, meta)
+    return parquet_path
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+
+def load_reference(model_dir: Path) -> Reference:
+    """The stored reference of the model in `model_dir`, or a DataError saying how to make it."""
+    parquet_path, json_path = reference_paths(model_dir)
+    if not parquet_path.is_file() or not json_path.is_file():
+        raise DataError(
+            f"no drift reference in {model_dir} ({REFERENCE_PARQUET} + {REFERENCE_JSON}); it is built after export "
+            "by `lensmith drift-reference` (DVC stage drift_reference)"
+        )
+    import json
+
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+        frame = pd.read_parquet(parquet_path)
+        projection = Projection.from_dict(meta["projection"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"the drift reference in {model_dir} is unreadable ({type(exc).__name__}: {exc}); rebuild it") from None
+    return Reference(frame=frame, meta=meta, projection=projection)

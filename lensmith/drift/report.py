@@ -1,0 +1,402 @@
+"""`lensmith drift --current SOURCE`: the current window against the model's stored reference.
+
+One Evidently 0.7 report:
+- DataDriftPreset over the image statistics and the PCA components of the embeddings, with KS
+  (numeric) / chi-square (categorical) p-values: above 1000 rows Evidently's defaults are distances,
+  whose thresholds mean something else.
+- ValueDrift of the predicted class (chi-square) and of the confidence (KS), against the
+  validation predictions (training-split rows carry no prediction in the report's reference, since
+  a model is overconfident on what it was trained on).
+- ClassificationPreset when every current image has a label the model knows.
+Outputs: reports/drift.html (self-contained), reports/drift.json, reports/drift_quarantine.csv.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lensmith.drift.current import (
+    STAT_COLUMNS,
+    CurrentWindow,
+    decoded_chunks,
+    list_window,
+    load_log_window,
+    log_directory,
+)
+from lensmith.drift.embeddings import EmbeddingModel
+from lensmith.drift.reference import ONNX_FILE, Reference, file_sha256, load_reference, reference_paths
+from lensmith.drift.trigger import Decision, decide, relative_drop
+from lensmith.errors import DataError
+from lensmith.fsutil import atomic_path, write_csv_atomic, write_json_atomic
+from lensmith.layout import Layout
+from lensmith.params import Params
+
+DRIFT_JSON = "drift.json"
+DRIFT_HTML = "drift.html"
+DRIFT_QUARANTINE = "drift_quarantine.csv"
+NUM_METHOD = "ks"
+CAT_METHOD = "chisquare"
+PREDICTION_COLUMNS: tuple[str, ...] = ("predicted_label", "confidence")
+
+
+@dataclass
+class DriftResult:
+    decision: Decision
+    report: dict[str, Any]
+    json_path: Path
+    html_path: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def drift_detected(self) -> bool:
+        return bool(self.report["drift_detected"])
+
+    def __str__(self) -> str:
+        r = self.report
+        conf = r["confidence"]
+        now = "n/a" if conf["now"] is None else f"{conf['now']:.3f}"
+        lines = [
+            f"drift: {r['current']['n_images']} images from {r['current']['source']}",
+            f"  drifted columns {r['drifted_columns']}/{r['n_columns']} (share {r['drifted_share']:.2f}); "
+            f"mean confidence {now} vs reference {conf['reference']:.3f}",
+            f"  quarantined {r['current']['n_quarantined']} file(s)" + (f" -> {r['current']['quarantine']}" if r["current"]["n_quarantined"] else ""),
+            f"  decision: {self.decision.reason}",
+            *(f"  note: {n}" for n in r["notes"]),
+            f"  report: {self.html_path}  {self.json_path}",
+        ]
+        return "\n".join(lines)
+
+
+# ---- which model and reference ------------------------------------------------------------------------
+
+
+def resolve_model_dir(layout: Layout, model: str) -> Path:
+    """'candidate' -> models/candidate; anything else is a registry alias or version."""
+    if model == "candidate":
+        return layout.candidate
+    from lensmith.registry import Registry
+
+    return Registry(layout.models).resolve(model)
+
+
+def reference_for(layout: Layout, model_dir: Path) -> Reference:
+    """The reference stored with the model; a registry version without one may use the candidate's
+    when it was made from the very same model.onnx (the registry copies weights, not the reference)."""
+    if reference_paths(model_dir)[0].is_file() or model_dir == layout.candidate:
+        return load_reference(model_dir)
+    candidate = layout.candidate
+    if reference_paths(candidate)[0].is_file() and (model_dir / ONNX_FILE).is_file():
+        reference = load_reference(candidate)
+        if reference.meta.get("model_sha256") == file_sha256(model_dir / ONNX_FILE):
+            return reference
+    return load_reference(model_dir)  # raises the missing-reference error naming model_dir
+
+
+# ---- the current window -------------------------------------------------------------------------------
+
+
+@dataclass
+class CurrentData:
+    window: CurrentWindow
+    frame: pd.DataFrame  # stats (+ embedding components) (+ predictions) (+ label)
+    embedding_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def embed_image_window(source: str, params: Params, layout: Layout, model_dir: Path, reference: Reference) -> CurrentData:
+    """Decode the window's images (pool) and embed them chunk by chunk with ONNX Runtime."""
+    listing = list_window(source, params, layout)
+    if not listing.items:
+        rejected = f" ({len(listing.rejections)} unusable entries)" if listing.rejections else ""
+        raise DataError(f"empty window: no images under {listing.description}{rejected}; nothing to compare")
+    model = EmbeddingModel(model_dir / ONNX_FILE, layout.cache_dir)
+    rows, embeddings, probabilities, rejections = [], [], [], list(listing.rejections)
+    started, embed_s = time.perf_counter(), 0.0
+    for chunk in decoded_chunks(listing.items, params, model.preprocessing):
+        rows += chunk.rows
+        rejections += chunk.rejections
+        if len(chunk.rows):
+            t = time.perf_counter()
+            out = model.run_all(chunk.images, params.drift.batch_size)
+            embed_s += time.perf_counter() - t
+            embeddings.append(out.embeddings)
+            probabilities.append(out.probabilities)
+    frame = pd.DataFrame(rows, columns=["path", "label", *STAT_COLUMNS])
+    window = CurrentWindow(listing.description, "images", frame, rejections)
+    if frame.empty:
+        return CurrentData(window, frame)
+    probs = np.concatenate(probabilities)
+    components = reference.projection.transform(np.concatenate(embeddings))
+    frame[reference.embedding_columns] = components
+    frame["predicted_label"] = [model.classes[i] for i in probs.argmax(axis=1)]
+    frame["confidence"] = probs.max(axis=1)
+    return CurrentData(window, frame, embedding_seconds=embed_s, decode_seconds=time.perf_counter() - started - embed_s)
+
+
+def load_current(source: str, since: str, params: Params, layout: Layout, model_dir: Path, reference: Reference) -> CurrentData:
+    directory = log_directory(source, params, layout)
+    if directory is not None:
+        window = load_log_window(directory, since)
+        return CurrentData(window, window.frame)
+    return embed_image_window(source, params, layout, model_dir, reference)
+
+
+def check_not_empty(current: CurrentData, quarantine: Path) -> None:
+    if not current.frame.empty:
+        return
+    window = current.window
+    if window.rejections:
+        raise DataError(
+            f"empty window: all {len(window.rejections)} file(s) from {window.description} failed to decode "
+            f"(reasons: {reason_counts(window.rejections)}); see {quarantine}"
+        )
+    raise DataError(f"empty window: no images in {window.description}; nothing to compare")
+
+
+def reason_counts(rejections: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rejections:
+        counts[r.reason] = counts.get(r.reason, 0) + 1
+    return counts
+
+
+# ---- labels -------------------------------------------------------------------------------------------
+
+
+def label_check(frame: pd.DataFrame, classes: list[str]) -> tuple[bool, dict[str, Any], list[str]]:
+    """(run classification quality?, labels block, notes). Quality needs every image labelled with a known class."""
+    if "label" not in frame.columns or frame["label"].isna().all():
+        return False, {"present": False}, []
+    labels = frame["label"].dropna().astype(str)
+    unknown = sorted(set(labels) - set(classes))
+    block = {"present": True, "n_labelled": int(len(labels)), "unknown": unknown, "model_classes": classes}
+    notes = []
+    if unknown:
+        notes.append(
+            f"current labels {unknown} are not classes of the model ({classes}): a different label set; "
+            "classification quality is skipped (retrain with the new labels, or check the folder names)"
+        )
+    elif len(labels) < len(frame):
+        notes.append(f"only {len(labels)} of {len(frame)} images are labelled: classification quality is skipped")
+    return not unknown and len(labels) == len(frame), block, notes
+
+
+# ---- Evidently ----------------------------------------------------------------------------------------
+
+
+def monitored_columns(current: pd.DataFrame, reference: Reference) -> list[str]:
+    """Statistics and embedding components present in the current window (log windows have no embeddings)."""
+    candidates = [*STAT_COLUMNS, *reference.embedding_columns]
+    return [c for c in candidates if c in current.columns and current[c].notna().any()]
+
+
+def evidently_frames(current: pd.DataFrame, reference: Reference, columns: list[str], with_quality: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    ref = reference.frame.copy()
+    keep = [*columns, *PREDICTION_COLUMNS, "label"]
+    # predictions (and labels, for quality) come only from the validation rows
+    has_val = (ref["split"] == "val").any()
+    not_prediction_rows = ref["split"] != ("val" if has_val else "train")
+    ref.loc[not_prediction_rows, ["predicted_label", "confidence", "label"]] = np.nan
+    cur = current.reindex(columns=keep)
+    if not with_quality:
+        cur["label"] = np.nan
+        ref["label"] = np.nan
+    return cur, ref.reindex(columns=keep)
+
+
+def run_evidently(cur: pd.DataFrame, ref: pd.DataFrame, columns: list[str], with_quality: bool, dp: Any) -> Any:
+    from evidently import DataDefinition, Dataset, MulticlassClassification, Report
+    from evidently.metrics import ValueDrift
+    from evidently.presets import ClassificationPreset, DataDriftPreset
+
+    definition = DataDefinition(
+        numerical_columns=[*columns, "confidence"],
+        categorical_columns=["predicted_label", "label"],
+        classification=[MulticlassClassification(target="label", prediction_labels="predicted_label")] if with_quality else None,
+    )
+    metrics: list[Any] = [
+        DataDriftPreset(
+            columns=columns, num_method=NUM_METHOD, cat_method=CAT_METHOD, drift_share=dp.share_threshold, threshold=dp.p_value
+        ),
+    ]
+    if cur["predicted_label"].notna().any():
+        metrics += [
+            ValueDrift(column="predicted_label", method=CAT_METHOD, threshold=dp.p_value),
+            ValueDrift(column="confidence", method=NUM_METHOD, threshold=dp.p_value),
+        ]
+    if with_quality:
+        metrics.append(ClassificationPreset())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant columns (e.g. one image size) make numpy warn in correlations
+        return Report(metrics).run(
+            Dataset.from_pandas(cur, data_definition=definition), Dataset.from_pandas(ref, data_definition=definition)
+        )
+
+
+def value_drift_results(snapshot_dict: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """column -> {method, threshold, p_value} from the snapshot's ValueDrift metrics."""
+    results = {}
+    for metric in snapshot_dict["metrics"]:
+        config = metric.get("config", {})
+        if config.get("type", "").endswith("ValueDrift"):
+            results[config["column"]] = {
+                "method": config.get("method"),
+                "threshold": config.get("threshold"),
+                "p_value": float(metric["value"]),
+            }
+    return results
+
+
+def classification_results(snapshot_dict: dict[str, Any]) -> dict[str, Any]:
+    wanted = {"Accuracy": "accuracy", "F1Score": "f1", "Precision": "precision", "Recall": "recall", "F1ByLabel": "f1_by_label"}
+    out = {}
+    for metric in snapshot_dict["metrics"]:
+        kind = str(metric.get("config", {}).get("type", "")).rsplit(":", 1)[-1]
+        if kind in wanted:
+            out[wanted[kind]] = metric["value"]
+    return out
+
+
+def statistic(ref: pd.Series, cur: pd.Series, method: str) -> float | None:
+    """The test statistic beside Evidently's p-value: KS distance or chi-square value."""
+    from scipy import stats
+
+    ref, cur = ref.dropna(), cur.dropna()
+    if ref.empty or cur.empty:
+        return None
+    if method == NUM_METHOD:
+        return float(stats.ks_2samp(ref.to_numpy(float), cur.to_numpy(float)).statistic)
+    categories = sorted(set(ref.astype(str)) | set(cur.astype(str)))
+    ref_counts = ref.astype(str).value_counts().reindex(categories, fill_value=0).to_numpy(float)
+    cur_counts = cur.astype(str).value_counts().reindex(categories, fill_value=0).to_numpy(float)
+    expected = ref_counts / ref_counts.sum() * cur_counts.sum()
+    mask = expected > 0
+    return float((((cur_counts - expected) ** 2)[mask] / expected[mask]).sum())
+
+
+def column_rows(results: dict[str, dict[str, Any]], cur: pd.DataFrame, ref: pd.DataFrame, reference: Reference) -> list[dict[str, Any]]:
+    rows = []
+    for column, r in results.items():
+        kind = "prediction" if column in PREDICTION_COLUMNS else "embedding" if column in reference.embedding_columns else "statistic"
+        drifted = r["p_value"] < (r["threshold"] if r["threshold"] is not None else 0.05)
+        row = {"column": column, "kind": kind, "method": r["method"], "statistic": statistic(ref[column], cur[column], r["method"]), "p_value": r["p_value"], "threshold": r["threshold"], "drifted": bool(drifted)}
+        if cur[column].dtype.kind in "fiu":
+            row.update(reference_mean=float(ref[column].dropna().mean()), current_mean=float(cur[column].dropna().mean()))
+        rows.append(row)
+    return rows
+
+
+def class_distribution(labels: pd.Series, classes: list[str]) -> dict[str, float]:
+    counts = labels.dropna().astype(str).value_counts()
+    total = max(int(counts.sum()), 1)
+    return {c: float(counts.get(c, 0)) / total for c in sorted(set(classes) | set(counts.index))}
+
+
+# ---- outputs ------------------------------------------------------------------------------------------
+
+
+def decision_banner(decision: Decision, report: dict[str, Any]) -> str:
+    colour = "#b00020" if decision.retrain else "#1b5e20"
+    conf = report["confidence"]
+    now = "n/a" if conf["now"] is None else f"{conf['now']:.3f}"
+    return (
+        f'<div style="font-family:sans-serif;padding:12px 16px;margin:8px;border-left:6px solid {colour};background:#f7f7f7">'
+        f"<b>Lensmith drift: {html.escape(decision.reason)}</b><br>"
+        f"window: {report['current']['n_images']} images from {html.escape(str(report['current']['source']))}; "
+        f"drifted {report['drifted_columns']}/{report['n_columns']} columns (share {report['drifted_share']:.2f}); "
+        f"mean confidence {now} vs reference {conf['reference']:.3f}; model {html.escape(str(report['model']['version']))}"
+        + "".join(f"<br>note: {html.escape(n)}" for n in report["notes"])
+        + "</div>"
+    )
+
+
+def save_html(snapshot: Any, target: Path, banner: str) -> None:
+    """Evidently's self-contained page with the decision banner at the top of <body>."""
+    page = snapshot.get_html_str(as_iframe=False)
+    marker = page.find("<body")
+    if marker >= 0:
+        end = page.find(">", marker) + 1
+        page = page[:end] + banner + page[end:]
+    with atomic_path(target, suffix=".html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+
+
+def run_drift(params: Params, layout: Layout, source: str, since: str | None = None, model: str | None = None) -> DriftResult:
+    """Compare `source` (folder, s3:// prefix, or the prediction log) with the model's reference; write the reports."""
+    dp = params.drift
+    started = time.perf_counter()
+    model_dir = resolve_model_dir(layout, model or dp.model)
+    reference = reference_for(layout, model_dir)
+    current = load_current(source, since or dp.since, params, layout, model_dir, reference)
+    quarantine = layout.reports / DRIFT_QUARANTINE
+    write_csv_atomic(quarantine, pd.DataFrame([r.__dict__ for r in current.window.rejections], columns=["path", "reason", "detail"]))
+    check_not_empty(current, quarantine)
+
+    frame = current.frame
+    with_quality, labels_block, label_notes = label_check(frame, reference.classes)
+    columns = monitored_columns(frame, reference)
+    cur, ref = evidently_frames(frame, reference, columns, with_quality)
+    t = time.perf_counter()
+    snapshot = run_evidently(cur, ref, columns, with_quality, dp)
+    evidently_s = time.perf_counter() - t
+    snap = snapshot.dict()
+    per_column = column_rows(value_drift_results(snap), cur, ref, reference)
+    data_rows = [r for r in per_column if r["kind"] != "prediction"]
+    drifted = sum(r["drifted"] for r in data_rows)
+    share = drifted / len(data_rows) if data_rows else 0.0
+    conf_now = float(frame["confidence"].mean()) if frame["confidence"].notna().any() else None
+    decision = decide(share, conf_now, reference.mean_confidence, len(frame), dp)
+    report = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "drift_detected": share >= dp.share_threshold,
+        "drifted_share": share,
+        "drifted_columns": int(drifted),
+        "n_columns": len(data_rows),
+        "columns": per_column,
+        "confidence": {
+            "now": conf_now,
+            "reference": reference.mean_confidence,
+            "relative_drop": relative_drop(conf_now, reference.mean_confidence),
+        },
+        "predictions": {
+            "class_distribution_now": class_distribution(frame["predicted_label"], reference.classes),
+            "class_distribution_reference": reference.meta["predictions"]["class_distribution"],
+        },
+        "classification": {**classification_results(snap), "reference_accuracy": reference.meta["predictions"].get("accuracy")} if with_quality else None,
+        "labels": labels_block,
+        "decision": decision.to_dict(),
+        "current": {
+            "source": current.window.description,
+            "kind": current.window.kind,
+            "n_images": int(len(frame)),
+            "n_quarantined": len(current.window.rejections),
+            "quarantine_reasons": reason_counts(current.window.rejections),
+            "quarantine": str(quarantine),
+        },
+        "model": {"dir": str(model_dir), "version": reference.meta.get("model_version"), "reference_created": reference.meta.get("created")},
+        "thresholds": {"share_threshold": dp.share_threshold, "confidence_drop": dp.confidence_drop, "p_value": dp.p_value, "min_window": dp.min_window, "num_method": NUM_METHOD, "cat_method": CAT_METHOD},
+        "notes": [*current.window.notes, *label_notes],
+    }
+    html_path, json_path = layout.reports / DRIFT_HTML, layout.reports / DRIFT_JSON
+    t = time.perf_counter()
+    save_html(snapshot, html_path, decision_banner(decision, report))
+    html_s = time.perf_counter() - t
+    seconds = {
+        "decode": round(current.decode_seconds, 3),
+        "embedding": round(current.embedding_seconds, 3),
+        "evidently": round(evidently_s, 3),
+        "html": round(html_s, 3),
+        "total": round(time.perf_counter() - started, 3),
+    }
+    report["seconds"] = seconds
+    write_json_atomic(json_path, report)
+    return DriftResult(decision, report, json_path, html_path, seconds)

@@ -1,0 +1,46 @@
+"""The retraining decision: data drift share or a relative drop of mean confidence, on a large enough window."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lensmith.params import DriftParams
+
+
+@dataclass(frozen=True)
+class Decision:
+    retrain: bool
+    reasons: list[str] = field(default_factory=list)  # why it triggers (empty when it does not)
+    reason: str = ""  # one line for logs and alerts, given either way
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "decision": "retrain" if self.retrain else "keep"}
+
+
+def relative_drop(now: float | None, reference: float) -> float | None:
+    """(reference - now) / reference; positive when confidence fell. None when not measurable."""
+    if now is None or reference <= 0:
+        return None
+    return (reference - now) / reference
+
+
+def decide(drifted_share: float | None, confidence_now: float | None, confidence_reference: float, n_images: int, dp: DriftParams) -> Decision:
+    """Retrain when drifted_share >= share_threshold or confidence dropped by >= confidence_drop (relative)."""
+    drop = relative_drop(confidence_now, confidence_reference)
+    if n_images < dp.min_window:
+        return Decision(False, [], f"window of {n_images} image(s) is below drift.min_window={dp.min_window}: reported, not acted on")
+    reasons = []
+    if drifted_share is not None and drifted_share >= dp.share_threshold:
+        reasons.append(f"drifted share {drifted_share:.2f} >= drift.share_threshold {dp.share_threshold:.2f}")
+    if drop is not None and drop >= dp.confidence_drop:
+        reasons.append(
+            f"mean confidence fell {drop:.1%} ({confidence_reference:.3f} -> {confidence_now:.3f}) >= drift.confidence_drop {dp.confidence_drop:.0%}"
+        )
+    if reasons:
+        return Decision(True, reasons, "retrain: " + "; ".join(reasons))
+    share = "n/a" if drifted_share is None else f"{drifted_share:.2f}"
+    fell = "n/a" if drop is None else f"{drop:+.1%}"
+    return Decision(
+        False, [], f"keep: drifted share {share} < {dp.share_threshold:.2f} and confidence change {fell} below a {dp.confidence_drop:.0%} drop"
+    )
