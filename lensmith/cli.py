@@ -374,6 +374,53 @@ def review_import(
     typer.echo(str(report))
 
 
+@app.command()
+@user_errors
+def drift(
+    current: Annotated[
+        str, typer.Option("--current", help="Image folder, s3://bucket/prefix, or 'log' (the prediction log, serve.log_dir)")
+    ],
+    since: Annotated[Optional[str], typer.Option(help="Prediction-log window, e.g. 12h, 7d (default: drift.since)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Registry alias/version or 'candidate' (default: drift.model)")] = None,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Drift of a window against the model's reference (Evidently): reports/drift.{html,json}; says retrain or keep."""
+    from lensmith.drift.report import run_drift
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_drift(params, layout, current, since=since, model=model)))
+
+
+@app.command("drift-reference")
+@user_errors
+def drift_reference(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
+    """Build models/candidate/drift_reference.{parquet,json} from the train/val splits and the exported model.onnx."""
+    from lensmith.drift.reference import build_reference
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(f"drift reference -> {build_reference(params, layout, layout.candidate)}")
+
+
+@app.command()
+@user_errors
+def finetune(
+    site: Annotated[str, typer.Option("--site", help="Site name (value of drift.finetune.site_column)")],
+    source: Annotated[
+        Optional[str], typer.Option(help="Labelled folder/s3 prefix of the site's images (default: manifest rows of the site)")
+    ] = None,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Fine-tune production on one site's images, evaluate (site + global test), gate and register a site version."""
+    from lensmith.finetune import run_finetune
+
+    params, layout = _context(params_file, overrides, root)
+    typer.echo(str(run_finetune(params, layout, site, source)))
+
+
 @app.command("check-params")
 @user_errors
 def check_params(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
