@@ -67,7 +67,7 @@ def promote_or_keep_task(root: Path) -> dict[str, Any]:
             layout.candidate,
             metrics_path=layout.reports / "metrics.json",
             gate_path=layout.reports / "gate.json",
-            export_path=layout.reports / "export.json" if (layout.reports / "export.json").exists() else None,
+            export_path=layout.exported / "export.json" if (layout.exported / "export.json").exists() else None,
         )
         registry.promote(version)
         decision["version"] = version

@@ -1,4 +1,4 @@
-"""`lensmith export`: models/candidate/model.pt -> model.onnx (+ model.int8.onnx when it earns its place).
+"""`lensmith export`: models/candidate/model.pt -> models/export/model.onnx (+ model.int8.onnx when it earns its place).
 
 1. torch.onnx.export (dynamo exporter, one file, dynamic batch axis) with Lensmith's metadata in
    `metadata_props`, then `onnx.checker` with the full check.
@@ -8,7 +8,7 @@
    stays the portable graph that TensorRT and other runtimes take).
 4. Static int8 (QDQ, per-channel weights, calibrated on training images) kept only when its test accuracy
    is within export.int8_max_drop of fp32; it is chosen for serving only when it is faster here.
-5. models/candidate/export.json and reports/export.json: parity, accuracies, sizes, latencies, provider.
+5. models/export/export.json and reports/export.json: parity, accuracies, sizes, latencies, provider.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from torch import nn
 
 import lensmith
 from lensmith.errors import DataError, GateFailedError, LensmithError
-from lensmith.fsutil import write_json_atomic
+from lensmith.fsutil import atomic_dir, write_json_atomic
 from lensmith.layout import Layout
 from lensmith.modelio import ModelFileError, TrainedModel, load_trained
 from lensmith.onnxmodel import META_CLASSES, META_PREPROCESSING, META_VERSION, OnnxModel, open_session
@@ -344,12 +343,6 @@ def load_candidate(layout: Layout) -> TrainedModel:
         raise ExportError(f"{exc} (the candidate is produced by the train stage)") from None
 
 
-def install(files: dict[str, Path], model_dir: Path) -> None:
-    """Move finished files into the model folder (same filesystem: each rename is atomic)."""
-    for name, path in files.items():
-        path.replace(model_dir / name)
-
-
 def int8_block(
     ep: ExportParams, fp32_acc: float, int8_acc: float | None, speed: dict[str, dict[str, float]], error: str | None
 ) -> dict[str, Any]:
@@ -389,9 +382,9 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
     pre = trained.preprocessing
     test = take(load_split_images(layout, "test", trained.classes, pre), ep.parity_max_images, ep.seed)
     metadata = model_metadata(trained)
-    model_dir = layout.candidate
-    work = Path(tempfile.mkdtemp(prefix=".export.", dir=model_dir))
-    try:
+    model_dir = layout.exported
+    # the whole folder is replaced at the end, so an int8 file from an older export never survives
+    with atomic_dir(model_dir) as work:
         fp32_path = export_onnx(trained.model, pre, work / ONNX_FILE, ep.opset)
         set_metadata(fp32_path, {**metadata, "lensmith.variant": "fp32"})
         check_onnx(fp32_path)
@@ -423,9 +416,6 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         int8 = int8_block(ep, fp32_acc, int8_acc, speed, int8_error)
         served = OnnxModel.load(fp32_path, ep.providers)  # the requested providers, with fallback, for the report
 
-        files = {ONNX_FILE: fp32_path, OPTIMIZED_FILE: opt_path}
-        if int8["kept"]:
-            files[INT8_FILE] = work / INT8_FILE
         report = {
             "arch": trained.arch,
             "model_version": metadata[META_VERSION],
@@ -445,10 +435,7 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         }
         del fp32, opt, int8_model, served  # release the sessions before their files move
         if not int8["kept"]:
-            (model_dir / INT8_FILE).unlink(missing_ok=True)  # never serve an int8 file from an older export
-        install(files, model_dir)
-        write_json_atomic(model_dir / EXPORT_JSON, report)
-        write_json_atomic(layout.reports / EXPORT_JSON, report)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            (work / INT8_FILE).unlink(missing_ok=True)
+        write_json_atomic(work / EXPORT_JSON, report)
+    write_json_atomic(layout.reports / EXPORT_JSON, report)
     return ExportSummary(model_dir=model_dir, report=report)

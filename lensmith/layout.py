@@ -47,6 +47,11 @@ class Layout:
         return self.models / "candidate"
 
     @property
+    def exported(self) -> Path:
+        """The export stage's folder: model.onnx, model.opt.onnx, model.int8.onnx (when kept), export.json."""
+        return self.models / "export"
+
+    @property
     def reports(self) -> Path:
         return self.root / "reports"
 

@@ -323,9 +323,12 @@ def stage_version(
     """Fill `staging` with everything a version holds."""
     from lensmith.modelcard import write_model_card
 
+    # weights from the candidate (model.pt) and the export stage's folder (ONNX files beside export.json)
+    folders = [candidate_dir] + ([Path(export_path).parent] if export_path is not None else [])
     for name in WEIGHT_FILES:
-        if (candidate_dir / name).is_file():
-            shutil.copyfile(candidate_dir / name, staging / name)
+        source = next((folder / name for folder in folders if (folder / name).is_file()), None)
+        if source is not None:
+            shutil.copyfile(source, staging / name)
     shutil.copyfile(metrics_path, staging / "metrics.json")
     if gate_path is not None:
         shutil.copyfile(gate_path, staging / "gate.json")

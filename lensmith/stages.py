@@ -14,7 +14,7 @@ from typing import Any
 from lensmith.layout import Layout
 from lensmith.params import Params
 
-TRAINING_STAGES: tuple[str, ...] = ("demo_data", "ingest", "validate", "split", "train", "evaluate", "gate")
+TRAINING_STAGES: tuple[str, ...] = ("demo_data", "ingest", "validate", "split", "train", "evaluate", "export", "gate")
 
 
 def _demo_data(params: Params, layout: Layout) -> Any:
@@ -64,6 +64,12 @@ def _evaluate(params: Params, layout: Layout) -> Any:
     return run_evaluate(params, layout)
 
 
+def _export(params: Params, layout: Layout) -> Any:
+    from lensmith.export import run_export
+
+    return run_export(params, layout)
+
+
 def _gate(params: Params, layout: Layout) -> Any:
     from lensmith.gate import run_gate
 
@@ -77,6 +83,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Params, Layout], Any]] = {
     "split": _split,
     "train": _train,
     "evaluate": _evaluate,
+    "export": _export,
     "gate": _gate,
 }
 

@@ -53,7 +53,7 @@ def project() -> Layout:
 
 
 def test_export_writes_a_checked_onnx_with_metadata(project: Layout) -> None:
-    model = onnx.load(str(project.candidate / "model.onnx"))
+    model = onnx.load(str(project.exported / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
     props = {p.key: p.value for p in model.metadata_props}
     assert REQUIRED_METADATA <= set(props)
@@ -66,7 +66,7 @@ def test_export_writes_a_checked_onnx_with_metadata(project: Layout) -> None:
 def test_exported_model_has_a_dynamic_batch_axis_and_matches_pytorch(project: Layout) -> None:
     trained = load_trained(project.candidate)
     test = load_split_images(project, "test", trained.classes, trained.preprocessing)
-    onnx_model = OnnxModel.load(project.candidate / "model.onnx")
+    onnx_model = OnnxModel.load(project.exported / "model.onnx")
     for n in (1, 3, len(test.labels)):
         ref = torch_logits(trained.model, trained.preprocessing, test.images[:n])
         got = onnx_model.logits_uint8(test.images[:n])
@@ -76,7 +76,7 @@ def test_exported_model_has_a_dynamic_batch_axis_and_matches_pytorch(project: La
 
 def test_export_report_records_parity_int8_decision_and_speed(project: Layout) -> None:
     report = json.loads((project.reports / "export.json").read_text())
-    assert report == json.loads((project.candidate / "export.json").read_text())
+    assert report == json.loads((project.exported / "export.json").read_text())
     n_test = len(load_split_images(project, "test", load_trained(project.candidate).classes, load_trained(project.candidate).preprocessing).labels)
     assert report["parity"]["n_images"] == n_test
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0
@@ -84,15 +84,15 @@ def test_export_report_records_parity_int8_decision_and_speed(project: Layout) -
     assert report["provider"] == "CPUExecutionProvider"
     assert set(report["images_per_s"]["fp32"]) == {"b1", "b32"}
     kept = report["int8"]["kept"]
-    assert (project.candidate / "model.int8.onnx").is_file() == kept
+    assert (project.exported / "model.int8.onnx").is_file() == kept
     assert report["serving_variant"] in ({"fp32", "int8"} if kept else {"fp32"})
-    assert (project.candidate / "model.opt.onnx").is_file()
+    assert (project.exported / "model.opt.onnx").is_file()
 
 
 def test_int8_file_is_quantised_qdq_per_channel(project: Layout) -> None:
-    if not (project.candidate / "model.int8.onnx").is_file():
+    if not (project.exported / "model.int8.onnx").is_file():
         pytest.skip("the int8 gate rejected the model in this run")
-    graph = onnx.load(str(project.candidate / "model.int8.onnx")).graph
+    graph = onnx.load(str(project.exported / "model.int8.onnx")).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     weight_scales = [i for i in graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
@@ -102,7 +102,7 @@ def test_int8_file_is_quantised_qdq_per_channel(project: Layout) -> None:
 def test_parity_gate_fails_with_the_numbers_on_a_different_model(project: Layout, tmp_path: Path) -> None:
     trained = load_trained(project.candidate)
     test = load_split_images(project, "test", trained.classes, trained.preprocessing)
-    other = OnnxModel.load(Path(exported_project(seed=1)) / "models" / "candidate" / "model.onnx")
+    other = OnnxModel.load(Path(exported_project(seed=1)) / "models" / "export" / "model.onnx")
     result = parity(torch_logits(trained.model, trained.preprocessing, test.images), onnx_logits(other, test.images))
     assert result.max_abs_diff > 1e-4
     with pytest.raises(ParityError, match=r"max \|logit diff\| .* top-1 agreement"):
@@ -125,7 +125,7 @@ def test_int8_gate_rejects_an_accuracy_drop_and_is_served_only_when_faster() -> 
 
 def test_unavailable_providers_fall_back_to_cpu_with_a_log_line(project: Layout, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="lensmith.onnx"):
-        model = OnnxModel.load(project.candidate / "model.onnx", ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+        model = OnnxModel.load(project.exported / "model.onnx", ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
     assert model.provider == "CPUExecutionProvider"
     assert any("runs on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
     assert any("not available" in r.getMessage() for r in caplog.records)
@@ -150,7 +150,7 @@ def test_cli_export_reruns_on_the_real_project(tmp_path: Path) -> None:
     from lensmith.cli import app
 
     layout = copy_project(tmp_path)
-    (layout.candidate / "model.onnx").unlink()
+    (layout.exported / "model.onnx").unlink()
     params = tmp_path / "params.yaml"
     import yaml
 
@@ -158,4 +158,4 @@ def test_cli_export_reruns_on_the_real_project(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", "--root", str(layout.root), "--params", str(params)])
     assert result.exit_code == 0, result.output
     assert "parity on" in result.output and "int8 skipped" in result.output
-    assert (layout.candidate / "model.onnx").is_file() and not (layout.candidate / "model.int8.onnx").exists()
+    assert (layout.exported / "model.onnx").is_file() and not (layout.exported / "model.int8.onnx").exists()

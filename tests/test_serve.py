@@ -38,7 +38,7 @@ class Running:
 
 
 async def start(layout: Layout, params: ServeParams, source=None, token: str | None = TOKEN) -> AsyncIterator[Running]:
-    app = create_app(params, layout.root, source or PathSource(layout.candidate), token=token or "")
+    app = create_app(params, layout.root, source or PathSource(layout.exported), token=token or "")
     if token is None:
         app.state.service.token = None
     async with app.router.lifespan_context(app):
@@ -83,7 +83,7 @@ def test_predict_one_and_several_images_returns_every_field(layout: Layout) -> N
     assert [t["label"] for t in p["top_k"]][0] == p["label"] and len(p["top_k"]) == 3
     assert p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] >= p["top_k"][2]["probability"]
     assert p["needs_review"] == (p["confidence"] < 0.5)
-    assert p["model_version"] == json.loads((layout.candidate / "export.json").read_text())["model_version"]
+    assert p["model_version"] == json.loads((layout.exported / "export.json").read_text())["model_version"]
     assert p["latency_ms"] > 0 and len(p["image_sha256"]) == 64
     assert len(several.json()["predictions"]) == 2
 
@@ -95,7 +95,7 @@ def test_prediction_matches_the_onnx_model_through_the_shared_preprocessing(layo
     from lensmith.onnxmodel import OnnxModel
     from lensmith.serve.models import onnx_file_for
 
-    path, _ = onnx_file_for(layout.candidate, "auto", ["CPUExecutionProvider"])
+    path, _ = onnx_file_for(layout.exported, "auto", ["CPUExecutionProvider"])
     expected = OnnxModel.load(path).probabilities([Image.open(io.BytesIO(jpeg_bytes(5))).convert("RGB")])[0]
 
     async def go(s: Running):
@@ -275,7 +275,7 @@ def register_and_promote(layout: Layout) -> str:
     metrics.write_text(json.dumps({"test": {"accuracy": 0.5}}))
     gate.write_text(json.dumps({"passed": True, "decision": "promote", "candidate": {"weights_sha256": meta["weights_sha256"]}}))
     registry = Registry(layout.models)
-    version = registry.register(layout.candidate, metrics_path=metrics, gate_path=gate, export_path=layout.candidate / "export.json")
+    version = registry.register(layout.candidate, metrics_path=metrics, gate_path=gate, export_path=layout.exported / "export.json")
     registry.promote(version)
     return version
 

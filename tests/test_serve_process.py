@@ -44,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     log = open(layout.root / "server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "lensmith.cli", "serve", "--model", str(layout.candidate), "--host", "127.0.0.1",
+        [sys.executable, "-m", "lensmith.cli", "serve", "--model", str(layout.exported), "--host", "127.0.0.1",
          "--port", str(port), "--root", str(layout.root), "--params", str(params)],
         stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "LENSMITH_API_TOKEN": TOKEN},
     )
