@@ -61,6 +61,15 @@ def reference_paths(model_dir: Path) -> tuple[Path, Path]:
     return Path(model_dir) / REFERENCE_PARQUET, Path(model_dir) / REFERENCE_JSON
 
 
+def onnx_model_path(layout: Layout, model_dir: Path) -> Path:
+    """model.onnx of `model_dir`; for the candidate, the export stage's folder when it writes there."""
+    own = Path(model_dir) / ONNX_FILE
+    if own.is_file() or Path(model_dir) != layout.candidate:
+        return own
+    exported = Path(getattr(layout, "exported", layout.models / "export")) / ONNX_FILE
+    return exported if exported.is_file() else own
+
+
 # ---- building --------------------------------------------------------------------------------------------
 
 
@@ -128,10 +137,10 @@ def predictions_summary(rows: pd.DataFrame, classes: list[str]) -> dict[str, Any
 
 
 def build_reference(params: Params, layout: Layout, model_dir: Path) -> Path:
-    """Write drift_reference.parquet + .json into `model_dir` (which holds the exported model.onnx); returns the parquet."""
+    """Write drift_reference.parquet + .json into `model_dir` (embeddings from its exported model.onnx); returns the parquet."""
     dp = params.drift
     model_dir = Path(model_dir)
-    model = EmbeddingModel(model_dir / ONNX_FILE, layout.cache_dir)
+    model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir)
     train, train_emb = split_reference_rows(layout, "train", model, dp.max_reference_rows, dp.batch_size, dp.seed)
     projection = fit_projection(train_emb, dp.embedding_dims, dp.seed)
     columns = component_columns(len(projection.components))

@@ -33,7 +33,7 @@ from lensmith.drift.current import (
     log_directory,
 )
 from lensmith.drift.embeddings import EmbeddingModel
-from lensmith.drift.reference import ONNX_FILE, Reference, file_sha256, load_reference, reference_paths
+from lensmith.drift.reference import Reference, file_sha256, load_reference, onnx_model_path, reference_paths
 from lensmith.drift.trigger import Decision, decide, relative_drop
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path, write_csv_atomic, write_json_atomic
@@ -94,9 +94,10 @@ def reference_for(layout: Layout, model_dir: Path) -> Reference:
     if reference_paths(model_dir)[0].is_file() or model_dir == layout.candidate:
         return load_reference(model_dir)
     candidate = layout.candidate
-    if reference_paths(candidate)[0].is_file() and (model_dir / ONNX_FILE).is_file():
+    onnx_file = onnx_model_path(layout, model_dir)
+    if reference_paths(candidate)[0].is_file() and onnx_file.is_file():
         reference = load_reference(candidate)
-        if reference.meta.get("model_sha256") == file_sha256(model_dir / ONNX_FILE):
+        if reference.meta.get("model_sha256") == file_sha256(onnx_file):
             return reference
     return load_reference(model_dir)  # raises the missing-reference error naming model_dir
 
@@ -118,7 +119,7 @@ def embed_image_window(source: str, params: Params, layout: Layout, model_dir: P
     if not listing.items:
         rejected = f" ({len(listing.rejections)} unusable entries)" if listing.rejections else ""
         raise DataError(f"empty window: no images under {listing.description}{rejected}; nothing to compare")
-    model = EmbeddingModel(model_dir / ONNX_FILE, layout.cache_dir)
+    model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir)
     rows, embeddings, probabilities, rejections = [], [], [], list(listing.rejections)
     started, embed_s = time.perf_counter(), 0.0
     for chunk in decoded_chunks(listing.items, params, model.preprocessing):
@@ -256,14 +257,23 @@ def value_drift_results(snapshot_dict: dict[str, Any]) -> dict[str, dict[str, An
     return results
 
 
-def classification_results(snapshot_dict: dict[str, Any]) -> dict[str, Any]:
-    wanted = {"Accuracy": "accuracy", "F1Score": "f1", "Precision": "precision", "Recall": "recall", "F1ByLabel": "f1_by_label"}
-    out = {}
-    for metric in snapshot_dict["metrics"]:
-        kind = str(metric.get("config", {}).get("type", "")).rsplit(":", 1)[-1]
-        if kind in wanted:
-            out[wanted[kind]] = metric["value"]
-    return out
+def classification_quality(frame: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-class recall of the window's predictions against its labels."""
+    from sklearn.metrics import f1_score, recall_score
+
+    y_true, y_pred = frame["label"].astype(str), frame["predicted_label"].astype(str)
+    recalls = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    present = set(y_true)
+    return {
+        "accuracy": float((y_true == y_pred).mean()),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=sorted(present), average="macro", zero_division=0)),
+        "recall_by_class": {c: float(r) for c, r in zip(classes, recalls) if c in present},
+    }
+
+
+def evidently_can_score(frame: pd.DataFrame) -> bool:
+    # Evidently 0.7.23 treats exactly two labels as a binary task and fails looking up positive label 1
+    return len(set(frame["label"].astype(str)) | set(frame["predicted_label"].astype(str))) > 2
 
 
 def statistic(ref: pd.Series, cur: pd.Series, method: str) -> float | None:
@@ -344,9 +354,10 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
     frame = current.frame
     with_quality, labels_block, label_notes = label_check(frame, reference.classes)
     columns = monitored_columns(frame, reference)
-    cur, ref = evidently_frames(frame, reference, columns, with_quality)
+    in_evidently = with_quality and evidently_can_score(frame)
+    cur, ref = evidently_frames(frame, reference, columns, in_evidently)
     t = time.perf_counter()
-    snapshot = run_evidently(cur, ref, columns, with_quality, dp)
+    snapshot = run_evidently(cur, ref, columns, in_evidently, dp)
     evidently_s = time.perf_counter() - t
     snap = snapshot.dict()
     per_column = column_rows(value_drift_results(snap), cur, ref, reference)
@@ -371,7 +382,7 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
             "class_distribution_now": class_distribution(frame["predicted_label"], reference.classes),
             "class_distribution_reference": reference.meta["predictions"]["class_distribution"],
         },
-        "classification": {**classification_results(snap), "reference_accuracy": reference.meta["predictions"].get("accuracy")} if with_quality else None,
+        "classification": {**classification_quality(frame, reference.classes), "reference_accuracy": reference.meta["predictions"].get("accuracy")} if with_quality else None,
         "labels": labels_block,
         "decision": decision.to_dict(),
         "current": {
