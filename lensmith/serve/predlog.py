@@ -10,6 +10,7 @@ import json
 import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,18 @@ class PredictionLog:
         if self._handle is not None:
             self._handle.close()
         self.directory.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self._count += 1
-        path = self.directory / f"{PREFIX}{stamp}-{os.getpid()}-{self._count:04d}.jsonl"
-        # "x": fail rather than append to a file this writer did not start
-        self._handle = open(path, "x", encoding="utf-8")
+        while True:
+            # microsecond stamp (names sort oldest first) + a random tag: two writers never share a name
+            now = time.time()
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now % 1 * 1e6):06d}Z"
+            path = self.directory / f"{PREFIX}{stamp}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{self._count:04d}.jsonl"
+            try:
+                # "x": fail rather than append to a file this writer did not start
+                self._handle = open(path, "x", encoding="utf-8")  # noqa: SIM115 - closed on rotation/close
+                break
+            except FileExistsError:
+                continue
         self._written = 0
 
     def append(self, records: list[dict[str, Any]]) -> None:
