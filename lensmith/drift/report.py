@@ -314,6 +314,19 @@ def class_distribution(labels: pd.Series, classes: list[str]) -> dict[str, float
 # ---- outputs ------------------------------------------------------------------------------------------
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, recursively: drift.json must be strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def decision_banner(decision: Decision, report: dict[str, Any]) -> str:
     colour = "#b00020" if decision.retrain else "#1b5e20"
     conf = report["confidence"]
@@ -409,5 +422,6 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
         "total": round(time.perf_counter() - started, 3),
     }
     report["seconds"] = seconds
+    report = json_safe(report)
     write_json_atomic(json_path, report)
     return DriftResult(decision, report, json_path, html_path, seconds)

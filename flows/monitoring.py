@@ -1,0 +1,121 @@
+"""Drift monitoring: a scheduled check that, on trigger, starts the nightly retraining deployment.
+
+monitoring_flow: run `lensmith drift` on drift.current (default: the prediction log over drift.since),
+publish the decision as a markdown artifact, and when it says retrain: start the nightly deployment
+with run_deployment (timeout=0: fire and forget), log an alert, and post it to drift.webhook_url
+when one is set (a failing webhook is logged, never fatal).
+serve_monitoring: serve that flow as its own deployment on the drift.cron schedule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from prefect.schedules import Cron
+
+from lensmith.drift.current import LOG_SOURCE
+from lensmith.layout import Layout
+from lensmith.params import Params, load_params
+
+NIGHTLY_FLOW_NAME = "lensmith-nightly"
+
+
+@task(name="drift-check", cache_policy=NO_CACHE)
+def drift_task(root: str, params_file: str, source: str, since: str | None) -> dict[str, Any]:
+    from lensmith.drift.report import run_drift
+
+    root_path = Path(root)
+    params = load_params(root_path / params_file)
+    result = run_drift(params, Layout(root_path), source, since=since)
+    return result.report
+
+
+def alert_markdown(report: dict[str, Any], flow_run: str | None) -> str:
+    decision = report["decision"]
+    conf = report["confidence"]
+    now = "n/a" if conf["now"] is None else f"{conf['now']:.3f}"
+    head = "## Drift: retraining triggered" if decision["retrain"] else "## Drift: no action"
+    lines = [
+        head,
+        "",
+        f"- decision: {decision['reason']}",
+        f"- window: {report['current']['n_images']} images from {report['current']['source']}",
+        f"- drifted columns: {report['drifted_columns']}/{report['n_columns']} (share {report['drifted_share']:.2f})",
+        f"- mean confidence: {now} (reference {conf['reference']:.3f})",
+        f"- quarantined files: {report['current']['n_quarantined']}",
+    ]
+    if flow_run:
+        lines.append(f"- nightly retraining run started: `{flow_run}`")
+    lines += [f"- note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+@task(name="start-retraining", cache_policy=NO_CACHE)
+def start_retraining_task(deployment_name: str, root: str, params_file: str) -> str:
+    """Start the nightly deployment without waiting for it (timeout=0); returns the flow run's name."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        name=f"{NIGHTLY_FLOW_NAME}/{deployment_name}",
+        parameters={"root": root, "params_file": params_file},
+        timeout=0,
+        tags=["lensmith", "drift-triggered"],
+    )
+    return str(run.name)
+
+
+def post_webhook(url: str, payload: dict[str, Any], timeout_s: float) -> str | None:
+    """POST the alert as JSON; returns an error message instead of raising."""
+    import httpx
+
+    try:
+        response = httpx.post(url, json=payload, timeout=timeout_s)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@flow(name="lensmith-monitoring", log_prints=True)
+def monitoring_flow(root: str = ".", params_file: str = "params.yaml", current: str | None = None, since: str | None = None) -> dict[str, Any]:
+    logger = get_run_logger()
+    params: Params = load_params(Path(root) / params_file)
+    source = current or params.drift.current or LOG_SOURCE
+    report = drift_task(root, params_file, source, since)
+    decision = report["decision"]
+    flow_run = None
+    if decision["retrain"]:
+        flow_run = start_retraining_task(params.nightly.deployment_name, root, params_file)
+        logger.warning("drift alert: %s; started nightly retraining run %s", decision["reason"], flow_run)
+    else:
+        logger.info("drift check: %s", decision["reason"])
+    markdown = alert_markdown(report, flow_run)
+    create_markdown_artifact(key="drift", markdown=markdown, description="Drift check and retraining decision")
+    webhook_error = None
+    if decision["retrain"] and params.drift.webhook_url:
+        payload = {"event": "lensmith.drift.retrain", "reason": decision["reason"], "flow_run": flow_run, "report": report}
+        webhook_error = post_webhook(params.drift.webhook_url, payload, params.drift.webhook_timeout_s)
+        if webhook_error:
+            logger.error("drift alert webhook failed (the alert is still recorded here): %s", webhook_error)
+    return {"decision": decision, "retraining_run": flow_run, "webhook_error": webhook_error, "drifted_share": report["drifted_share"]}
+
+
+def monitoring_schedule(params: Params) -> Cron:
+    return Cron(params.drift.cron, timezone=params.drift.timezone)
+
+
+def serve_monitoring(params: Params, root: Path, params_file: str = "params.yaml") -> None:
+    """Register the monitoring deployment (cron drift.cron) on the configured Prefect API and run its runs."""
+    monitoring_flow.serve(
+        name=params.drift.deployment_name,
+        schedules=[monitoring_schedule(params)],
+        parameters={"root": str(root.resolve()), "params_file": params_file},
+        description="Drift monitoring: Evidently on image stats, embeddings and predictions; starts nightly retraining on trigger.",
+        tags=["lensmith", "monitoring"],
+        pause_on_shutdown=False,
+    )
