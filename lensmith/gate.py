@@ -8,14 +8,13 @@ reports/gate.html; a rejection raises GateFailedError (exit 1) after both are wr
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lensmith.errors import GateFailedError
-from lensmith.fsutil import write_json_atomic
+from lensmith.fsutil import file_sha256, write_json_atomic
 from lensmith.htmlreport import HtmlReport
 from lensmith.layout import Layout
 from lensmith.params import GateParams, Params
@@ -243,14 +242,6 @@ def split_hash_from_meta(meta: Any) -> str | None:
             if str(key).replace("\\", "/").endswith("splits/test.parquet"):
                 return str(value)
     return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def candidate_test_split_hash(layout: Layout, candidate_meta: Any) -> str | None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from lensmith.fsutil import write_text_atomic
 from lensmith.htmlreport import HtmlReport
+from lensmith.registry import dig
 
 MODEL_CARD_MD = "MODEL_CARD.md"
 MODEL_CARD_HTML = "MODEL_CARD.html"
@@ -26,15 +27,6 @@ class CardSection:
     bullets: list[str] = field(default_factory=list)
 
 
-def _get(data: Any, dotted: str) -> Any:
-    node = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -47,7 +39,7 @@ def _fmt(value: Any) -> str:
 
 def intended_use_section(meta: dict[str, Any], metrics: Any) -> CardSection:
     classes = meta.get("classes") or []
-    positive = _get(metrics, "test.positive_class.name")
+    positive = dig(metrics, "test.positive_class.name")
     return CardSection(
         "Intended use",
         paragraphs=[
@@ -86,7 +78,7 @@ def data_section(meta: dict[str, Any]) -> CardSection:
 
 
 def metrics_section(metrics: Any) -> CardSection:
-    test = _get(metrics, "test") or {}
+    test = dig(metrics, "test") or {}
     positive = test.get("positive_class") or {}
     per_class = test.get("per_class") or {}
     rows = [
@@ -103,7 +95,7 @@ def metrics_section(metrics: Any) -> CardSection:
             f"precision of '{positive.get('name')}'": positive.get("precision"),
             "ROC-AUC": positive.get("roc_auc"),
             "average precision": positive.get("average_precision"),
-            "ECE (calibration)": _get(metrics, "calibration.ece"),
+            "ECE (calibration)": dig(metrics, "calibration.ece"),
         },
         rows=rows,
     )
@@ -111,7 +103,7 @@ def metrics_section(metrics: Any) -> CardSection:
 
 def slice_rows(metrics: Any) -> list[dict[str, Any]]:
     rows = []
-    for column, block in (_get(metrics, "slices") or {}).items():
+    for column, block in (dig(metrics, "slices") or {}).items():
         for value, m in ((block or {}).get("values") or {}).items():
             rows.append(
                 {
@@ -125,7 +117,7 @@ def slice_rows(metrics: Any) -> list[dict[str, Any]]:
 
 def perturbation_rows(metrics: Any) -> list[dict[str, Any]]:
     rows = []
-    for name, by_severity in (_get(metrics, "robustness.perturbations") or {}).items():
+    for name, by_severity in (dig(metrics, "robustness.perturbations") or {}).items():
         for severity, cell in (by_severity or {}).items():
             rows.append({"perturbation": name, "severity": severity, **(cell or {})})
     return rows
@@ -137,12 +129,12 @@ def worst_perturbation(metrics: Any) -> dict[str, Any] | None:
 
 
 def robustness_section(metrics: Any) -> CardSection:
-    fgsm = _get(metrics, "robustness.fgsm")
+    fgsm = dig(metrics, "robustness.fgsm")
     return CardSection(
         "Robustness",
         key_values={
-            "clean accuracy": _get(metrics, "robustness.clean_accuracy"),
-            "mean relative drop": _get(metrics, "robustness.mean_relative_drop"),
+            "clean accuracy": dig(metrics, "robustness.clean_accuracy"),
+            "mean relative drop": dig(metrics, "robustness.mean_relative_drop"),
             "FGSM accuracy": fgsm.get("accuracy") if isinstance(fgsm, dict) else None,
         },
         rows=perturbation_rows(metrics),
@@ -170,7 +162,7 @@ def known_limits(metrics: Any, gate: Any, export: Any) -> list[str]:
         )
     for warning in (gate or {}).get("warnings", []) if isinstance(gate, dict) else []:
         limits.append(f"gate: {warning}")
-    for key, warning in (_get(metrics, "warnings") or {}).items():
+    for key, warning in (dig(metrics, "warnings") or {}).items():
         limits.append(f"evaluation ({key}): {warning}")
     if isinstance(export, dict) and export:
         limits.append("serving model per export report: " + _fmt(export.get("serving") or export.get("serving_model")))

@@ -29,7 +29,7 @@ import lensmith
 from lensmith.augment import augment_batch
 from lensmith.datacache import cached_images
 from lensmith.errors import DataError, LensmithError
-from lensmith.fsutil import write_bytes_atomic
+from lensmith.fsutil import file_sha256, write_bytes_atomic
 from lensmith.layout import Layout
 from lensmith.modelio import portable_state_dict, save_trained, state_dict_sha256
 from lensmith.models import build_model, preprocessing_for, set_backbone_trainable
@@ -92,14 +92,6 @@ def label_indices(frame: pd.DataFrame, classes: list[str], split_name: str) -> n
 
 def resolve_files(frame: pd.DataFrame, root: Path) -> list[Path]:
     return [Path(f) if Path(f).is_absolute() else root / f for f in frame["file"].astype(str)]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def image_hashes(frame: pd.DataFrame, files: list[Path]) -> list[str]:
