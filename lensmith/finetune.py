@@ -4,7 +4,7 @@ The production weights are trained for drift.finetune.epochs at drift.finetune.l
 own pieces (optimizer, warmup-cosine schedule, train_one_epoch, evaluate), evaluated on held-out
 images of the site and on the global test split (lensmith.evaluate.evaluate_model, the metrics
 format the gate reads), gated like any candidate (lensmith.gate.evaluate_gate against production)
-and registered as a new version whose meta.json names the site and the parent version. It is never
+and, when the gate passes, registered as a new version whose meta.json names the site and the parent version. It is never
 promoted here: production stays the global model; a site deployment picks the version explicitly.
 
 run_train cannot start from given weights, so `finetune_model` is the smallest loop over train.py's
@@ -51,7 +51,7 @@ class FinetuneSummary:
             f"  site accuracy {self.site_accuracy_before:.3f} -> {self.site_accuracy_after:.3f}; "
             f"global test accuracy {before} -> {self.test_accuracy_after:.3f}",
             f"  gate: {'passed' if self.passed else 'rejected'}" + "".join(f"\n    - {r}" for r in self.reasons),
-            f"  registered as {self.version} (not promoted)" if self.version else "  not registered",
+            f"  registered as {self.version} (not promoted)" if self.version else "  not registered (the gate rejected it)",
             f"  report: {self.report}",
         ]
         return "\n".join(lines)
@@ -211,7 +211,7 @@ def run_finetune(params: Params, layout: Layout, site: str, source: str | None =
         write_json_atomic(work / "gate.json", {**gate_json(result, work / "metrics.json", meta, None, params), "site": site})
         report_path = layout.reports / f"finetune_{site}.json"
         version = None
-        if register:
+        if register and result.passed:  # like the nightly flow: only a candidate the gate passed is registered
             version = registry.register(work, metrics_path=work / "metrics.json", gate_path=work / "gate.json")
         write_json_atomic(
             report_path,
