@@ -296,7 +296,7 @@ class FinetuneParams(Section):
 
 class DriftParams(Section):
     embedding_dims: int = Field(16, ge=1, le=256, description="PCA components of the penultimate-layer embeddings")
-    share_threshold: float = Field(0.5, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts")
+    share_threshold: float = Field(0.6, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts (calibrated: bench/drift_calibration.py)")
     confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="Retrain when mean confidence drops this much (relative)")
     p_value: float = Field(0.05, gt=0.0, lt=1.0, description="Per-column significance of the KS / chi-square tests")
     min_window: int = Field(30, ge=1, description="Windows with fewer images are reported but never trigger")

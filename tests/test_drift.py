@@ -259,7 +259,7 @@ def test_empty_log_window_is_a_clear_error(work: Layout) -> None:
 
 
 def test_trigger_rules() -> None:
-    dp = DriftParams(share_threshold=0.5, confidence_drop=0.05, min_window=30)
+    dp = DriftParams(share_threshold=0.5, confidence_drop=0.05, min_window=30)  # explicit: the rule, not the default
     assert decide(0.5, 0.9, 0.9, 100, dp).retrain
     assert not decide(0.49, 0.9, 0.9, 100, dp).retrain
     assert decide(0.0, 0.855, 0.9, 100, dp).retrain, "exactly 5% relative drop triggers"
