@@ -8,7 +8,6 @@ One session run then gives logits and embeddings together.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lensmith.fsutil import write_bytes_atomic
+from lensmith.fsutil import file_sha256, write_bytes_atomic
 from lensmith.onnxmodel import CPU, OnnxModel, OnnxModelError, softmax
 from lensmith.preprocess import Preprocessing
 
@@ -29,14 +28,6 @@ class Outputs:
 
     embeddings: np.ndarray  # N x D float32
     probabilities: np.ndarray  # N x classes float64
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def classifier_input_name(model: "onnx.ModelProto") -> str:  # type: ignore[name-defined]  # noqa: F821

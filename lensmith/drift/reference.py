@@ -24,9 +24,9 @@ import pandas as pd
 
 from lensmith.datacache import cached_images
 from lensmith.drift.current import STAT_COLUMNS
-from lensmith.drift.embeddings import EmbeddingModel, Projection, component_columns, file_sha256, fit_projection
+from lensmith.drift.embeddings import EmbeddingModel, Projection, component_columns, fit_projection
 from lensmith.errors import DataError
-from lensmith.fsutil import write_json_atomic, write_parquet_atomic
+from lensmith.fsutil import file_sha256, write_json_atomic, write_parquet_atomic
 from lensmith.imageio import load_image
 from lensmith.imagestats import image_stats
 from lensmith.layout import Layout

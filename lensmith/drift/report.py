@@ -33,10 +33,10 @@ from lensmith.drift.current import (
     log_directory,
 )
 from lensmith.drift.embeddings import EmbeddingModel
-from lensmith.drift.reference import Reference, file_sha256, load_reference, onnx_model_path, reference_paths
+from lensmith.drift.reference import Reference, load_reference, onnx_model_path, reference_paths
 from lensmith.drift.trigger import Decision, decide, relative_drop
 from lensmith.errors import DataError
-from lensmith.fsutil import atomic_path, write_csv_atomic, write_json_atomic
+from lensmith.fsutil import atomic_path, file_sha256, write_csv_atomic, write_json_atomic
 from lensmith.layout import Layout
 from lensmith.params import Params
 
