@@ -1,26 +1,39 @@
-"""Serve the nightly retraining deployment locally (`lensmith schedule`), schedule taken from params."""
+"""The deployments `lensmith schedule` serves: nightly retraining and drift monitoring, schedules from params."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from prefect import serve
 from prefect.schedules import Cron
 
+from flows.monitoring import monitoring_flow
 from flows.nightly import nightly_flow
 from lensmith.params import Params
 
 
-def nightly_schedule(params: Params) -> Cron:
-    return Cron(params.nightly.cron, timezone=params.nightly.timezone)
+def deployments(params: Params, root: Path, params_file: str = "params.yaml") -> list[Any]:
+    """Nightly retraining (cron nightly.cron) and drift monitoring (cron drift.cron), as runner deployments."""
+    parameters = {"root": str(root.resolve()), "params_file": params_file}
+    return [
+        nightly_flow.to_deployment(
+            name=params.nightly.deployment_name,
+            schedules=[Cron(params.nightly.cron, timezone=params.nightly.timezone)],
+            parameters=parameters,
+            description="Nightly retraining: pull, ingest new images, train, gate against production, promote, push, record.",
+            tags=["lensmith", "nightly"],
+        ),
+        monitoring_flow.to_deployment(
+            name=params.drift.deployment_name,
+            schedules=[Cron(params.drift.cron, timezone=params.drift.timezone)],
+            parameters=parameters,
+            description="Drift monitoring: Evidently on image stats, embeddings and predictions; starts nightly retraining on trigger.",
+            tags=["lensmith", "monitoring"],
+        ),
+    ]
 
 
-def serve_nightly(params: Params, root: Path, params_file: str = "params.yaml") -> None:
-    """Register the deployment (with its cron schedule) on the configured Prefect API and run its runs."""
-    nightly_flow.serve(
-        name=params.nightly.deployment_name,
-        schedules=[nightly_schedule(params)],
-        parameters={"root": str(root.resolve()), "params_file": params_file},
-        description="Nightly retraining: pull, ingest new images, train, gate against production, promote, push, record.",
-        tags=["lensmith", "nightly"],
-        pause_on_shutdown=False,
-    )
+def serve_deployments(params: Params, root: Path, params_file: str = "params.yaml") -> None:
+    """Register both deployments on the configured Prefect API and run their scheduled runs (until interrupted)."""
+    serve(*deployments(params, root, params_file), pause_on_shutdown=False)

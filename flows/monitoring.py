@@ -4,7 +4,7 @@ monitoring_flow: run `lensmith drift` on drift.current (default: the prediction 
 publish the decision as a markdown artifact, and when it says retrain: start the nightly deployment
 with run_deployment (timeout=0: fire and forget), log an alert, and post it to drift.webhook_url
 when one is set (a failing webhook is logged, never fatal).
-serve_monitoring: serve that flow as its own deployment on the drift.cron schedule.
+flows/deployments.py serves it as its own deployment on the drift.cron schedule.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
-from prefect.schedules import Cron
 
 from lensmith.drift.current import LOG_SOURCE
 from lensmith.layout import Layout
@@ -103,19 +102,3 @@ def monitoring_flow(root: str = ".", params_file: str = "params.yaml", current: 
         if webhook_error:
             logger.error("drift alert webhook failed (the alert is still recorded here): %s", webhook_error)
     return {"decision": decision, "retraining_run": flow_run, "webhook_error": webhook_error, "drifted_share": report["drifted_share"]}
-
-
-def monitoring_schedule(params: Params) -> Cron:
-    return Cron(params.drift.cron, timezone=params.drift.timezone)
-
-
-def serve_monitoring(params: Params, root: Path, params_file: str = "params.yaml") -> None:
-    """Register the monitoring deployment (cron drift.cron) on the configured Prefect API and run its runs."""
-    monitoring_flow.serve(
-        name=params.drift.deployment_name,
-        schedules=[monitoring_schedule(params)],
-        parameters={"root": str(root.resolve()), "params_file": params_file},
-        description="Drift monitoring: Evidently on image stats, embeddings and predictions; starts nightly retraining on trigger.",
-        tags=["lensmith", "monitoring"],
-        pause_on_shutdown=False,
-    )

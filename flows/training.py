@@ -27,6 +27,7 @@ FLOW_GRAPH: dict[str, tuple[str, ...]] = {
     "train": ("split",),
     "evaluate": ("split", "train"),
     "export": ("split", "train"),
+    "drift_reference": ("split", "export"),
     "gate": ("train", "evaluate", "export"),
 }
 
@@ -48,7 +49,7 @@ def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
 
 @flow(name="lensmith-training", log_prints=True)
 def training_flow(root: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """demo data -> ingest -> validate -> split -> train -> evaluate + export -> gate, one task per DVC stage."""
+    """demo data -> ingest -> validate -> split -> train -> evaluate + export (-> drift reference) -> gate."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params_path = root_path / params_file if not Path(params_file).is_absolute() else Path(params_file)

@@ -204,14 +204,14 @@ def nightly(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("
 @app.command()
 @user_errors
 def schedule(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
-    """Serve the nightly retraining deployment (cron nightly.cron in nightly.timezone) on the Prefect API.
+    """Serve the nightly retraining (cron nightly.cron) and drift monitoring (cron drift.cron) deployments.
 
     Uses PREFECT_API_URL (e.g. a `make ui` server); runs until interrupted.
     """
-    from flows.deployments import serve_nightly
+    from flows.deployments import serve_deployments
 
     params, _ = _context(params_file, None, root)
-    serve_nightly(params, root, str(params_file))
+    serve_deployments(params, root, str(params_file))
 
 
 @app.command()

@@ -30,7 +30,10 @@ from lensmith.errors import LensmithError
 from lensmith.fsutil import write_json_atomic
 
 ALIASES: tuple[str, ...] = ("production", "previous", "candidate")
-WEIGHT_FILES: tuple[str, ...] = ("model.pt", "model.onnx", "model.opt.onnx", "model.int8.onnx")
+# weights (torch + ONNX variants) and the drift reference built from them
+MODEL_FILES: tuple[str, ...] = (
+    "model.pt", "model.onnx", "model.opt.onnx", "model.int8.onnx", "drift_reference.parquet", "drift_reference.json",
+)
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 REGISTRY_DIR = "registry"
 
@@ -325,7 +328,7 @@ def stage_version(
 
     # weights from the candidate (model.pt) and the export stage's folder (ONNX files beside export.json)
     folders = [candidate_dir] + ([Path(export_path).parent] if export_path is not None else [])
-    for name in WEIGHT_FILES:
+    for name in MODEL_FILES:
         source = next((folder / name for folder in folders if (folder / name).is_file()), None)
         if source is not None:
             shutil.copyfile(source, staging / name)

@@ -14,7 +14,9 @@ from typing import Any
 from lensmith.layout import Layout
 from lensmith.params import Params
 
-TRAINING_STAGES: tuple[str, ...] = ("demo_data", "ingest", "validate", "split", "train", "evaluate", "export", "gate")
+TRAINING_STAGES: tuple[str, ...] = (
+    "demo_data", "ingest", "validate", "split", "train", "evaluate", "export", "drift_reference", "gate",
+)
 
 
 def _demo_data(params: Params, layout: Layout) -> Any:
@@ -70,6 +72,12 @@ def _export(params: Params, layout: Layout) -> Any:
     return run_export(params, layout)
 
 
+def _drift_reference(params: Params, layout: Layout) -> Any:
+    from lensmith.drift.reference import build_reference
+
+    return build_reference(params, layout, layout.candidate)
+
+
 def _gate(params: Params, layout: Layout) -> Any:
     from lensmith.gate import run_gate
 
@@ -84,6 +92,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[Params, Layout], Any]] = {
     "train": _train,
     "evaluate": _evaluate,
     "export": _export,
+    "drift_reference": _drift_reference,
     "gate": _gate,
 }
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +86,13 @@ def test_alert_markdown_names_reason_window_and_run() -> None:
     assert "retraining triggered" in text and "drifted share 0.80" in text and "brave-otter" in text and "s3://b/p" in text
 
 
-def test_serve_monitoring_uses_the_drift_schedule_and_deployment_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from flows import monitoring
+def test_schedule_serves_monitoring_with_the_drift_schedule_beside_nightly(tmp_path: Path) -> None:
+    from flows.deployments import deployments
 
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(monitoring.monitoring_flow, "serve", lambda **kw: seen.update(kw))
     params = params_from_dict({"drift": {"cron": "*/30 * * * *", "timezone": "Europe/Berlin", "deployment_name": "watch"}})
-    monitoring.serve_monitoring(params, tmp_path)
-    assert seen["name"] == "watch" and seen["parameters"]["root"] == str(tmp_path.resolve())
-    schedule = seen["schedules"][0]
+    nightly, monitoring = deployments(params, tmp_path)
+    assert (nightly.name, monitoring.name) == ("nightly-retraining", "watch")
+    assert monitoring.parameters["root"] == str(tmp_path.resolve())
+    schedule = monitoring.schedules[0].schedule
     assert schedule.cron == "*/30 * * * *" and schedule.timezone == "Europe/Berlin"
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    assert nightly.schedules[0].schedule.cron == "0 2 * * *"

@@ -38,7 +38,7 @@ def test_flow_drops_demo_stage_for_other_sources() -> None:
     params = Params.model_validate({"data": {"source": "/srv/images"}})
     graph = flow_graph(params)
     assert "demo_data" not in graph
-    assert stage_order(graph) == ["ingest", "validate", "split", "train", "evaluate", "export", "gate"]
+    assert stage_order(graph) == ["ingest", "validate", "split", "train", "evaluate", "export", "drift_reference", "gate"]
 
 
 def test_default_params_use_the_demo_stage() -> None:

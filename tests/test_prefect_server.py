@@ -98,6 +98,8 @@ def test_nightly_deployment_registers_with_cron_and_a_triggered_run_completes(se
         assert deployment is not None, (root / "schedule.log").read_text()[-3000:]
         schedules = [s["schedule"] for s in deployment["schedules"]]
         assert {"cron": "0 2 * * *", "timezone": "UTC"}.items() <= schedules[0].items(), schedules
+        monitoring = api(prefect_server, "get", "/deployments/name/lensmith-monitoring/drift-monitoring")
+        assert monitoring["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
         flow_run = api(prefect_server, "post", f"/deployments/{deployment['id']}/create_flow_run", json={})
         state = None
         deadline = time.monotonic() + 600
