@@ -193,6 +193,13 @@ class OrchestrationParams(Section):
     on_unreachable_server: Literal["error", "ephemeral"] = Field(
         "error", description="When PREFECT_API_URL does not answer: fail clearly, or run on a temporary local server"
     )
+    task_runner: Literal["thread", "dask", "ray"] = Field(
+        "thread", description="Where flow tasks run: threads here, a Dask cluster (prefect-dask), or Ray (prefect-ray, extra 'ray')"
+    )
+    thread_max_workers: int | None = Field(None, ge=1, description="thread runner: most concurrent tasks; null = Prefect's default")
+    dask_address: str | None = Field(None, description="dask: scheduler of an existing cluster (tcp://host:8786); null = a local cluster")
+    dask_n_workers: int = Field(2, ge=1, le=1024, description="dask local cluster: worker processes")
+    dask_threads_per_worker: int = Field(1, ge=1, le=256, description="dask local cluster: task threads per worker process")
 
 
 class NightlyParams(Section):
