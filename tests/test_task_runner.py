@@ -24,13 +24,13 @@ SWEEP_OVERRIDES = [
 ]
 
 
-def split_project(root: Path, extra: list[str]) -> Path:
-    """A project folder with params.yaml and the stages up to `split` run in-process (no git/DVC needed)."""
+def split_project(root: Path, extra: list[str], stages: tuple[str, ...] = ("demo_data", "ingest", "validate", "split")) -> Path:
+    """A project folder with params.yaml and `stages` (up to split) run in-process (no git/DVC needed)."""
     root.mkdir(parents=True, exist_ok=True)
     raw = apply_overrides(read_params_yaml(REPO / "params.yaml"), TINY_OVERRIDES + extra)
     params = params_from_dict(raw, "test params")
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    for stage in ("demo_data", "ingest", "validate", "split"):
+    for stage in stages:
         run_stage(stage, params, Layout(root))
     return root
 
