@@ -7,6 +7,7 @@ epochs read batches from it and augment them on tensors (lensmith.augment).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -26,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 import lensmith
+from lensmith import distributed as ddp
 from lensmith.augment import augment_batch
 from lensmith.datacache import cached_images
 from lensmith.errors import DataError, LensmithError
@@ -198,6 +200,7 @@ class EpochContext:
     device: torch.device
     preprocessing: Preprocessing
     tp: TrainParams
+    dist: ddp.DistContext = ddp.SINGLE_PROCESS  # under torchrun: this rank's shard of every batch
 
     @property
     def autocast(self) -> torch.autocast:
@@ -215,7 +218,7 @@ def train_one_epoch(
     ctx: EpochContext, data: SplitData, shuffle: torch.Generator, augment: torch.Generator, epoch: int
 ) -> dict[str, float]:
     ctx.model.train()
-    batches = batch_order(len(data.labels), ctx.tp.batch_size, shuffle)
+    batches = ddp.rank_batches(batch_order(len(data.labels), ctx.tp.batch_size, shuffle), ctx.dist)
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{ctx.tp.epochs}", unit="batch", leave=False, disable=None)
@@ -451,8 +454,10 @@ def open_live(layout: Layout, resume: bool) -> Any:
 def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSummary:
     tp = params.train
     started = time.perf_counter()
-    torch.set_num_threads(tp.num_threads or os.cpu_count() or 1)
     device = resolve_device(tp.device)
+    dist_ctx = ddp.init_distributed(device)  # single process unless launched by torchrun
+    device = ddp.rank_device(device, dist_ctx)
+    torch.set_num_threads(tp.num_threads or ddp.default_threads(dist_ctx))
     preprocessing = preprocessing_for(tp.model, tp.image_size)
 
     train_frame, val_frame = read_split(layout, "train"), read_split(layout, "val")
@@ -463,13 +468,14 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
     if checkpoint is not None:
         check_resumable(checkpoint, params, classes, hashes)
 
-    train_data = load_split_data(layout, train_frame, classes, "train", preprocessing)
-    val_data = load_split_data(layout, val_frame, classes, "val", preprocessing)
+    with ddp.main_first(dist_ctx):  # rank 0 builds the image cache, the others read it
+        train_data = load_split_data(layout, train_frame, classes, "train", preprocessing)
+        val_data = load_split_data(layout, val_frame, classes, "val", preprocessing)
     cache_seconds = time.perf_counter() - started
 
     torch.manual_seed(tp.seed)
     shuffle = torch.Generator().manual_seed(tp.seed + 1)
-    augment = torch.Generator().manual_seed(tp.seed + 2)
+    augment = torch.Generator().manual_seed(ddp.rank_seed(tp.seed + 2, dist_ctx))
     model = build_model(tp.model, len(classes), tp.pretrained, tp.dropout, tp.image_size).to(device)
     if tp.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -478,11 +484,13 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
         weight=None if weights is None else weights.to(device), label_smoothing=tp.label_smoothing
     )
     optimizer = build_optimizer(model, tp)
-    steps_per_epoch = len(batch_order(len(train_data.labels), tp.batch_size, torch.Generator().manual_seed(0)))
+    steps_per_epoch = len(ddp.rank_batches(batch_order(len(train_data.labels), tp.batch_size, torch.Generator().manual_seed(0)), dist_ctx))
     scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no loss scaling
-    forward_model = torch.compile(model) if tp.compile and device.type == "cuda" else model
-    ctx = EpochContext(forward_model, criterion, optimizer, scheduler, scaler, device, preprocessing, tp)
+    forward_model = ddp.wrap_model(model, device, dist_ctx, find_unused=tp.freeze_epochs > 0)
+    forward_model = torch.compile(forward_model) if tp.compile and device.type == "cuda" else forward_model
+    ctx = EpochContext(forward_model, criterion, optimizer, scheduler, scaler, device, preprocessing, tp, dist_ctx)
+    eval_ctx = dataclasses.replace(ctx, model=model) if dist_ctx.enabled else ctx  # every rank evaluates all of val
 
     progress = Progress()
     if checkpoint is not None:
@@ -494,13 +502,15 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
         progress = Progress(**checkpoint["progress"])
         print(f"resuming from {checkpoint_path} after epoch {progress.epoch}")
 
-    live = open_live(layout, resume=checkpoint is not None)
+    live = open_live(layout, resume=checkpoint is not None) if dist_ctx.is_main else ddp.NoLive()
     try:
         while progress.epoch < tp.epochs and not progress.stopped_early:
             epoch = progress.epoch
             set_backbone_trainable(model, epoch >= tp.freeze_epochs)
             metrics = train_one_epoch(ctx, train_data, shuffle, augment, epoch)
-            metrics.update(evaluate(ctx, val_data, len(classes)))
+            ddp.sync_buffers(model, dist_ctx)
+            metrics = ddp.mean_over_ranks(metrics, ("train_loss", "train_accuracy"), dist_ctx)
+            metrics.update(evaluate(eval_ctx, val_data, len(classes)))
             metrics["lr"] = scheduler.get_last_lr()[0]
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingError(
@@ -525,6 +535,8 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
             for key, val in metrics.items():
                 live.log_metric(key, val)
             live.next_step()
+            if not dist_ctx.is_main:
+                continue
             save_checkpoint(
                 checkpoint_path,
                 checkpoint_payload(model, ctx, shuffle, augment, progress, params, classes, hashes),
@@ -560,8 +572,12 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
         "history": progress.history,
         "weights_sha256": state_dict_sha256(progress.best_state),
     }
-    save_trained(layout.candidate, model, arch=tp.model, classes=classes, preprocessing=preprocessing, meta=meta)
-    plot_curves(progress.history, layout.candidate / CURVES_FILE)
+    if dist_ctx.is_main:
+        if dist_ctx.enabled:
+            meta["distributed"] = {"world_size": dist_ctx.world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
+        save_trained(layout.candidate, model, arch=tp.model, classes=classes, preprocessing=preprocessing, meta=meta)
+        plot_curves(progress.history, layout.candidate / CURVES_FILE)
+    ddp.finish(dist_ctx)  # the other ranks leave only after rank 0 has written
     return TrainSummary(
         model_dir=layout.candidate,
         arch=tp.model,
