@@ -16,6 +16,7 @@ from prefect.logging import get_run_logger
 from lensmith.layout import Layout
 from lensmith.params import Params, load_params
 from lensmith.paramsfile import params_overridden
+from tasks.runners import task_runner_for
 from tasks.stages import stage_task
 
 # The flow's declared DAG (stage -> upstream stages). tests/test_pipeline_graph.py checks it against dvc.yaml.
@@ -56,11 +57,12 @@ def training_flow(root: str = ".", params_file: str = "params.yaml", overrides: 
     params = load_params(params_path, overrides or [])
     graph = flow_graph(params)
     outcomes: dict[str, Any] = {}
-    with params_overridden(params_path, overrides or []):
+    with params_overridden(params_path, overrides or []), task_runner_for(params) as runner:
         futures: dict[str, Any] = {}
         for stage in stage_order(graph):
             upstream = [futures[u] for u in graph[stage]]
-            futures[stage] = stage_task(stage, params).submit(stage, params, root_path, wait_for=upstream)
+            parameters = {"stage": stage, "params": params, "root": root_path}
+            futures[stage] = runner.submit(stage_task(stage, params), parameters, wait_for=upstream)
         for stage, future in futures.items():
             outcomes[stage] = future.result()
     ran = [s for s, o in outcomes.items() if o.ran]
