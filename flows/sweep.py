@@ -172,14 +172,14 @@ def finetune_site(root: str, params: Params, site: str, register: bool) -> dict[
 @flow(name="lensmith-site-finetune", log_prints=True)
 def site_finetune_flow(
     root: str = ".", sites: list[str] | None = None, params_file: str = "params.yaml",
-    overrides: list[str] | None = None, register: bool = True,
+    overrides: list[str] | None = None, register_versions: bool = True,
 ) -> list[dict[str, Any]]:
     """Fine-tune production for each site as an independent task on the task runner from params."""
     root_path = Path(root).resolve()
     params = load_params(resolve_params_path(root_path, params_file), (overrides or []) + ["train.num_threads=1"])
     with task_runner_for(params) as runner:
         futures = [
-            runner.submit(finetune_site, {"root": str(root_path), "params": params, "site": s, "register": register})
+            runner.submit(finetune_site, {"root": str(root_path), "params": params, "site": s, "register": register_versions})
             for s in sites or []
         ]
         return [f.result() for f in futures]
