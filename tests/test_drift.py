@@ -195,14 +195,17 @@ def test_missing_reference_says_how_to_build_it(work: Layout) -> None:
         run_drift(drift_params(), work, "data/raw/demo")
 
 
-def test_registry_version_without_reference_uses_the_candidates_for_the_same_onnx(work: Layout) -> None:
+def test_registry_version_carries_its_reference_and_an_older_one_falls_back_to_the_candidates(work: Layout) -> None:
     from lensmith.registry import Registry
 
     registry = Registry(work.models)
     (work.reports / "metrics.json").write_text("{}")
     export_json = next(p for p in (work.models / "export" / "export.json", work.candidate / "export.json") if p.is_file())
     version = registry.register(work.candidate, metrics_path=work.reports / "metrics.json", gate_path=None, export_path=export_json)
-    assert not (registry.resolve(version) / "drift_reference.parquet").exists()
+    folder = registry.resolve(version)
+    assert (folder / "drift_reference.parquet").read_bytes() == (work.candidate / "drift_reference.parquet").read_bytes()
+    for name in ("drift_reference.parquet", "drift_reference.json"):  # a version registered before references existed
+        (folder / name).unlink()
     result = run_drift(drift_params(), work, "data/raw/demo", model=version)
     assert result.report["model"]["version"] == load_reference(work.candidate).meta["model_version"]
 

@@ -39,6 +39,17 @@ def api(server: PrefectServer, method: str, path: str, **kwargs):  # noqa: ANN20
     return response.json()
 
 
+def wait_for_deployment(server: PrefectServer, name: str, timeout_s: float = 120):  # noqa: ANN201
+    """The deployment `flow/deployment` once `lensmith schedule` has registered it, or None after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return api(server, "get", f"/deployments/name/{name}")
+        except httpx.HTTPStatusError:
+            time.sleep(1)
+    return None
+
+
 def test_flow_run_task_runs_and_artifacts_are_recorded(served_project, prefect_server: PrefectServer) -> None:  # noqa: ANN001, F811
     _, flow_run_id = served_project
     tasks = api(prefect_server, "post", "/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run_id]}}})
@@ -88,18 +99,12 @@ def test_nightly_deployment_registers_with_cron_and_a_triggered_run_completes(se
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        deployment = None
-        deadline = time.monotonic() + 120
-        while deployment is None and time.monotonic() < deadline:
-            try:
-                deployment = api(prefect_server, "get", "/deployments/name/lensmith-nightly/nightly-retraining")
-            except httpx.HTTPStatusError:
-                time.sleep(1)
+        deployment = wait_for_deployment(prefect_server, "lensmith-nightly/nightly-retraining")
         assert deployment is not None, (root / "schedule.log").read_text()[-3000:]
         schedules = [s["schedule"] for s in deployment["schedules"]]
         assert {"cron": "0 2 * * *", "timezone": "UTC"}.items() <= schedules[0].items(), schedules
-        monitoring = api(prefect_server, "get", "/deployments/name/lensmith-monitoring/drift-monitoring")
-        assert monitoring["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
+        monitoring = wait_for_deployment(prefect_server, "lensmith-monitoring/drift-monitoring")
+        assert monitoring is not None and monitoring["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
         flow_run = api(prefect_server, "post", f"/deployments/{deployment['id']}/create_flow_run", json={})
         state = None
         deadline = time.monotonic() + 600
