@@ -29,6 +29,7 @@ from lensmith.imageio import ImageRejected, load_image
 from lensmith.inference import measure_speed, predict_probabilities, preprocess_uint8
 from lensmith.layout import Layout
 from lensmith.metrics import EvaluationError
+from lensmith.modelio import load_candidate
 from lensmith.params import EvaluateParams, Params
 from lensmith.preprocess import Preprocessing
 from lensmith.robustness import fgsm_predictions, perturb_all, robustness_summary
@@ -488,16 +489,6 @@ class EvaluationSummary:
         ]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
-
-
-def load_candidate(layout: Layout) -> Any:
-    """The candidate model (modelio.TrainedModel) with an error naming the file and the stage that makes it."""
-    from lensmith.modelio import ModelFileError, load_trained
-
-    try:
-        return load_trained(layout.candidate, device="cpu")
-    except ModelFileError as exc:
-        raise EvaluationError(f"{exc} (the candidate model is produced by the train stage)") from None
 
 
 def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:

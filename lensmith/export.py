@@ -34,7 +34,7 @@ import lensmith
 from lensmith.errors import DataError, GateFailedError, LensmithError
 from lensmith.fsutil import atomic_dir, write_json_atomic
 from lensmith.layout import Layout
-from lensmith.modelio import ModelFileError, TrainedModel, load_trained
+from lensmith.modelio import TrainedModel, load_candidate
 from lensmith.onnxmodel import META_CLASSES, META_PREPROCESSING, META_VERSION, OnnxModel, open_session
 from lensmith.params import ExportParams, Params
 from lensmith.preprocess import Preprocessing
@@ -334,13 +334,6 @@ class ExportSummary:
             f"serving variant: {r['serving_variant']}",
         ]
         return "\n".join(lines)
-
-
-def load_candidate(layout: Layout) -> TrainedModel:
-    try:
-        return load_trained(layout.candidate, device="cpu")
-    except ModelFileError as exc:
-        raise ExportError(f"{exc} (the candidate is produced by the train stage)") from None
 
 
 def int8_block(

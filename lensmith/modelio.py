@@ -107,3 +107,11 @@ def load_trained(model_dir: Path, device: str | torch.device = "cpu") -> Trained
     return TrainedModel(
         model=model, arch=payload["arch"], classes=list(payload["classes"]), preprocessing=preprocessing, meta=meta
     )
+
+
+def load_candidate(layout: Any, device: str = "cpu") -> TrainedModel:
+    """models/candidate as a TrainedModel; a missing/corrupt model names the file and the stage that makes it."""
+    try:
+        return load_trained(layout.candidate, device=device)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc} (the candidate model is produced by the train stage: `lensmith train`)") from None
