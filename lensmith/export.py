@@ -38,6 +38,7 @@ from lensmith.modelio import TrainedModel, load_candidate
 from lensmith.onnxmodel import META_CLASSES, META_PREPROCESSING, META_VERSION, OnnxModel, open_session
 from lensmith.params import ExportParams, Params
 from lensmith.preprocess import Preprocessing
+from lensmith.split import read_split_frame
 
 log = logging.getLogger("lensmith.export")
 
@@ -151,16 +152,6 @@ def save_optimized(source: Path, target: Path) -> Path:
 class SplitImages:
     images: np.ndarray  # N x C x H x W uint8 at the model's input size (the shared preprocessing's step 1)
     labels: np.ndarray  # N class indices
-
-
-def read_split_frame(layout: Layout, name: str) -> pd.DataFrame:
-    path = layout.split_file(name)
-    if not path.is_file():
-        raise DataError(f"{name} split {path} is missing; run `lensmith split` first")
-    frame = pd.read_parquet(path)
-    if frame.empty or not {"file", "label"} <= set(frame.columns):
-        raise DataError(f"{path} is empty or lacks the file/label columns; rerun `lensmith split`")
-    return frame.reset_index(drop=True)
 
 
 def load_split_images(layout: Layout, name: str, classes: Sequence[str], preprocessing: Preprocessing) -> SplitImages:

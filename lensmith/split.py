@@ -376,3 +376,14 @@ def run_split(params: Params, layout: Layout) -> SplitSummary:
     frames, summary = split_manifest(manifest, params, read_previous_assignments(layout))
     summary.files = write_split_files(layout, frames)
     return summary
+
+
+def read_split_frame(layout: Layout, name: str) -> pd.DataFrame:
+    """One written split (train/val/test) for a downstream stage; a clear error when it is missing or empty."""
+    path = layout.split_file(name)
+    if not path.is_file():
+        raise DataError(f"the {name} split {path} is missing; run `lensmith split` first")
+    frame = pd.read_parquet(path)
+    if frame.empty or not {"file", "label"} <= set(frame.columns):
+        raise DataError(f"{path} is empty or lacks the file/label columns; rerun `lensmith split`")
+    return frame.reset_index(drop=True)

@@ -31,6 +31,7 @@ from lensmith.imageio import load_image
 from lensmith.imagestats import image_stats
 from lensmith.layout import Layout
 from lensmith.params import Params
+from lensmith.split import read_split_frame
 
 REFERENCE_PARQUET = "drift_reference.parquet"
 REFERENCE_JSON = "drift_reference.json"
@@ -75,12 +76,7 @@ def onnx_model_path(layout: Layout, model_dir: Path) -> Path:
 
 def read_split_rows(layout: Layout, name: str, limit: int, seed: int) -> pd.DataFrame:
     """The split's rows (at most `limit`, a seeded sample) with absolute `file` paths."""
-    path = layout.split_file(name)
-    if not path.is_file():
-        raise DataError(f"the {name} split {path} is missing; run `lensmith split` first")
-    frame = pd.read_parquet(path)
-    if frame.empty or not {"file", "label"} <= set(frame.columns):
-        raise DataError(f"{path} is empty or lacks the file/label columns; rerun `lensmith split`")
+    frame = read_split_frame(layout, name)
     if len(frame) > limit:
         frame = frame.sample(n=limit, random_state=seed).sort_index()
     frame = frame.reset_index(drop=True)
