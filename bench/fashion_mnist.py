@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--budget-min", type=float, default=15.0)
+    ap.add_argument("--random-init", action="store_true", help="no pretrained weights (the only choice offline for torchvision backbones)")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke runs)")
     args = ap.parse_args()
 
@@ -78,7 +79,7 @@ def main() -> None:
         warmup_epochs=1, freeze_epochs=0, label_smoothing=0.1, augment=augment,
     )
     torch.manual_seed(0)
-    model = build_model(args.model, 10, True, tp.dropout, args.image_size).to(memory_format=torch.channels_last)
+    model = build_model(args.model, 10, not args.random_init, tp.dropout, args.image_size).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, tp)
     scheduler = build_scheduler(optimizer, tp, len(batch_order(len(train.labels), tp.batch_size, torch.Generator())))
     ctx = EpochContext(

@@ -8,7 +8,7 @@ and images, in one process, alternating A/B rounds of `--steps` optimiser steps;
 
 Also reports achieved GFLOP/s (FLOPs of one fwd+bwd step counted with FlopCounterMode).
 
-  .venv/bin/python bench/train_speed.py --images 512 --batch 32 --image-size 128 --rounds 3 --steps 4
+  .venv/bin/python bench/train_speed.py --images 1000 --batch 64 --image-size 128 --rounds 3 --steps 6 [--source-size 512]
 """
 
 from __future__ import annotations
@@ -134,13 +134,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6, help="optimiser steps per timed round")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--source-size", type=int, default=128,
+                    help="side of the stored JPEGs (demo data: 128 = the training size; camera frames are larger, e.g. 512)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
 
     tp = TrainParams(image_size=args.image_size, batch_size=args.batch)
-    demo = ensure_demo_data(args.work / "demo")
+    if args.source_size == 128:
+        demo = ensure_demo_data(args.work / "demo")
+    else:
+        demo = ensure_demo_data(args.work / f"demo-{args.source_size}px", per_class=args.images // 5, image_size=args.source_size)
     meta = limit_per_class(demo_metadata(demo), args.images // 5).reset_index(drop=True)
-    folder = image_folder(meta, args.work / f"imagefolder-{args.images}")
+    folder = image_folder(meta, args.work / f"imagefolder-{args.images}-{args.source_size}px")
     classes = sorted(meta["label"].unique())
     labels = meta["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
 
@@ -160,7 +165,8 @@ def main() -> None:
             print(f"round {r + 1} {name:8s} {out[-1]:7.1f} img/s", flush=True)
     fl = flops_per_image(tp)
     med_a, med_b = statistics.median(a), statistics.median(b)
-    print(f"\nEfficientNet-Lite0 {args.image_size}px batch {args.batch}, {len(labels)} images, {args.rounds}x{args.steps} steps")
+    print(f"\nEfficientNet-Lite0 {args.image_size}px batch {args.batch}, {len(labels)} images stored as {args.source_size}px JPEG, "
+          f"{args.rounds}x{args.steps} steps, baseline DataLoader workers {args.workers}")
     print(f"cache build (once): {cache_s:.1f}s for {len(labels)} images ({len(labels) / cache_s:.0f} img/s)")
     print(f"ours     median {med_a:7.1f} img/s  {med_a * fl / 1e9:6.1f} GFLOP/s")
     print(f"baseline median {med_b:7.1f} img/s  {med_b * fl / 1e9:6.1f} GFLOP/s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -85,6 +86,30 @@ def demo_data(
         seed=params.demo.seed if seed is None else seed,
         per_class=per_class or params.demo.per_class,
         image_size=params.demo.image_size,
+        shards=params.demo.shards,
+    )
+    typer.echo(str(summary))
+
+
+@app.command()
+@user_errors
+def pack(
+    src: Annotated[Path, typer.Argument(help="Image folder: <label>/<file> (+ optional metadata.csv)")],
+    dest: Annotated[Path, typer.Argument(help="Shard folder to create, or to append new images to")],
+    shard_images: Annotated[int, typer.Option(help="At most this many images per shard")] = 1000,
+    shard_mb: Annotated[int, typer.Option(help="At most about this many MB per shard")] = 256,
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+) -> None:
+    """Pack an image folder into tar shards + an index (fast `dvc push` of many small images); point data.source at DEST.
+
+    Packing again appends new and changed images as new shards; existing shards are never rewritten.
+    """
+    from lensmith.shards import pack_images
+
+    params, _ = _context(params_file, overrides, Path("."))
+    summary = pack_images(
+        src, dest, extensions=params.data.image_extensions, shard_images=shard_images, shard_bytes=shard_mb * 1024 * 1024
     )
     typer.echo(str(summary))
 
@@ -128,9 +153,15 @@ def train(
     root: RootOpt = Path("."),
 ) -> None:
     """Transfer-learning training into models/candidate/ (checkpoint every epoch, dvclive metrics)."""
+    from lensmith.distributed import needs_torchrun, torchrun_command
     from lensmith.train import run_train
 
     params, layout = _context(params_file, overrides, root)
+    if needs_torchrun(params.train.processes):
+        args = ["train", "--params", str(params_file), "--root", str(root), *(["--resume"] if resume else [])]
+        args += [a for o in overrides or [] for a in ("--set", o)]
+        typer.echo(f"train.processes={params.train.processes}: relaunching under torchrun (DistributedDataParallel)")
+        raise typer.Exit(subprocess.run(torchrun_command(params.train.processes, args), check=False).returncode)
     typer.echo(str(run_train(params, layout, resume=resume)))
 
 

@@ -43,6 +43,20 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def needs_torchrun(processes: int) -> bool:
+    """True when training asks for more processes than this launch has (i.e. not yet under torchrun)."""
+    return processes > 1 and launched_world_size() == 1
+
+
+def torchrun_command(processes: int, cli_args: list[str]) -> list[str]:
+    """`python -m torch.distributed.run` on this machine (--standalone: a free local rendezvous port)
+    running `python -m lensmith.cli <cli_args>` in `processes` ranks."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "lensmith.cli", *cli_args]
+
+
 def init_distributed(device: torch.device) -> DistContext:
     """Join the torchrun process group (gloo on CPU, nccl on CUDA); SINGLE_PROCESS when not launched so."""
     if launched_world_size() <= 1:

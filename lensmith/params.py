@@ -47,6 +47,7 @@ class DemoParams(Section):
     per_class: int = Field(500, ge=1, le=100_000)
     image_size: int = Field(128, ge=32, le=1024)
     seed: int = 0
+    shards: bool = Field(False, description="Write the demo images packed into tar shards (lensmith pack) instead of files")
 
 
 class ValidateParams(Section):
@@ -150,6 +151,11 @@ class TrainParams(Section):
     compile: bool = False
     channels_last: bool = True
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    processes: int = Field(
+        1, ge=1, le=64,
+        description="> 1: `lensmith train` relaunches itself under torchrun with this many DistributedDataParallel "
+        "processes on this machine (one per GPU with CUDA; gloo on CPU), also inside `dvc repro` and the flows",
+    )
     seed: int = 0
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
@@ -312,6 +318,11 @@ class DriftParams(Section):
     since: str = Field("7d", description="Prediction-log window when --current is the log, e.g. 12h, 7d, 2w")
     current: str | None = Field(None, description="What the monitoring flow checks: folder, s3:// prefix; null = the prediction log")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per ONNX Runtime run for embeddings")
+    max_window_images: int = Field(
+        3000, ge=10,
+        description="Larger windows are measured on a seeded random sample of this many images: "
+        "bounded time, and the same test sensitivity whatever the window size",
+    )
     cron: str = Field("0 6 * * *", description="When the monitoring deployment runs")
     timezone: str = Field("UTC", description="IANA timezone of the monitoring cron")
     deployment_name: str = "drift-monitoring"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -30,10 +29,16 @@ def test_rank_batches_shard_every_batch_without_overlap() -> None:
     assert rank_batches(tiny, DistContext(rank=0, world_size=2)) == [] == rank_batches(tiny, DistContext(rank=1, world_size=2))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_train_processes_relaunch_only_outside_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensmith.distributed import needs_torchrun, torchrun_command
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert needs_torchrun(2) and not needs_torchrun(1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not needs_torchrun(2), "already a torchrun rank: never relaunch again"
+    cmd = torchrun_command(2, ["train", "--set", "train.epochs=1"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lensmith.cli",
+                       "train", "--set", "train.epochs=1"]
 
 
 def trained_meta(root: Path) -> dict:
@@ -47,12 +52,11 @@ def test_two_process_ddp_reaches_single_process_accuracy(tmp_path: Path) -> None
     run(cli, root, timeout=300)
     single = trained_meta(root)
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lensmith.cli", "train",
-                "--root", str(root), "--params", str(root / "params.yaml")]
-    proc = run(torchrun, root, env=tool_env({"OMP_NUM_THREADS": "1"}), timeout=300)
+    # train.processes=2: `lensmith train` relaunches itself under torchrun (what `dvc repro` and the flows run)
+    proc = run([*cli, "--set", "train.processes=2"], root, env=tool_env({"OMP_NUM_THREADS": "1"}), timeout=300)
     ddp = trained_meta(root)
 
+    assert "relaunching under torchrun" in proc.stdout
     assert ddp["distributed"] == {"world_size": 2, "backend": "gloo"} and "distributed" not in single
     assert ddp["num_images"] == single["num_images"] and ddp["num_images"]["val"] >= 80
     assert ddp["epochs_run"] == single["epochs_run"] == 2

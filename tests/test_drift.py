@@ -189,6 +189,17 @@ def test_unlabelled_flat_folder_is_accepted(work: Layout) -> None:
     assert result.report["labels"] == {"present": False} and result.report["current"]["n_images"] > 0
 
 
+def test_a_large_window_is_measured_on_a_seeded_sample_and_says_so(work: Layout) -> None:
+    listed = len(list((work.root / "data/raw/demo").rglob("*.jpg")))
+    first = run_drift(drift_params(max_window_images=20), work, "data/raw/demo").report
+    again = run_drift(drift_params(max_window_images=20), work, "data/raw/demo").report
+    assert first["current"]["n_images"] == 20 and first["current"]["n_in_window"] == listed > 20
+    assert any(f"holds {listed} images" in n and "sample of 20" in n for n in first["notes"])
+    assert [c["p_value"] for c in first["columns"]] == [c["p_value"] for c in again["columns"]], "seeded: same sample"
+    whole = run_drift(drift_params(), work, "data/raw/demo").report
+    assert whole["current"]["n_images"] == listed and not any("sample" in n for n in whole["notes"])
+
+
 def test_missing_reference_says_how_to_build_it(work: Layout) -> None:
     (work.candidate / "drift_reference.parquet").unlink()
     with pytest.raises(DataError, match="no drift reference.*lensmith drift-reference"):
@@ -237,6 +248,16 @@ def test_log_window_keeps_the_last_since_and_skips_a_torn_line(tmp_path: Path) -
     assert parse_duration("12h") == timedelta(hours=12)
     with pytest.raises(DataError, match="not a duration"):
         parse_duration("a week")
+
+
+def test_a_long_log_window_is_sampled_with_a_seed(tmp_path: Path) -> None:
+    now = datetime(2024, 5, 10, tzinfo=timezone.utc)
+    write_log(tmp_path, [log_record(now - timedelta(minutes=m), "ok", 0.9, float(m)) for m in range(1, 51)], torn_tail=False)
+    sampled = load_log_window(tmp_path, "7d", now=now, max_images=10, seed=3)
+    assert sampled.n_images == 10 and sampled.n_in_window == 50
+    assert sampled.frame["brightness"].tolist() == load_log_window(tmp_path, "7d", now=now, max_images=10, seed=3).frame["brightness"].tolist()
+    assert any("sample of 10" in n for n in sampled.notes)
+    assert load_log_window(tmp_path, "7d", now=now, max_images=100).n_images == 50
 
 
 def test_log_window_confidence_drop_triggers_retrain(work: Layout) -> None:

@@ -110,6 +110,19 @@ def read_log_records(directory: Path, since: datetime) -> LogRead:
 # ---- the window ---------------------------------------------------------------------------------------
 
 
+def sampled_positions(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded uniform sample of at most `limit` out of `n` (all when n <= limit)."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def sampling_note(n: int, limit: int) -> list[str]:
+    if n <= limit:
+        return []
+    return [f"the window holds {n} images: drift is measured on a seeded random sample of {limit} (drift.max_window_images)"]
+
+
 @dataclass
 class CurrentWindow:
     """Per-image rows of the window (stats, label when known; predictions for log windows)."""
@@ -119,6 +132,7 @@ class CurrentWindow:
     frame: pd.DataFrame
     rejections: list[Rejection] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    n_in_window: int | None = None  # before sampling; None = not sampled
 
     @property
     def n_images(self) -> int:
@@ -129,22 +143,27 @@ class CurrentWindow:
         return "label" in self.frame.columns and self.frame["label"].notna().any()
 
 
-def load_log_window(directory: Path, since: str, now: datetime | None = None) -> CurrentWindow:
-    """The prediction log's records in the last `since`: stats, predicted label and confidence per image."""
+def load_log_window(
+    directory: Path, since: str, now: datetime | None = None, max_images: int | None = None, seed: int = 0
+) -> CurrentWindow:
+    """The prediction log's records in the last `since`: stats, predicted label and confidence per image
+    (a seeded sample of `max_images` records when there are more)."""
     if not Path(directory).is_dir():
         raise DataError(f"prediction log folder {directory} does not exist; is the service logging (serve.log_dir)?")
     cutoff = (now or datetime.now(timezone.utc)) - parse_duration(since)
     read = read_log_records(Path(directory), cutoff)
-    rows = [log_row(r) for r in read.records]
+    n = len(read.records)
+    limit = n if max_images is None else max_images
+    rows = [log_row(read.records[i]) for i in sampled_positions(n, limit, seed)]
     frame = pd.DataFrame(rows, columns=["path", *STAT_COLUMNS, "predicted_label", "confidence", "model_version", "time"])
-    notes = ["the prediction log holds no pixels: embedding drift is not measured for log windows"]
+    notes = ["the prediction log holds no pixels: embedding drift is not measured for log windows", *sampling_note(n, limit)]
     if read.unreadable_lines:
         notes.append(f"{read.unreadable_lines} unreadable log line(s) skipped")
     versions = sorted(frame["model_version"].dropna().astype(str).unique())
     if len(versions) > 1:
         notes.append(f"the window mixes model versions {versions}: prediction drift compares them together")
-    window = CurrentWindow(f"prediction log {directory} since {cutoff.isoformat(timespec='seconds')} ({since})", "log", frame, notes=notes)
-    return window
+    description = f"prediction log {directory} since {cutoff.isoformat(timespec='seconds')} ({since})"
+    return CurrentWindow(description, "log", frame, notes=notes, n_in_window=n)
 
 
 def log_row(record: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from lensmith.drift.current import (
     list_window,
     load_log_window,
     log_directory,
+    sampled_positions,
+    sampling_note,
 )
 from lensmith.drift.embeddings import EmbeddingModel
 from lensmith.drift.reference import Reference, load_reference, onnx_model_path, reference_paths
@@ -120,9 +122,11 @@ def embed_image_window(source: str, params: Params, layout: Layout, model_dir: P
         rejected = f" ({len(listing.rejections)} unusable entries)" if listing.rejections else ""
         raise DataError(f"empty window: no images under {listing.description}{rejected}; nothing to compare")
     model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir)
+    n_listed, limit = len(listing.items), params.drift.max_window_images
+    items = [listing.items[i] for i in sampled_positions(n_listed, limit, params.drift.seed)]
     rows, embeddings, probabilities, rejections = [], [], [], list(listing.rejections)
     started, embed_s = time.perf_counter(), 0.0
-    for chunk in decoded_chunks(listing.items, params, model.preprocessing):
+    for chunk in decoded_chunks(items, params, model.preprocessing):
         rows += chunk.rows
         rejections += chunk.rejections
         if len(chunk.rows):
@@ -132,7 +136,7 @@ def embed_image_window(source: str, params: Params, layout: Layout, model_dir: P
             embeddings.append(out.embeddings)
             probabilities.append(out.probabilities)
     frame = pd.DataFrame(rows, columns=["path", "label", *STAT_COLUMNS])
-    window = CurrentWindow(listing.description, "images", frame, rejections)
+    window = CurrentWindow(listing.description, "images", frame, rejections, sampling_note(n_listed, limit), n_listed)
     if frame.empty:
         return CurrentData(window, frame)
     probs = np.concatenate(probabilities)
@@ -146,7 +150,7 @@ def embed_image_window(source: str, params: Params, layout: Layout, model_dir: P
 def load_current(source: str, since: str, params: Params, layout: Layout, model_dir: Path, reference: Reference) -> CurrentData:
     directory = log_directory(source, params, layout)
     if directory is not None:
-        window = load_log_window(directory, since)
+        window = load_log_window(directory, since, max_images=params.drift.max_window_images, seed=params.drift.seed)
         return CurrentData(window, window.frame)
     return embed_image_window(source, params, layout, model_dir, reference)
 
@@ -402,6 +406,7 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
             "source": current.window.description,
             "kind": current.window.kind,
             "n_images": int(len(frame)),
+            "n_in_window": current.window.n_in_window,
             "n_quarantined": len(current.window.rejections),
             "quarantine_reasons": reason_counts(current.window.rejections),
             "quarantine": str(quarantine),
