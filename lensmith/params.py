@@ -319,7 +319,7 @@ class DriftParams(Section):
     current: str | None = Field(None, description="What the monitoring flow checks: folder, s3:// prefix; null = the prediction log")
     batch_size: int = Field(64, ge=1, le=4096, description="Images per ONNX Runtime run for embeddings")
     max_window_images: int = Field(
-        3000, ge=10,
+        1000, ge=10,
         description="Larger windows are measured on a seeded random sample of this many images: "
         "bounded time, and the same test sensitivity whatever the window size",
     )

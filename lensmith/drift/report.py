@@ -14,6 +14,8 @@ Outputs: reports/drift.html (self-contained), reports/drift.json, reports/drift_
 from __future__ import annotations
 
 import html
+import importlib
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -357,10 +359,26 @@ def save_html(snapshot: Any, target: Path, banner: str) -> None:
         tmp.write_text(page, encoding="utf-8")
 
 
+def preload_evidently() -> threading.Thread:
+    """Import Evidently in the background: its import costs ~7 s of CPU, which then overlaps the decode
+    pool and ONNX Runtime (both outside the GIL). A failed import resurfaces at the real import."""
+
+    def load() -> None:
+        try:
+            importlib.import_module("evidently")
+        except Exception:  # noqa: BLE001, S110 - run_evidently's own import reports it
+            pass
+
+    thread = threading.Thread(target=load, name="import-evidently", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_drift(params: Params, layout: Layout, source: str, since: str | None = None, model: str | None = None) -> DriftResult:
     """Compare `source` (folder, s3:// prefix, or the prediction log) with the model's reference; write the reports."""
     dp = params.drift
     started = time.perf_counter()
+    evidently_import = preload_evidently()
     model_dir = resolve_model_dir(layout, model or dp.model)
     reference = reference_for(layout, model_dir)
     current = load_current(source, since or dp.since, params, layout, model_dir, reference)
@@ -374,6 +392,7 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
     in_evidently = with_quality and evidently_can_score(frame)
     cur, ref = evidently_frames(frame, reference, columns, in_evidently)
     t = time.perf_counter()
+    evidently_import.join()
     snapshot = run_evidently(cur, ref, columns, in_evidently, dp)
     evidently_s = time.perf_counter() - t
     snap = snapshot.dict()
