@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lensmith.datacache import cached_images  # noqa: E402
 from lensmith.layout import Layout  # noqa: E402
 from lensmith.modelio import load_trained  # noqa: E402
-from lensmith.train import image_hashes, resolve_files  # noqa: E402
+from lensmith.shards import frame_image_refs  # noqa: E402
+from lensmith.train import image_hashes  # noqa: E402
 
 
 def ensure_demo_data(out: Path, per_class: int = 500, image_size: int = 128, seed: int = 0) -> Path:
@@ -67,7 +68,7 @@ def limit_per_class(frame: pd.DataFrame, n: int, seed: int = 0) -> pd.DataFrame:
 def test_scores(layout: Layout, model_dir: Path | None = None) -> dict[str, float]:
     trained = load_trained(model_dir or layout.candidate)
     frame = pd.read_parquet(layout.split_file("test"))
-    files = resolve_files(frame, layout.root)
+    files = frame_image_refs(frame, layout.root)
     images = cached_images(files, image_hashes(frame, files), trained.preprocessing, layout.cache_dir)
     index = {c: i for i, c in enumerate(trained.classes)}
     labels = frame["label"].astype(str).map(index).to_numpy()

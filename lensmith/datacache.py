@@ -20,6 +20,7 @@ from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path
 from lensmith.imageio import ImageRejected, load_image
 from lensmith.preprocess import Preprocessing
+from lensmith.shards import ImageRef
 
 CACHE_FORMAT = 1
 CHUNK = 64
@@ -38,8 +39,8 @@ def cache_path(cache_dir: Path, sha256s: Sequence[str], preprocessing: Preproces
     return Path(cache_dir) / "images" / f"{cache_key(sha256s, preprocessing)}.npy"
 
 
-def decode_to_uint8(path: Path, preprocessing: Preprocessing) -> np.ndarray:
-    """One image file -> C x H x W uint8 at the model's input size."""
+def decode_to_uint8(path: Path | ImageRef, preprocessing: Preprocessing) -> np.ndarray:
+    """One image (a file or a shard member) -> C x H x W uint8 at the model's input size."""
     try:
         image = load_image(path)
     except FileNotFoundError:
@@ -50,7 +51,7 @@ def decode_to_uint8(path: Path, preprocessing: Preprocessing) -> np.ndarray:
 
 
 def cached_images(
-    files: Sequence[Path],
+    files: Sequence[Path | ImageRef],
     sha256s: Sequence[str],
     preprocessing: Preprocessing,
     cache_dir: Path,
@@ -67,7 +68,7 @@ def cached_images(
             return _open_cache(target, len(files), preprocessing)
         except (ValueError, OSError):
             pass  # an unreadable cache is rebuilt, never trusted
-    _build_cache(target, [Path(f) for f in files], preprocessing, workers, desc)
+    _build_cache(target, [f if isinstance(f, ImageRef) else Path(f) for f in files], preprocessing, workers, desc)
     return _open_cache(target, len(files), preprocessing)
 
 
@@ -79,7 +80,7 @@ def _open_cache(path: Path, count: int, preprocessing: Preprocessing) -> np.ndar
     return array
 
 
-def _build_cache(target: Path, files: list[Path], preprocessing: Preprocessing, workers: int, desc: str) -> None:
+def _build_cache(target: Path, files: list[Path | ImageRef], preprocessing: Preprocessing, workers: int, desc: str) -> None:
     shape = (len(files), preprocessing.num_channels, preprocessing.image_size, preprocessing.image_size)
     # Threads, not processes: PIL releases the GIL while decoding and resizing, and nothing is forked
     # from a process that already holds torch's thread pools.

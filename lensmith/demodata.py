@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_dir
+from lensmith.shards import pack_images
 
 CLASSES: tuple[str, ...] = ("ok", "crack", "scratch", "stain", "pitting")
 TRAINING_SITES: tuple[str, ...] = ("A", "B")
@@ -135,6 +137,7 @@ class DemoSummary:
     site_counts: dict[str, int] = field(default_factory=dict)
     n_batches: int = 0
     seconds: float = 0.0
+    shards: bool = False
 
     @property
     def n_images(self) -> int:
@@ -145,7 +148,7 @@ class DemoSummary:
         return (
             f"demo data: {self.n_images} images ({per_class}) from site(s) {','.join(self.sites)} in "
             f"{self.n_batches} batches, {self.image_size}x{self.image_size}, seed {self.seed} -> {self.out} "
-            f"(+ metadata.csv) in {self.seconds:.1f} s"
+            f"(+ metadata.csv{', packed into shards' if self.shards else ''}) in {self.seconds:.1f} s"
         )
 
 
@@ -567,6 +570,16 @@ def normalise_sites(sites: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def write_image_folder(out: Path, seed: int, image_size: int, jobs: Sequence[ImageJob], workers: int) -> pd.DataFrame:
+    """Render `jobs` into the existing folder `out` (<class>/<file>.jpg + metadata.csv); return the metadata."""
+    for label in CLASSES:
+        (out / label).mkdir()
+    rows = render_all(out, seed, image_size, jobs, workers)
+    metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).sort_values("path", ignore_index=True)
+    metadata.to_csv(out / "metadata.csv", index=False, lineterminator="\n")
+    return metadata
+
+
 def generate_demo_dataset(
     out: Path,
     *,
@@ -575,8 +588,10 @@ def generate_demo_dataset(
     per_class: int,
     image_size: int,
     workers: int = 0,
+    shards: bool = False,
 ) -> DemoSummary:
-    """Write the demo set to `out/<class>/<file>.jpg` + `out/metadata.csv` (replacing `out` only on success).
+    """Write the demo set to `out/<class>/<file>.jpg` + `out/metadata.csv` (replacing `out` only on success);
+    with `shards`, `out` holds the same images packed into tar shards (lensmith.shards) instead.
 
     `per_class` images of each class are spread over the sites (default: the training sites A, B).
     Identical bytes for the same (sites, seed, per_class, image_size), whatever `workers` is.
@@ -591,11 +606,12 @@ def generate_demo_dataset(
     workers = min(resolve_workers(workers), max(len(jobs) // 8, 1))
     out = Path(out)
     with atomic_dir(out) as tmp:
-        for label in CLASSES:
-            (tmp / label).mkdir()
-        rows = render_all(tmp, seed, image_size, jobs, workers)
-        metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).sort_values("path", ignore_index=True)
-        metadata.to_csv(tmp / "metadata.csv", index=False, lineterminator="\n")
+        if shards:
+            with tempfile.TemporaryDirectory(prefix=f".{out.name}.images.", dir=out.parent) as images:
+                metadata = write_image_folder(Path(images), seed, image_size, jobs, workers)
+                pack_images(Path(images), tmp, extensions=[".jpg"])
+        else:
+            metadata = write_image_folder(tmp, seed, image_size, jobs, workers)
     counts = metadata["label"].value_counts()
     return DemoSummary(
         out=out,
@@ -606,4 +622,5 @@ def generate_demo_dataset(
         site_counts={site: int(n) for site, n in metadata["site"].value_counts().sort_index().items()},
         n_batches=int(metadata["batch"].nunique()),
         seconds=time.perf_counter() - start,
+        shards=shards,
     )

@@ -33,6 +33,7 @@ from lensmith.modelio import load_candidate
 from lensmith.params import EvaluateParams, Params
 from lensmith.preprocess import Preprocessing
 from lensmith.robustness import fgsm_predictions, perturb_all, robustness_summary
+from lensmith.shards import ImageRef, frame_image_refs
 
 __all__ = ["EvaluationError", "Evaluation", "EvaluationSummary", "evaluate_model", "run_evaluate"]
 
@@ -76,16 +77,10 @@ def read_test_split(layout: Layout) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
-def image_paths(frame: pd.DataFrame, root: Path) -> list[Path]:
-    """Local files to read: the `file` column (or `path` when absent), relative paths taken from the layout root."""
-    column = frame["file"] if "file" in frame.columns else frame["path"]
-    return [p if p.is_absolute() else root / p for p in (Path(str(v)) for v in column)]
-
-
-def decode_images(paths: Sequence[Path]) -> list[np.ndarray]:
-    """Decoded uint8 arrays (HxWxC), one per path; a missing or undecodable file is an EvaluationError."""
+def decode_images(refs: Sequence[ImageRef | Path]) -> list[np.ndarray]:
+    """Decoded uint8 arrays (HxWxC), one per image; a missing or undecodable file is an EvaluationError."""
     images = []
-    for path in paths:
+    for path in refs:
         try:
             img = load_image(path)
         except FileNotFoundError:
@@ -497,7 +492,7 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
     trained = load_candidate(layout)
     y_true = label_indices(frame["label"].astype(str).tolist(), trained.classes)
     m.positive_class_indices(trained.classes, params.evaluate.positive_class, params.evaluate.negative_class)
-    paths = image_paths(frame, layout.root)
+    paths = frame_image_refs(frame, layout.root)
     images = decode_images(paths)
     evaluation = evaluate_model(
         trained.model,
@@ -512,7 +507,7 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
     evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
     pngs = write_plots(evaluation, plots_dir(layout))
     write_json_atomic(metrics_path(layout), evaluation.metrics)
-    report = build_html(evaluation, pngs, images, [str(p) for p in paths], params.evaluate.worst_examples)
+    report = build_html(evaluation, pngs, images, [p.name for p in paths], params.evaluate.worst_examples)
     report.save(html_path(layout))
     test = evaluation.metrics["test"]
     return EvaluationSummary(

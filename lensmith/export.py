@@ -156,15 +156,16 @@ class SplitImages:
 
 def load_split_images(layout: Layout, name: str, classes: Sequence[str], preprocessing: Preprocessing) -> SplitImages:
     from lensmith.datacache import cached_images
-    from lensmith.train import image_hashes, resolve_files
+    from lensmith.shards import frame_image_refs
+    from lensmith.train import image_hashes
 
     frame = read_split_frame(layout, name)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(frame["label"].astype(str)) - set(index))
     if unknown:
         raise DataError(f"the {name} split has labels the model does not know: {unknown}; retrain first")
-    files = resolve_files(frame, layout.root)
-    images = cached_images(files, image_hashes(frame, files), preprocessing, layout.cache_dir, desc=f"caching {name}")
+    refs = frame_image_refs(frame, layout.root)
+    images = cached_images(refs, image_hashes(frame, refs), preprocessing, layout.cache_dir, desc=f"caching {name}")
     return SplitImages(np.array(images), frame["label"].astype(str).map(index).to_numpy(dtype=np.int64))
 
 

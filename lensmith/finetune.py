@@ -27,6 +27,7 @@ from lensmith.errors import DataError
 from lensmith.fsutil import write_json_atomic
 from lensmith.layout import Layout
 from lensmith.params import Params
+from lensmith.shards import MEMBER_COLUMNS
 
 
 @dataclass
@@ -67,17 +68,30 @@ def site_frame(params: Params, layout: Layout, site: str, source: str | None) ->
         from lensmith.sources import list_source
 
         listing = list_source(params.data.model_copy(update={"source": source}), layout)
-        frame = pd.DataFrame({"file": [str(i.local_file) for i in listing.items], "label": [i.label for i in listing.items]})
+        frame = pd.DataFrame(
+            {
+                "path": [i.path for i in listing.items],
+                "file": [str(i.local_file) for i in listing.items],
+                "label": [i.label for i in listing.items],
+                "member_offset": pd.array([i.offset for i in listing.items], dtype="Int64"),
+                "member_size": pd.array([i.size if i.in_shard else None for i in listing.items], dtype="Int64"),
+            }
+        )
     else:
         if not layout.manifest.is_file():
             raise DataError(f"no manifest at {layout.manifest}: run `lensmith ingest`, or pass --source with the site's images")
         manifest = pd.read_parquet(layout.manifest)
         if column not in manifest.columns:
             raise DataError(f"the manifest has no {column!r} column (drift.finetune.site_column); pass --source with the site's images")
-        frame = manifest[manifest[column].astype(str) == site][["file", "label"]]
+        frame = manifest[manifest[column].astype(str) == site][["path", "file", "label", *member_columns(manifest)]]
     if frame.empty:
         raise DataError(f"no images of site {site!r} found ({'in ' + source if source else f'manifest column {column!r}'})")
     return frame.reset_index(drop=True)
+
+
+def member_columns(frame: pd.DataFrame) -> list[str]:
+    """The shard-member columns a frame carries (absent in manifests from before shards)."""
+    return [c for c in MEMBER_COLUMNS if c in frame.columns]
 
 
 def split_site(frame: pd.DataFrame, max_images: int, test_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -161,11 +175,12 @@ def accuracy_on(model: Any, data: Any, preprocessing: Any, batch_size: int) -> f
 
 def global_test_metrics(model: Any, trained: Any, params: Params, layout: Layout) -> dict[str, Any]:
     """metrics.json content (the gate's input) for `model` on the global test split."""
-    from lensmith.evaluate import decode_images, evaluate_model, image_paths, label_indices, model_block, read_test_split
+    from lensmith.evaluate import decode_images, evaluate_model, label_indices, model_block, read_test_split
+    from lensmith.shards import frame_image_refs
 
     frame = read_test_split(layout)
     y_true = label_indices(frame["label"].astype(str).tolist(), trained.classes)
-    images = decode_images(image_paths(frame, layout.root))
+    images = decode_images(frame_image_refs(frame, layout.root))
     evaluation = evaluate_model(model, trained.preprocessing, trained.classes, images, y_true, frame, params.evaluate, speed_budget_s=0.5)
     evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
     return evaluation.metrics

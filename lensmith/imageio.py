@@ -11,9 +11,13 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from lensmith.shards import ImageRef
 
 # Decompression bombs are checked explicitly against params (data.max_pixels) before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -156,9 +160,11 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def load_image(path: Path | str, *, max_pixels: int = 40_000_000) -> Image.Image:
-    """Read and decode an image file from disk (normalised mode, orientation applied)."""
-    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels).image
+def load_image(source: ImageRef | Path | str, *, max_pixels: int = 40_000_000) -> Image.Image:
+    """Read (a file, or a member of a shard) and decode an image (normalised mode, orientation applied)."""
+    from lensmith.shards import read_image_bytes  # shards imports ImageRejected from here
+
+    return decode_image(read_image_bytes(source), max_pixels=max_pixels).image
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

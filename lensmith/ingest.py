@@ -1,9 +1,10 @@
-"""Ingest: data.source (ImageFolder, CSV manifest or s3:// prefix) -> data/manifest.parquet + data/quarantine.csv.
+"""Ingest: data.source (ImageFolder, shard folder, CSV manifest or s3:// prefix) -> data/manifest.parquet + data/quarantine.csv.
 
 Every candidate file is read once, hashed, fully decoded (lensmith.imageio) and described (lensmith.imagestats)
-in a process pool. Files whose size+mtime (local) or ETag (S3) match the previous manifest are reused without
-being read. Unusable files are quarantined with a reason; the run fails only when their share exceeds
-validate.max_bad_fraction, and then the previous manifest is left as it was. The source is never written to.
+in a process pool. Files whose size+mtime (local), ETag (S3) or shard-index sha256 (shard members) match the
+previous manifest are reused without being read. Unusable files are quarantined with a reason; the run fails
+only when their share exceeds validate.max_bad_fraction, and then the previous manifest is left as it was.
+The source is never written to.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lensmith.imageio import ImageRejected, check_geometry, decode_image
 from lensmith.imagestats import IMAGE_STAT_COLUMNS, image_stats, perceptual_hash
 from lensmith.layout import Layout
 from lensmith.params import Params
+from lensmith.shards import MEMBER_COLUMNS, ImageRef, read_image_bytes
 from lensmith.sources import (
     Rejection,
     S3Settings,
@@ -55,7 +57,8 @@ IMAGE_COLUMNS: tuple[str, ...] = (
     *IMAGE_STAT_COLUMNS,
     "phash",
 )
-MANIFEST_COLUMNS: tuple[str, ...] = ("path", "file", "label", *IMAGE_COLUMNS, "mtime_ns", "etag")
+# `file` is the image file, or the shard holding it; MEMBER_COLUMNS say where inside (NA for plain files).
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "file", "label", *IMAGE_COLUMNS, "mtime_ns", "etag", *MEMBER_COLUMNS)
 QUARANTINE_COLUMNS: tuple[str, ...] = ("path", "reason", "detail")
 MIN_ITEMS_FOR_POOL = 32  # below this, starting processes costs more than it saves
 MAX_CHUNK = 64
@@ -135,12 +138,25 @@ def read_item_bytes(item: SourceItem, limits: DecodeLimits, s3: S3Settings) -> b
             return fetch_s3_object(s3, item.bucket or "", item.key or "", item.local_file)
         except s3_errors() as exc:
             raise ImageRejected("s3_read_failed", f"{type(exc).__name__}: {exc}") from None
+    if item.in_shard:
+        return read_shard_member(item)
     try:
         return item.local_file.read_bytes()
     except FileNotFoundError:
         raise ImageRejected("missing_file", f"{item.local_file} disappeared during ingest") from None
     except OSError as exc:
         raise ImageRejected("unreadable_file", f"{item.local_file}: {exc}") from None
+
+
+def read_shard_member(item: SourceItem) -> bytes:
+    """The member's bytes, checked against the shard index's sha256 (a damaged member is quarantined)."""
+    ref = ImageRef(item.local_file, item.offset, item.size, item.path)
+    try:
+        return read_image_bytes(ref, sha256=item.sha256)
+    except FileNotFoundError:
+        raise ImageRejected("missing_shard", f"{item.local_file} disappeared during ingest") from None
+    except OSError as exc:
+        raise ImageRejected("unreadable_file", f"{ref}: {exc}") from None
 
 
 def ingest_item(item: SourceItem, limits: DecodeLimits, s3: S3Settings) -> dict[str, Any] | Rejection:
@@ -219,12 +235,15 @@ def read_previous_manifest(path: Path) -> dict[str, dict[str, Any]]:
         frame = pd.read_parquet(path)
     except Exception:  # noqa: BLE001 - a damaged previous manifest only costs a full re-read
         return {}
-    if not set(MANIFEST_COLUMNS).issubset(frame.columns):
+    # manifests written before shard support lack MEMBER_COLUMNS: their rows are plain files
+    if not set(MANIFEST_COLUMNS).difference(MEMBER_COLUMNS).issubset(frame.columns):
         return {}
-    return {str(row["path"]): row for row in frame[list(MANIFEST_COLUMNS)].to_dict("records")}
+    return {str(row["path"]): row for row in frame.reindex(columns=list(MANIFEST_COLUMNS)).to_dict("records")}
 
 
 def is_unchanged(item: SourceItem, previous: dict[str, Any]) -> bool:
+    if item.sha256 is not None:
+        return previous.get("sha256") == item.sha256 and previous.get("file_bytes") == item.size
     if item.is_s3:
         return bool(item.etag) and previous.get("etag") == item.etag
     return (
@@ -299,13 +318,18 @@ def manifest_row(item: SourceItem, image_columns: dict[str, Any], layout: Layout
         **image_columns,
         "mtime_ns": item.mtime_ns,
         "etag": item.etag,
+        "member_offset": item.offset,
+        "member_size": item.size if item.in_shard else None,
     }
 
 
 def manifest_frame(rows: list[dict[str, Any]], metadata: pd.DataFrame | None) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     frame = frame.astype(
-        {"file_bytes": "int64", "width": "int64", "height": "int64", "channels": "int64", "mtime_ns": "Int64"}
+        {
+            "file_bytes": "int64", "width": "int64", "height": "int64", "channels": "int64", "mtime_ns": "Int64",
+            **dict.fromkeys(MEMBER_COLUMNS, "Int64"),
+        }
     )
     frame["etag"] = frame["etag"].astype("string")
     if metadata is not None and len(metadata.columns):

@@ -1,4 +1,4 @@
-"""Where images come from: an ImageFolder, a CSV manifest or an s3://bucket/prefix (ImageFolder layout).
+"""Where images come from: an ImageFolder, a folder of shards, a CSV manifest or an s3://bucket/prefix.
 
 `list_source` turns `data.source` into `SourceItem`s (one per candidate image, nothing read yet) plus
 `Rejection`s for entries that are unusable before decoding (symlink out of the source, path escaping the
@@ -21,6 +21,7 @@ from lensmith.errors import DataError, SourceUnavailableError
 from lensmith.fsutil import write_bytes_atomic
 from lensmith.layout import Layout
 from lensmith.params import DataParams, Params
+from lensmith.shards import INDEX_FILE, is_shard_folder, read_shard_index
 
 METADATA_FILE = "metadata.csv"
 S3_SCHEME = "s3://"
@@ -46,10 +47,16 @@ class SourceItem:
     bucket: str | None = None
     key: str | None = None
     etag: str | None = None
+    offset: int | None = None  # a shard member: its data is `size` bytes at `offset` in `local_file`
+    sha256: str | None = None  # known content hash (a shard member's, from the shard index)
 
     @property
     def is_s3(self) -> bool:
         return self.bucket is not None
+
+    @property
+    def in_shard(self) -> bool:
+        return self.offset is not None
 
 
 @dataclass(frozen=True)
@@ -87,13 +94,15 @@ def local_source_path(source: str, layout: Layout) -> Path:
 
 
 def list_source(data: DataParams, layout: Layout) -> SourceListing:
-    """Dispatch on `data.source`: s3:// URI, CSV manifest file or ImageFolder directory."""
+    """Dispatch on `data.source`: s3:// URI, CSV manifest file, shard folder or ImageFolder directory."""
     extensions = set(data.image_extensions)
     if is_s3_uri(data.source):
         return list_s3_folder(data.source, extensions, s3_settings(data), layout, data.max_file_bytes)
     root = local_source_path(data.source, layout)
     if not root.exists():
         raise SourceUnavailableError(f"data.source {data.source!r} does not exist (looked at {root})")
+    if root.is_dir() and is_shard_folder(root):
+        return list_shard_folder(root, extensions)
     if root.is_dir():
         return list_image_folder(root, extensions)
     if root.is_file() and root.suffix.lower() == ".csv":
@@ -195,6 +204,76 @@ def list_image_folder(root: Path, extensions: set[str]) -> SourceListing:
     if metadata_file.is_file():
         listing.metadata = read_metadata_csv(metadata_file, str(metadata_file))
     return listing
+
+
+# ------------------------------------------------------------------------------------------- shard folder
+
+
+def list_shard_folder(root: Path, extensions: set[str]) -> SourceListing:
+    """Members of the shards in `root` (lensmith.shards), with the same rules as an ImageFolder: the label
+    is the first directory of the member path; hidden members are skipped; nothing is read but the index.
+    Loose image files in `root` (e.g. written by `lensmith review import`) are listed too, as files."""
+    listing = SourceListing(description=f"{root} (shards)")
+    index = read_shard_index(root)
+    shard_sizes: dict[str, int | None] = {}
+    seen: set[str] = set()
+    for path, shard, offset, size, sha in index[["path", "shard", "offset", "size", "sha256"]].itertuples(index=False):
+        outcome = shard_member_item(root, str(path), str(shard), int(offset), int(size), str(sha), extensions, shard_sizes)
+        if outcome is None:
+            continue
+        if isinstance(outcome, SourceItem) and outcome.path in seen:
+            outcome = Rejection(outcome.path, "duplicate_path", f"listed more than once in {root / INDEX_FILE}; first kept")
+        listing.add(outcome)
+        if isinstance(outcome, SourceItem):
+            seen.add(outcome.path)
+    add_loose_files(listing, list_image_folder(root, extensions), seen)
+    return listing
+
+
+def add_loose_files(listing: SourceListing, loose: SourceListing, members: set[str]) -> None:
+    """Image files beside the shards join the listing; a file with a member's path loses to the member."""
+    for item in loose.items:
+        if item.path in members:
+            detail = "both a file and a shard member; the member is used"
+            listing.rejections.append(Rejection(item.path, "duplicate_path", detail))
+        else:
+            listing.items.append(item)
+    listing.rejections += loose.rejections
+    listing.metadata = loose.metadata
+
+
+def shard_member_item(
+    root: Path, path: str, shard: str, offset: int, size: int, sha: str, extensions: set[str], shard_sizes: dict[str, int | None]
+) -> SourceItem | Rejection | None:
+    """The member as an item, why it is unusable, or None for a hidden member (skipped, as in a folder)."""
+    detail = unsafe_member_detail(path) or unsafe_member_detail(shard)
+    if detail or "/" in shard:
+        return Rejection(path, "path_escapes_root", detail or f"shard name {shard!r} is not a file in {root}")
+    if is_hidden(path.split("/")):
+        return None
+    if not has_image_extension(path, extensions):
+        return Rejection(path, "unsupported_extension", f"extension not in data.image_extensions {sorted(extensions)}")
+    parts = path.split("/")
+    if len(parts) < 2:
+        return Rejection(path, "no_label", f"member of {shard} at the shard root, not in a <class>/ folder")
+    if shard not in shard_sizes:
+        file = root / shard
+        shard_sizes[shard] = file.stat().st_size if file.is_file() else None
+    available = shard_sizes[shard]
+    if available is None:
+        return Rejection(path, "missing_shard", f"shard {root / shard} listed in {INDEX_FILE} does not exist")
+    if offset < 0 or offset + size > available:
+        return Rejection(
+            path, "truncated_shard", f"{root / shard} is {available} bytes; member {path} needs bytes {offset}..{offset + size}"
+        )
+    return SourceItem(path=path, label=parts[0], local_file=root / shard, size=size, offset=offset, sha256=sha)
+
+
+def unsafe_member_detail(path: str) -> str | None:
+    """Absolute paths and '.', '..' or empty segments could name something outside the folder: refuse them."""
+    if path.startswith("/") or "\\" in path:
+        return f"{path!r} is absolute or uses backslashes"
+    return unsafe_key_detail(path)
 
 
 # ------------------------------------------------------------------------------------------ CSV manifest

@@ -29,6 +29,7 @@ def _demo_data(params: Params, layout: Layout) -> Any:
         seed=params.demo.seed,
         per_class=params.demo.per_class,
         image_size=params.demo.image_size,
+        shards=params.demo.shards,
     )
 
 

@@ -37,6 +37,7 @@ from lensmith.modelio import portable_state_dict, save_trained, state_dict_sha25
 from lensmith.models import build_model, preprocessing_for, set_backbone_trainable
 from lensmith.params import Params, TrainParams
 from lensmith.preprocess import Preprocessing
+from lensmith.shards import ImageRef, frame_image_refs, image_sha256
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "training_curves.png"
@@ -58,7 +59,7 @@ class CheckpointError(TrainingError):
 class SplitData:
     images: np.ndarray  # N x C x H x W uint8 (read-only memmap)
     labels: np.ndarray  # N int64 class indices
-    files: list[Path]
+    files: list[ImageRef]
 
 
 def read_split(layout: Layout, name: str) -> pd.DataFrame:
@@ -92,23 +93,19 @@ def label_indices(frame: pd.DataFrame, classes: list[str], split_name: str) -> n
     return labels.map(index).to_numpy(dtype=np.int64)
 
 
-def resolve_files(frame: pd.DataFrame, root: Path) -> list[Path]:
-    return [Path(f) if Path(f).is_absolute() else root / f for f in frame["file"].astype(str)]
-
-
-def image_hashes(frame: pd.DataFrame, files: list[Path]) -> list[str]:
+def image_hashes(frame: pd.DataFrame, refs: list[ImageRef]) -> list[str]:
     if "sha256" in frame.columns and frame["sha256"].notna().all():
         return frame["sha256"].astype(str).tolist()
-    return [file_sha256(f) for f in files]
+    return [image_sha256(ref) for ref in refs]
 
 
 def load_split_data(
     layout: Layout, frame: pd.DataFrame, classes: list[str], name: str, preprocessing: Preprocessing
 ) -> SplitData:
-    files = resolve_files(frame, layout.root)
+    refs = frame_image_refs(frame, layout.root)
     labels = label_indices(frame, classes, name)
-    images = cached_images(files, image_hashes(frame, files), preprocessing, layout.cache_dir, desc=f"caching {name}")
-    return SplitData(images=images, labels=labels, files=files)
+    images = cached_images(refs, image_hashes(frame, refs), preprocessing, layout.cache_dir, desc=f"caching {name}")
+    return SplitData(images=images, labels=labels, files=refs)
 
 
 def data_hash(layout: Layout) -> dict[str, str]:

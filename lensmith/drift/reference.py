@@ -31,6 +31,7 @@ from lensmith.imageio import load_image
 from lensmith.imagestats import image_stats
 from lensmith.layout import Layout
 from lensmith.params import Params
+from lensmith.shards import ImageRef, frame_image_refs, image_sha256
 from lensmith.split import read_split_frame
 
 REFERENCE_PARQUET = "drift_reference.parquet"
@@ -75,28 +76,26 @@ def onnx_model_path(layout: Layout, model_dir: Path) -> Path:
 
 
 def read_split_rows(layout: Layout, name: str, limit: int, seed: int) -> pd.DataFrame:
-    """The split's rows (at most `limit`, a seeded sample) with absolute `file` paths."""
+    """The split's rows (at most `limit`, a seeded sample)."""
     frame = read_split_frame(layout, name)
     if len(frame) > limit:
         frame = frame.sample(n=limit, random_state=seed).sort_index()
-    frame = frame.reset_index(drop=True)
-    frame["file"] = [str(f if Path(f).is_absolute() else layout.root / f) for f in frame["file"].astype(str)]
-    return frame
+    return frame.reset_index(drop=True)
 
 
-def image_sha256s(frame: pd.DataFrame) -> list[str]:
+def image_sha256s(frame: pd.DataFrame, refs: list[ImageRef]) -> list[str]:
     if "sha256" in frame.columns and frame["sha256"].notna().all():
         return frame["sha256"].astype(str).tolist()
-    return [file_sha256(Path(f)) for f in frame["file"]]
+    return [image_sha256(ref) for ref in refs]
 
 
-def stats_frame(frame: pd.DataFrame) -> pd.DataFrame:
+def stats_frame(frame: pd.DataFrame, refs: list[ImageRef]) -> pd.DataFrame:
     """Image statistics per row: the manifest's columns when the split carries them, else measured now."""
     if set(STAT_COLUMNS) <= set(frame.columns) and frame[list(STAT_COLUMNS)].notna().all().all():
         return frame[list(STAT_COLUMNS)].astype(float).reset_index(drop=True)
     rows = []
-    for file in frame["file"]:
-        img = load_image(file)
+    for ref in refs:
+        img = load_image(ref)
         rows.append({**image_stats(img), "width": img.width, "height": img.height})
     return pd.DataFrame(rows, columns=list(STAT_COLUMNS)).astype(float)
 
@@ -106,12 +105,11 @@ def split_reference_rows(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """(rows without embedding columns, raw embeddings) for one split."""
     frame = read_split_rows(layout, name, limit, seed)
-    images = cached_images(
-        [Path(f) for f in frame["file"]], image_sha256s(frame), model.preprocessing, layout.cache_dir, desc=f"caching {name}"
-    )
+    refs = frame_image_refs(frame, layout.root)
+    images = cached_images(refs, image_sha256s(frame, refs), model.preprocessing, layout.cache_dir, desc=f"caching {name}")
     outputs = model.run_all(images, batch_size)
     rows = pd.DataFrame({"split": name, "path": frame.get("path", frame["file"]).astype(str), "label": frame["label"].astype(str)})
-    rows = pd.concat([rows, stats_frame(frame)], axis=1)
+    rows = pd.concat([rows, stats_frame(frame, refs)], axis=1)
     rows["predicted_label"] = [model.classes[i] for i in outputs.probabilities.argmax(axis=1)]
     rows["confidence"] = outputs.probabilities.max(axis=1)
     return rows, outputs.embeddings
