@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from lensmith import metrics as m
+from lensmith.errors import DataError
 from lensmith.fsutil import write_csv_atomic, write_bytes_atomic, write_json_atomic
 from lensmith.htmlreport import HtmlReport, figure_png
 from lensmith.imageio import ImageRejected, load_image
@@ -34,6 +35,7 @@ from lensmith.params import EvaluateParams, Params
 from lensmith.preprocess import Preprocessing
 from lensmith.robustness import fgsm_predictions, perturb_all, robustness_summary
 from lensmith.shards import ImageRef, frame_image_refs
+from lensmith.split import read_split_frame
 
 __all__ = ["EvaluationError", "Evaluation", "EvaluationSummary", "evaluate_model", "run_evaluate"]
 
@@ -58,23 +60,13 @@ def plots_dir(layout: Layout) -> Path:
 
 def read_test_split(layout: Layout) -> pd.DataFrame:
     """The test split, checked for the columns evaluation needs and for emptiness."""
-    path = layout.split_file("test")
-    if not path.is_file():
-        raise EvaluationError(f"test split not found: {path}; it is produced by the split stage (`lensmith split`)")
     try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:
-        raise EvaluationError(
-            f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}); rerun `lensmith split`"
-        ) from None
-    missing = [c for c in ("label",) if c not in frame.columns]
+        frame = read_split_frame(layout, "test", ("label",), needed_for="nothing to evaluate (check split.test)")
+    except DataError as exc:
+        raise EvaluationError(str(exc)) from None
     if "file" not in frame.columns and "path" not in frame.columns:
-        missing.append("file")
-    if missing:
-        raise EvaluationError(f"{path} lacks column(s) {missing}; rerun `lensmith split`")
-    if frame.empty:
-        raise EvaluationError(f"the test split {path} is empty: nothing to evaluate (check split.test and the data)")
-    return frame.reset_index(drop=True)
+        raise EvaluationError(f"{layout.split_file('test')} lacks the column(s) ['file']; rerun `lensmith split`")
+    return frame
 
 
 def decode_images(refs: Sequence[ImageRef | Path]) -> list[np.ndarray]:

@@ -378,12 +378,19 @@ def run_split(params: Params, layout: Layout) -> SplitSummary:
     return summary
 
 
-def read_split_frame(layout: Layout, name: str) -> pd.DataFrame:
-    """One written split (train/val/test) for a downstream stage; a clear error when it is missing or empty."""
+def read_split_frame(layout: Layout, name: str, columns: tuple[str, ...] = ("file", "label"), needed_for: str = "") -> pd.DataFrame:
+    """One written split (train/val/test) for a downstream stage. A clear DataError, naming the file and
+    `lensmith split`, when it is missing, unreadable, lacks `columns` or is empty."""
     path = layout.split_file(name)
     if not path.is_file():
         raise DataError(f"the {name} split {path} is missing; run `lensmith split` first")
-    frame = pd.read_parquet(path)
-    if frame.empty or not {"file", "label"} <= set(frame.columns):
-        raise DataError(f"{path} is empty or lacks the file/label columns; rerun `lensmith split`")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any parquet/arrow failure means the same thing here
+        raise DataError(f"{path} is not a readable parquet file ({type(exc).__name__}: {exc}); rerun `lensmith split`") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {missing}; rerun `lensmith split`")
+    if frame.empty:
+        raise DataError(f"the {name} split {path} is empty{': ' + needed_for if needed_for else ''}; check split.* and the data")
     return frame.reset_index(drop=True)

@@ -38,6 +38,7 @@ from lensmith.models import build_model, preprocessing_for, set_backbone_trainab
 from lensmith.params import Params, TrainParams
 from lensmith.preprocess import Preprocessing
 from lensmith.shards import ImageRef, frame_image_refs, image_sha256
+from lensmith.split import read_split_frame
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "training_curves.png"
@@ -63,16 +64,7 @@ class SplitData:
 
 
 def read_split(layout: Layout, name: str) -> pd.DataFrame:
-    path = layout.split_file(name)
-    if not path.is_file():
-        raise DataError(f"split file {path} is missing; run `lensmith split` first")
-    frame = pd.read_parquet(path)
-    missing = {"file", "label"} - set(frame.columns)
-    if missing:
-        raise DataError(f"{path} lacks the column(s) {sorted(missing)}")
-    if frame.empty:
-        raise DataError(f"the {name} split ({path}) is empty: training needs images in train and val")
-    return frame
+    return read_split_frame(layout, name, needed_for="training needs images in train and val")
 
 
 def class_names(train: pd.DataFrame) -> list[str]:
