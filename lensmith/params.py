@@ -294,7 +294,11 @@ class ServeParams(Section):
     log_rotate_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     review_dir: str = Field("serving/review", description="Review queue on disk (relative to root)")
     feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
-    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 = all cores")
+    threads: int = Field(
+        0, ge=0,
+        description="ONNX Runtime intra-op threads per session run; on CPU, cores // threads batches run at once. "
+        "0 = one single-threaded run per core (the fastest layout measured: bench/serve.py)",
+    )
 
 
 class FinetuneParams(Section):

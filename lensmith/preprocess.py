@@ -68,7 +68,14 @@ class Preprocessing:
         """NxCxHxW uint8 -> float32 normalised (numpy; torch code uses `normalize_tensor`)."""
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1)
         std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1)
-        return ((batch_nchw_uint8.astype(np.float32) / 255.0) - mean) / std
+        # Same operations in the same order as ((x / 255) - mean) / std, so the same float32 bits, but the
+        # uint8 -> NCHW copy is made first (float ops on a transposed NHWC view were ~10x slower) and the
+        # arithmetic runs in place (no 3 temporary float32 batches to allocate and page in).
+        out = np.ascontiguousarray(batch_nchw_uint8).astype(np.float32)
+        out /= 255.0
+        out -= mean
+        out /= std
+        return out
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Decoded images -> model-ready float32 NxCxHxW (what ONNX Runtime is fed)."""

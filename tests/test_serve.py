@@ -322,3 +322,82 @@ def test_hot_reload_under_load_from_a_registry_promotion(layout: Layout) -> None
     assert first in versions and second in versions
     assert versions[-1] == first  # rolled back
     assert forced.status_code == 200 and forced.json()["model_version"] == first
+
+
+# ---- the predict fast path: own multipart parsing, inline decoding, background log writer ----------------
+
+
+MULTIPART_ERRORS = {
+    "file sent as a plain field": ({"data": {"file": "not a file"}, "files": {"other": ("a.jpg", b"x", "image/jpeg")}}, 422, "invalid_request"),
+    "body not multipart at all": ({"content": b"--x\r\nnope", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "malformed_body"),
+    "multipart without a boundary": ({"content": b"data", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed_body"),
+    "multipart with an empty body": ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "empty_body"),
+    "only other fields": ({"data": {"note": "hello"}, "files": {"picture": ("a.jpg", b"x", "image/jpeg")}}, 400, "wrong_field"),
+}
+
+
+@pytest.mark.parametrize("case", list(MULTIPART_ERRORS), ids=list(MULTIPART_ERRORS))
+def test_multipart_mistakes_get_a_4xx_json_error(layout: Layout, case: str) -> None:
+    kwargs, status, code = MULTIPART_ERRORS[case]
+
+    async def go(s: Running):
+        return await s.client.post("/v1/predict", **kwargs)
+
+    response = run(go, layout)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_openapi_documents_the_predict_body_and_its_bearer_token(layout: Layout) -> None:
+    async def go(s: Running):
+        return (await s.client.get("/openapi.json")).json()
+
+    operation = run(go, layout)["paths"]["/v1/predict"]["post"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(schema["properties"]) == {"file", "files"}
+    assert operation["security"] == [{"HTTPBearer": []}]
+
+
+def test_small_images_are_decoded_inline_and_large_ones_in_the_thread_pool(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensmith.serve import app as app_module
+
+    prepared_in_pool = []
+    real = app_module.run_in_threadpool
+
+    async def spy(fn, *args, **kwargs):  # noqa: ANN001, ANN202
+        if fn is app_module.prepare:
+            prepared_in_pool.append(len(args[0]))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "run_in_threadpool", spy)
+    big = jpeg_bytes(3, size=(400, 300))  # 120,000 pixels > INLINE_MAX_PIXELS
+
+    async def go(s: Running):
+        small = await s.client.post("/v1/predict", **one(jpeg_bytes(3)))
+        large = await s.client.post("/v1/predict", **one(big))
+        return small, large
+
+    small, large = run(go, layout)
+    assert small.status_code == 200 and large.status_code == 200
+    assert prepared_in_pool == [1]  # only the large image went to a thread
+
+
+def test_every_prediction_is_in_the_log_after_shutdown_even_with_a_slow_disk(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensmith.serve.predlog import PredictionLog
+
+    real_write = PredictionLog._write
+
+    def slow_write(self, batch):  # noqa: ANN001, ANN202
+        import time
+
+        time.sleep(0.2)
+        real_write(self, batch)
+
+    monkeypatch.setattr(PredictionLog, "_write", slow_write)
+
+    async def go(s: Running):
+        responses = await asyncio.gather(*(s.client.post("/v1/predict", **one(jpeg_bytes(i))) for i in range(20)))
+        return [r.json()["predictions"][0]["id"] for r in responses]
+
+    ids = run(go, layout)  # returns when the service has shut down
+    assert sorted(r["id"] for r in read_log(layout.root / "serving/predictions")) == sorted(ids)

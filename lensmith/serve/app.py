@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, File, Request, UploadFile
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -38,14 +38,21 @@ from lensmith.onnxmodel import softmax
 from lensmith.params import ServeParams
 from lensmith.serve.batching import MicroBatcher
 from lensmith.serve.models import ModelHolder, ModelSource, RegistrySource, ServedModel
+from lensmith.serve.multipart import MalformedMultipart, Part, boundary_of, parse_form_data
 from lensmith.serve.predlog import PredictionLog
 from lensmith.serve.review import ReviewQueue
-from lensmith.serve.security import configured_token, token_matches
+from lensmith.serve.security import bearer_from_header, configured_token, token_matches
 
 log = logging.getLogger("lensmith.serve")
 
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif"}
 RECENT_BYTES_LIMIT = 64 * 1024 * 1024
+# Requests whose images are this small are decoded on the event loop (decode + stats + resize of a 128 px
+# JPEG is ~0.3 ms; a thread hand-over costs about as much); larger ones in the thread pool, so that a big
+# image never holds up the other requests.
+INLINE_MAX_PIXELS = 256 * 256  # per image
+INLINE_MAX_IMAGES = 4
+INLINE_MAX_BYTES = 256 * 1024
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
@@ -141,6 +148,10 @@ class Metrics:
         self.predictions = Counter("lensmith_predictions", "Predictions per class", ["label"], registry=self.registry)
         self.review = Counter("lensmith_review_items", "Items put in the review queue", ["reason"], registry=self.registry)
         self.batch = Histogram("lensmith_batch_size", "Images per session run", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.inference = Histogram(
+            "lensmith_inference_seconds", "Seconds per session run (one batch)", registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
         self.model = Gauge("lensmith_model_info", "The model being served (value 1)", ["version", "variant", "provider"], registry=self.registry)
         self.reloads = Counter("lensmith_model_reloads", "Model reloads", ["result"], registry=self.registry)
 
@@ -263,23 +274,83 @@ class DecodedUpload:
     data: bytes
     sha256: str
     ext: str
+    stats: dict[str, float] = field(default_factory=dict)  # imagestats.image_stats, for the prediction log
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @property
+    def mode(self) -> str:
+        return self.image.mode
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What the inference thread hands back per image: a fresh prediction id and the top-k classes."""
+
+    id: str
+    top_k: list[dict[str, Any]]  # [{"label", "probability"}], most probable first
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def inference_layout(params: ServeParams, cores: int | None = None) -> tuple[int, int]:
+    """(batches run at once, ONNX Runtime intra-op threads per run) for serve.threads and serve.providers.
+
+    On CPU, threads=0 means one single-threaded run per core: a multi-threaded run waits at every
+    operator for its slowest thread, and with the event loop and the request threads taking turns on
+    the same cores that wait is long (on 2 cores under load, 2-thread runs were slower than 1-thread
+    ones); single-threaded runs side by side keep every core busy and barely depend on the batch size.
+    threads=N runs cores // N batches of N threads. GPU providers: one run at a time."""
+    cores = cores or available_cores()
+    if params.providers[:1] != ["CPUExecutionProvider"]:
+        return 1, params.threads
+    if params.threads == 0:
+        return cores, 1
+    return max(1, cores // params.threads), params.threads
 
 
 class Service:
     def __init__(self, params: ServeParams, root: Path, source: ModelSource, token: str | None) -> None:
         self.params = params
         self.token = token
-        self.holder = ModelHolder(source, list(params.providers), params.variant, params.threads)
-        self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0)
+        runners, threads = inference_layout(params)
+        self.holder = ModelHolder(source, list(params.providers), params.variant, threads)
+        self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners)
         self.predlog = PredictionLog(root / params.log_dir, params.log_rotate_bytes)
         self.queue = ReviewQueue(root / params.review_dir)
         self.recent = RecentPredictions(params.feedback_window)
         self.metrics = Metrics()
-        self.batcher.on_batch = self.metrics.batch.observe
+        self.batcher.on_batch = self._observe_batch
 
-    @staticmethod
-    def _run(model: ServedModel, batch: np.ndarray) -> np.ndarray:
-        return model.onnx.logits(batch)
+    def _observe_batch(self, images: int, seconds: float) -> None:
+        self.metrics.batch.observe(images)
+        self.metrics.inference.observe(seconds)
+
+    def _run(self, model: ServedModel, batch: np.ndarray) -> list[RunOutput]:
+        """On an inference thread, for a whole N x H x W x C uint8 batch at once: normalisation, session run,
+        softmax, top-k and ids (the event loop then only assembles dicts: no numpy, no urandom per request)."""
+        x = model.onnx.preprocessing.normalize(batch.transpose(0, 3, 1, 2))  # the shared preprocessing, batched
+        probabilities = softmax(model.onnx.logits(x))
+        classes = model.onnx.classes
+        k = min(self.params.top_k, len(classes))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(probabilities, order, axis=1)
+        ids = os.urandom(16 * len(batch)).hex()
+        return [
+            RunOutput(ids[32 * i : 32 * (i + 1)], [{"label": classes[c], "probability": p} for c, p in zip(cs, ps)])
+            for i, (cs, ps) in enumerate(zip(order.tolist(), top.tolist()))
+        ]
 
     def reload(self, force: bool) -> bool:
         try:
@@ -302,18 +373,26 @@ class Service:
             except Exception:
                 log.exception("hot reload crashed, still serving the previous model")
 
-    def require_token(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+    def require_token(self, credentials: HTTPAuthorizationCredentials | str | None) -> None:
+        """`credentials`: FastAPI's HTTPBearer result, or the bearer token itself."""
         if self.token is None:
             raise ApiError(403, "disabled", "this endpoint is disabled: the server has no LENSMITH_API_TOKEN set")
-        presented = credentials.credentials if credentials is not None else None
+        presented = credentials.credentials if isinstance(credentials, HTTPAuthorizationCredentials) else credentials
         if not token_matches(presented, self.token):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token")
 
 
-def decode_upload(data: bytes, max_pixels: int) -> DecodedUpload:
+class TooBigForInline(Exception):
+    """The upload is too large to decode on the event loop: decode it in the thread pool."""
+
+
+def decode_upload(data: bytes, max_pixels: int, inline_pixels: int | None = None) -> DecodedUpload:
+    limit = max_pixels if inline_pixels is None else min(max_pixels, inline_pixels)
     try:
-        decoded = decode_image(data, max_pixels=max_pixels)
+        decoded = decode_image(data, max_pixels=limit)  # the pixel limit is checked on the header, before decoding
     except ImageRejected as exc:
+        if exc.reason == "decompression_bomb" and limit < max_pixels:
+            raise TooBigForInline from None
         code = {"empty_file": "empty_file", "decompression_bomb": "too_large"}.get(exc.reason, "invalid_image")
         status = 413 if code == "too_large" else 400
         raise ApiError(status, code, f"the upload is not a usable image ({exc.reason}: {exc.detail})") from None
@@ -384,32 +463,39 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
             "loaded_at": model.loaded_at,
         }
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
-    async def predict(
-        request: Request,
-        credentials: Credentials,
-        file: Annotated[UploadFile | None, File(description="One image")] = None,
-        files: Annotated[list[UploadFile] | None, File(description="Several images")] = None,
-    ) -> PredictResponse:
+    # The body is parsed by read_uploads and the token read from the header, not through FastAPI parameters
+    # (File() fields and the HTTPBearer dependency cost more per request than the rest of the handler);
+    # openapi_extra documents the same request body and security as those parameters would.
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, responses=ERRORS,
+        openapi_extra={"requestBody": PREDICT_BODY, "security": [{"HTTPBearer": []}]},
+    )
+    async def predict(request: Request) -> Response:
         started = time.perf_counter()
         if params.require_token_for_predict:
-            service.require_token(credentials)
-        uploads = ([file] if file is not None else []) + list(files or [])
-        if not uploads:
-            raise await missing_upload_error(request)
+            service.require_token(bearer_from_header(request.headers.get("authorization")))
+        uploads = await read_uploads(request)
         if len(uploads) > params.max_images_per_request:
             raise ApiError(400, "too_many_images", f"{len(uploads)} images sent; at most {params.max_images_per_request} per request")
         for upload in uploads:
             if not is_image_content_type(upload.content_type):
                 raise ApiError(415, "unsupported_media_type", f"content type {upload.content_type!r} is not an image type (image/*)")
         model = current_model()
-        datas = [await upload.read() for upload in uploads]
-        decoded, inputs = await run_in_threadpool(prepare, datas, model, params.max_pixels)
-        logits = await service.batcher.submit(model, inputs)
+        datas = [u.data for u in uploads]
+        try:  # small images (~0.3 ms of work) here: cheaper than a hand-over to a thread and back
+            if len(datas) > INLINE_MAX_IMAGES or sum(len(d) for d in datas) > INLINE_MAX_BYTES:
+                raise TooBigForInline
+            decoded, inputs = prepare(datas, model, params.max_pixels, INLINE_MAX_PIXELS)
+        except TooBigForInline:
+            decoded, inputs = await run_in_threadpool(prepare, datas, model, params.max_pixels)
+        outputs = await service.batcher.submit(model, inputs)
         latency_ms = (time.perf_counter() - started) * 1000.0
-        predictions = build_predictions(softmax(logits), model, params, latency_ms)
-        await run_in_threadpool(record, service, predictions, decoded, model)
-        return PredictResponse(predictions=predictions, model_version=model.version, latency_ms=latency_ms)
+        predictions = build_predictions(outputs, model, params, latency_ms, decoded)
+        if any(p["needs_review"] for p in predictions):  # file writes: not on the event loop
+            await run_in_threadpool(queue_low_confidence, service, predictions, decoded)
+        record(service, predictions, decoded, model)
+        # already the response model's shape: skip FastAPI's second validation + serialisation pass
+        return JSONResponse({"predictions": predictions, "model_version": model.version, "latency_ms": latency_ms})
 
     @app.post("/v1/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
     async def feedback(body: FeedbackIn, credentials: Credentials) -> FeedbackOut:
@@ -447,76 +533,120 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
     return app
 
 
-async def missing_upload_error(request: Request) -> ApiError:
-    """Empty body vs. a multipart body with other fields vs. no multipart at all: each says what to send."""
+BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
+PREDICT_BODY = {  # what FastAPI generated for the optional File() parameters `file` and `files`
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "title": "PredictUpload",
+                "properties": {
+                    "file": {"anyOf": [BINARY, {"type": "null"}], "title": "File", "description": "One image"},
+                    "files": {"anyOf": [{"type": "array", "items": BINARY}, {"type": "null"}], "title": "Files", "description": "Several images"},
+                },
+            }
+        }
+    },
+}
+
+
+async def read_uploads(request: Request) -> list[Part]:
+    """The images of a predict request: the multipart part `file` and every part `files`, in order.
+
+    Empty body vs. a multipart body with other fields vs. no multipart at all: each error says what to send."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        if not await request.body():
-            return ApiError(400, "empty_body", "empty request: send images as multipart/form-data field 'file' or 'files'")
-        return ApiError(415, "unsupported_media_type", "send images as multipart/form-data (field 'file' or 'files')")
-    form = await request.form()
-    fields = sorted(set(form.keys()))
-    if not fields:
-        return ApiError(400, "empty_body", "no image in the request: use multipart field 'file' (one) or 'files' (several)")
-    return ApiError(400, "wrong_field", f"unexpected multipart field(s) {fields[:5]}: use 'file' (one image) or 'files' (several)")
+    body = await request.body()  # bounded by BodyLimitMiddleware (413 beyond serve.max_upload_bytes)
+    boundary = boundary_of(content_type)
+    if boundary is None:
+        if content_type.lower().startswith("multipart/form-data"):
+            raise ApiError(400, "malformed_body", "the request body is not valid multipart/form-data (no usable boundary)")
+        if not body:
+            raise ApiError(400, "empty_body", "empty request: send images as multipart/form-data field 'file' or 'files'")
+        raise ApiError(415, "unsupported_media_type", "send images as multipart/form-data (field 'file' or 'files')")
+    if not body or body.isspace():
+        raise ApiError(400, "empty_body", "no image in the request: use multipart field 'file' (one) or 'files' (several)")
+    try:
+        parts = parse_form_data(body, boundary)
+    except MalformedMultipart as exc:
+        raise ApiError(400, "malformed_body", f"the request body is not valid multipart/form-data ({exc})") from None
+    images = [p for p in parts if p.name in ("file", "files")]
+    for part in images:
+        if part.filename is None:
+            raise ApiError(422, "invalid_request", f"multipart field {part.name!r} must be a file (a part with a filename)")
+    uploads = [p for p in images if p.name == "file"][-1:] + [p for p in images if p.name == "files"]
+    if not uploads:
+        fields = sorted({p.name for p in parts})
+        if not fields:
+            raise ApiError(400, "empty_body", "no image in the request: use multipart field 'file' (one) or 'files' (several)")
+        raise ApiError(400, "wrong_field", f"unexpected multipart field(s) {fields[:5]}: use 'file' (one image) or 'files' (several)")
+    return uploads
 
 
-def prepare(datas: list[bytes], model: ServedModel, max_pixels: int) -> tuple[list[DecodedUpload], np.ndarray]:
-    """Decode every upload (all must be images) and build the model's input batch (shared preprocessing)."""
-    decoded = [decode_upload(data, max_pixels) for data in datas]
-    return decoded, model.onnx.preprocessing.batch([d.image for d in decoded])
+def prepare(
+    datas: list[bytes], model: ServedModel, max_pixels: int, inline_pixels: int | None = None
+) -> tuple[list[DecodedUpload], np.ndarray]:
+    """Decode every upload (all must be images): the decoded uploads with their statistics, and the images
+    resized and cropped by the model's preprocessing as N x H x W x C uint8 (normalised per batch later).
+    With `inline_pixels`, raises TooBigForInline (before decoding) for an image with more pixels than that."""
+    decoded = [decode_upload(data, max_pixels, inline_pixels) for data in datas]
+    for d in decoded:
+        d.stats = image_stats(d.image)  # the same full-image statistics as the drift reference's
+    return decoded, np.stack([model.onnx.preprocessing.to_uint8(d.image) for d in decoded])
 
 
-def build_predictions(probabilities: np.ndarray, model: ServedModel, params: ServeParams, latency_ms: float) -> list[Prediction]:
-    classes = model.onnx.classes
-    k = min(params.top_k, len(classes))
-    out = []
-    for row in probabilities:
-        order = np.argsort(-row)[:k]
-        confidence = float(row[order[0]])
-        out.append(
-            Prediction(
-                id=uuid.uuid4().hex,
-                label=classes[order[0]],
-                confidence=confidence,
-                top_k=[TopK(label=classes[i], probability=float(row[i])) for i in order],
-                needs_review=confidence < params.review_threshold,
-                model_version=model.version,
-                latency_ms=latency_ms,
-                image_sha256="",
-            )
-        )
-    return out
+def build_predictions(
+    outputs: list[RunOutput], model: ServedModel, params: ServeParams, latency_ms: float, decoded: list[DecodedUpload]
+) -> list[dict[str, Any]]:
+    """One `Prediction`-shaped dict per image."""
+    return [
+        {
+            "id": out.id,
+            "label": out.top_k[0]["label"],
+            "confidence": out.top_k[0]["probability"],
+            "top_k": out.top_k,
+            "needs_review": out.top_k[0]["probability"] < params.review_threshold,
+            "model_version": model.version,
+            "latency_ms": latency_ms,
+            "image_sha256": upload.sha256,
+        }
+        for out, upload in zip(outputs, decoded)
+    ]
 
 
-def record(service: Service, predictions: list[Prediction], decoded: list[DecodedUpload], model: ServedModel) -> None:
-    """The flywheel: log every prediction with its image stats, queue low-confidence ones, remember all for feedback."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+def queue_low_confidence(service: Service, predictions: list[dict[str, Any]], decoded: list[DecodedUpload]) -> None:
+    for prediction, upload in zip(predictions, decoded):
+        if prediction["needs_review"]:
+            service.queue.add(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason="low_confidence", prediction=prediction)
+            service.metrics.review.labels("low_confidence").inc()
+
+
+def record(service: Service, predictions: list[dict[str, Any]], decoded: list[DecodedUpload], model: ServedModel) -> None:
+    """The flywheel: log every prediction with its image stats and remember it for feedback.
+
+    Runs on the event loop and does no I/O: the prediction log's writer thread encodes and writes."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    classes = list(model.onnx.classes)
     records = []
     for prediction, upload in zip(predictions, decoded):
-        prediction.image_sha256 = upload.sha256
-        data = prediction.model_dump()
-        service.metrics.predictions.labels(prediction.label).inc()
-        service.metrics.confidence.observe(prediction.confidence)
+        service.metrics.predictions.labels(prediction["label"]).inc()
+        service.metrics.confidence.observe(prediction["confidence"])
         records.append(
             {
-                "id": prediction.id,
-                "time": now,
+                "id": prediction["id"],
+                "time": stamp,
                 "model_version": model.version,
                 "variant": model.variant,
-                "label": prediction.label,
-                "confidence": prediction.confidence,
-                "top_k": [t.model_dump() for t in prediction.top_k],
-                "needs_review": prediction.needs_review,
+                "label": prediction["label"],
+                "confidence": prediction["confidence"],
+                "top_k": prediction["top_k"],
+                "needs_review": prediction["needs_review"],
                 "image_sha256": upload.sha256,
-                "width": upload.image.width,
-                "height": upload.image.height,
-                "mode": upload.image.mode,
-                **image_stats(upload.image),
+                "width": upload.width,
+                "height": upload.height,
+                "mode": upload.mode,
+                **upload.stats,
             }
         )
-        if prediction.needs_review:
-            service.queue.add(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason="low_confidence", prediction=data)
-            service.metrics.review.labels("low_confidence").inc()
-        service.recent.add(prediction.id, Remembered(prediction=data, image=upload.data, ext=upload.ext, classes=list(model.onnx.classes)))
+        service.recent.add(prediction["id"], Remembered(prediction=prediction, image=upload.data, ext=upload.ext, classes=classes))
     service.predlog.append(records)

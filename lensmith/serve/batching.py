@@ -1,14 +1,20 @@
 """Micro-batching: concurrent requests' images are run through the session together.
 
-Requests put (model, inputs) on a queue; one worker takes the first item, then keeps taking items until
-`max_batch` images are gathered or `max_wait_s` has passed, and runs each model's share as one batch in
-a single inference thread. Items carry the model they were preprocessed for, so a hot reload never mixes
-models within a batch.
+Requests put (model, inputs) on a queue. The worker waits for a free inference runner, takes the first
+item, then keeps taking items until `max_batch` images are gathered or `max_wait_s` has passed, and runs
+each model's share as one batch on an inference thread. While every runner is busy, requests simply queue,
+so the next batch is as full as the load allows. `runners` batches run at once (one thread each; with a
+single-threaded ONNX Runtime session per run, one per core keeps every core busy without the cross-thread
+barriers of a multi-threaded run stalling whenever the event loop takes a core). While more than one
+runner is free, the queued items are shared out among them and nobody waits: a single-threaded run costs
+about the same per image at any batch size, so a second core at work beats a fuller batch. Items carry the
+model they were preprocessed for, so a hot reload never mixes models within a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,55 +23,78 @@ from typing import Any
 import numpy as np
 
 
+class BatcherStopped(RuntimeError):
+    """The service is shutting down: the request's images were not run."""
+
+
 @dataclass
 class _Item:
     model: Any
     inputs: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
 
 
 class MicroBatcher:
-    def __init__(self, run: Callable[[Any, np.ndarray], np.ndarray], max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, run: Callable[[Any, np.ndarray], Any], max_batch: int, max_wait_s: float, runners: int = 1) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.runners = max(1, runners)
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lensmith-infer")
+        self._free: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=self.runners, thread_name_prefix="lensmith-infer")
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and metrics
-        self.on_batch: Callable[[int], None] | None = None
+        self.busy_s = 0.0  # total seconds spent in session runs (summed over runners)
+        self.on_batch: Callable[[int, float], None] | None = None  # (images, seconds) per run
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._free = asyncio.Semaphore(self.runners)
         self._worker = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Finish the batches being run, fail the requests still queued, free the threads."""
         if self._worker is not None:
             self._worker.cancel()
             try:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        while self._queue is not None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not item.future.done():
+                item.future.set_exception(BatcherStopped("the service is shutting down"))
         self._executor.shutdown(wait=True)
 
-    async def submit(self, model: Any, inputs: np.ndarray) -> np.ndarray:
-        """Logits for `inputs` (N x C x H x W float32), computed in a shared batch."""
+    async def submit(self, model: Any, inputs: np.ndarray) -> Any:
+        """`run(model, batch)`'s result for `inputs` (N images along axis 0), computed in a shared batch."""
         assert self._queue is not None, "MicroBatcher.start() was not called"
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Item(model, inputs, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(model, inputs, future))
         return await future
 
     async def _gather(self) -> list[_Item]:
+        """The next batch. While other runners are free, share what is queued with them and start at once
+        (waiting would leave a core idle); the last free runner waits up to max_wait_s for a full batch."""
         assert self._queue is not None
+        loop = asyncio.get_running_loop()
         items = [await self._queue.get()]
         size = len(items[0].inputs)
-        deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while size < self.max_batch:
+        others_free = self.runners - len(self._running) - 1
+        limit = self.max_batch
+        if others_free > 0:
+            limit = min(limit, max(1, -(-(self._queue.qsize() + size) // (others_free + 1))))
+        deadline = loop.time() + self.max_wait_s
+        while size < limit:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or others_free > 0:
                     break
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
@@ -76,27 +105,49 @@ class MicroBatcher:
         return items
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        assert self._free is not None
         while True:
-            items = await self._gather()
+            await self._free.acquire()  # gather only when a runner can take the batch at once
+            try:
+                items = await self._gather()
+            except BaseException:
+                self._free.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._run_items(items))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run_items(self, items: list[_Item]) -> None:
+        assert self._free is not None
+        loop = asyncio.get_running_loop()
+        try:
             by_model: dict[int, list[_Item]] = {}
             for item in items:
                 by_model.setdefault(id(item.model), []).append(item)
             for group in by_model.values():
-                batch = np.concatenate([i.inputs for i in group])
+                batch = group[0].inputs if len(group) == 1 else np.concatenate([i.inputs for i in group])
                 try:
-                    logits = await loop.run_in_executor(self._executor, self._run, group[0].model, batch)
+                    results, seconds = await loop.run_in_executor(self._executor, self._timed_run, group[0].model, batch)
                 except Exception as exc:  # delivered to each waiting request, which answers with a JSON 500
                     for item in group:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
-                self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
+                self.busy_s += seconds
+                self.batch_sizes.append(len(batch))
+                del self.batch_sizes[:-1000]
                 if self.on_batch is not None:
-                    self.on_batch(len(batch))
+                    self.on_batch(len(batch), seconds)
                 start = 0
                 for item in group:
                     end = start + len(item.inputs)
                     if not item.future.done():
-                        item.future.set_result(logits[start:end])
+                        item.future.set_result(results[start:end])
                     start = end
+        finally:
+            self._free.release()
+
+    def _timed_run(self, model: Any, batch: np.ndarray) -> tuple[Any, float]:
+        start = time.perf_counter()
+        result = self._run(model, batch)
+        return result, time.perf_counter() - start

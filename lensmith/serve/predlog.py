@@ -2,11 +2,20 @@
 
 Files are named predictions-<UTC start time>-<pid>-<n>.jsonl, so several server processes and restarts
 never write into each other's files; drift monitoring reads them all in name order.
+
+`append` only hands the records to one writer thread, which encodes them as JSON and writes and flushes
+whatever has accumulated in one write, in append order, at most `interval_s` after the append: no file I/O
+on the request path, and no thread wake-up per request either (each one is a GIL hand-over that stalls the
+event loop). `flush` waits until everything appended so far is written; `close` (the service's shutdown)
+writes every record handed over before it returns. A failed write (disk full, permissions) is retried with the records kept in memory
+and logged as an error; only a `close` that still cannot write reports, as an error, how many were lost.
+`background=False` writes synchronously inside `append` instead.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -15,20 +24,43 @@ from pathlib import Path
 from typing import Any
 
 PREFIX = "predictions-"
+MAX_PENDING = 10_000  # records held before the writer is woken early
+RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits between attempts after a failed write, then 5 s each
+
+log = logging.getLogger("lensmith.serve")
+
+
+class PredictionLogClosed(RuntimeError):
+    """append() after close(): the record would never be written."""
 
 
 class PredictionLog:
-    def __init__(self, directory: Path, rotate_bytes: int) -> None:
+    def __init__(self, directory: Path, rotate_bytes: int, *, background: bool = True, interval_s: float = 0.05) -> None:
         self.directory = Path(directory)
         self.rotate_bytes = rotate_bytes
-        self._lock = threading.Lock()
+        self.background = background
+        self.interval_s = interval_s
+        self._lock = threading.Lock()  # the file handle
         self._handle: Any = None
         self._written = 0
         self._count = 0
+        # background writer state, all guarded by _cond
+        self._cond = threading.Condition()
+        self._pending: list[dict[str, Any]] = []
+        self._appended = 0  # records handed over so far
+        self._done = 0  # records written (or, after a final failure, given up on)
+        self._closed = False
+        self._flush_requests = 0
+        self._idle = False  # the writer waits for an append (rather than collecting for interval_s)
+        self._thread: threading.Thread | None = None
+        self.lost = 0  # records a close() could not write
+
+    # ---- files ---------------------------------------------------------------------------------------
 
     def _open_next(self) -> None:
         if self._handle is not None:
             self._handle.close()
+            self._handle = None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._count += 1
         while True:
@@ -44,16 +76,125 @@ class PredictionLog:
                 continue
         self._written = 0
 
-    def append(self, records: list[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in records)
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        """Write and flush `records`, starting a new file whenever the current one reached rotate_bytes."""
+        lines = [json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in records]
         with self._lock:
-            if self._handle is None or self._written >= self.rotate_bytes:
-                self._open_next()
-            self._handle.write(lines)
+            start = 0
+            while start < len(lines):
+                if self._handle is None or self._written >= self.rotate_bytes:
+                    self._open_next()
+                end, size = start, 0
+                while end < len(lines) and (end == start or self._written + size < self.rotate_bytes):
+                    size += len(lines[end].encode())
+                    end += 1
+                self._handle.write("".join(lines[start:end]))
+                self._written += size
+                start = end
             self._handle.flush()
-            self._written += len(lines.encode())
+
+    # ---- the writer thread ---------------------------------------------------------------------------
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Log `records` (JSON-serialisable dicts); returns at once in background mode."""
+        if not records:
+            return
+        if not self.background:
+            self._write(records)
+            return
+        with self._cond:
+            if self._closed:
+                raise PredictionLogClosed(f"the prediction log in {self.directory} is closed; {len(records)} record(s) not logged")
+            self._pending.extend(records)
+            self._appended += len(records)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lensmith-predlog", daemon=True)
+                self._thread.start()
+            if self._idle or len(self._pending) >= MAX_PENDING:  # else the writer is already collecting
+                self._idle = False
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._idle = True
+                    self._cond.wait()  # the first append after a quiet spell, flush or close wakes it
+                self._idle = False
+                if not self._pending:
+                    return  # closed and drained
+                # let more records arrive for up to interval_s, then write them all in one go
+                deadline = time.monotonic() + self.interval_s
+                while not self._closed and self._flush_requests == 0 and len(self._pending) < MAX_PENDING:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch, self._pending = self._pending, []
+                self._flush_requests = 0
+            self._write_with_retries(batch)
+            with self._cond:
+                self._done += len(batch)
+                self._cond.notify_all()
+
+    def _write_with_retries(self, batch: list[dict[str, Any]]) -> None:
+        attempt = 0
+        while True:
+            try:
+                self._write(batch)
+                if attempt:
+                    log.warning("prediction log: written again after %d failed attempt(s)", attempt)
+                return
+            except OSError as exc:
+                self._drop_handle()
+                with self._cond:
+                    closing = self._closed
+                if closing and attempt >= 1:
+                    self.lost += len(batch)
+                    log.error("prediction log: could not write %d record(s) before shutdown (%s); ids: %s",
+                              len(batch), exc, [r.get("id") for r in batch][:20])
+                    return
+                log.error("prediction log: write to %s failed (%s); %d record(s) kept in memory, retrying",
+                          self.directory, exc, len(batch))
+                with self._cond:
+                    self._cond.wait(RETRY_S[min(attempt, len(RETRY_S) - 1)])
+                attempt += 1
+
+    def _drop_handle(self) -> None:
+        """After a failed write the file may end in a partial line: continue in a new file."""
+        with self._lock:
+            if self._handle is not None:
+                try:
+                    self._handle.close()
+                except OSError:
+                    pass
+                self._handle = None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every record appended before this call is written; False on timeout."""
+        if not self.background:
+            return True
+        with self._cond:
+            target = self._appended
+            if self._done < target:
+                self._flush_requests += 1
+                self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._done >= target, timeout)
+
+    @property
+    def backlog(self) -> int:
+        """Records handed over and not written yet."""
+        with self._cond:
+            return self._appended - self._done
 
     def close(self) -> None:
+        """Write everything appended so far, then close the file; later appends raise PredictionLogClosed."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
         with self._lock:
             if self._handle is not None:
                 self._handle.close()
