@@ -132,3 +132,16 @@ def test_records_reach_the_file_within_the_interval_without_a_flush(tmp_path: Pa
     log.append(records("u", 1))  # after a quiet spell the writer wakes again
     assert log.flush(timeout=5) and len(read_log(tmp_path)) == 3
     log.close()
+
+
+def test_an_exit_without_close_still_writes_the_pending_records(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lensmith.serve.predlog import PredictionLog; "
+        f"log = PredictionLog(sys.argv[1], 1 << 20, interval_s=10.0); "
+        "log.append([{'id': str(i)} for i in range(50)])"  # exits at once: no close(), writer still waiting
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+    assert [r["id"] for r in read_log(tmp_path)] == [str(i) for i in range(50)]

@@ -9,17 +9,21 @@ on the request path, and no thread wake-up per request either (each one is a GIL
 event loop). `flush` waits until everything appended so far is written; `close` (the service's shutdown)
 writes every record handed over before it returns. A failed write (disk full, permissions) is retried with the records kept in memory
 and logged as an error; only a `close` that still cannot write reports, as an error, how many were lost.
-`background=False` writes synchronously inside `append` instead.
+An interpreter exit that skipped the service's shutdown still writes them (atexit); only a hard kill
+(SIGKILL, power loss) can lose the records of the last `interval_s`. `background=False` writes
+synchronously inside `append` instead.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,8 @@ class PredictionLog:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lensmith-predlog", daemon=True)
                 self._thread.start()
+                # an interpreter exit that skipped the service's shutdown still writes what was accepted
+                atexit.register(_close_at_exit, weakref.ref(self))
             if self._idle or len(self._pending) >= MAX_PENDING:  # else the writer is already collecting
                 self._idle = False
                 self._cond.notify_all()
@@ -199,6 +205,12 @@ class PredictionLog:
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
+
+
+def _close_at_exit(ref: weakref.ref[PredictionLog]) -> None:
+    log_ = ref()
+    if log_ is not None:
+        log_.close()
 
 
 def read_log(directory: Path) -> list[dict[str, Any]]:
