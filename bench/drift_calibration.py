@@ -7,7 +7,7 @@
 2. Fashion-MNIST (Debian dataset-fashion-mnist): the same on a model trained on its train set;
    the plain test set must not be flagged, a brightness/contrast-shifted test set must be.
 
-Usage: .venv/bin/python bench/drift_calibration.py [--windows 20] [--window-size 100] [--keep DIR]
+Usage: .venv/bin/python bench/drift_calibration.py [--windows 20] [--window-size 100] [--seed 0] [--keep DIR]
 Prints one line per check and a summary table (the README figures).
 """
 
@@ -92,7 +92,7 @@ def check(layout: Layout, params: Params, source: Path, name: str) -> dict:
 # ---- demo data ----------------------------------------------------------------------------------------------
 
 
-def demo_checks(root: Path, windows: int, window_size: int, per_class: int) -> list[dict]:
+def demo_checks(root: Path, windows: int, window_size: int, per_class: int, seed: int = 0) -> list[dict]:
     from bench._common import split_by_batch
     from lensmith.demodata import generate_demo_dataset
 
@@ -111,9 +111,9 @@ def demo_checks(root: Path, windows: int, window_size: int, per_class: int) -> l
     rows.append(check(layout, params, site_c, "demo site C (held back)"))
 
     fresh = root / "fresh_ab"
-    generate_demo_dataset(fresh, sites=None, seed=1, per_class=max(40, window_size // 2), image_size=64)
+    generate_demo_dataset(fresh, sites=None, seed=1 + seed, per_class=max(40, window_size // 2), image_size=64)
     fresh_meta = pd.read_csv(fresh / "metadata.csv")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for w in range(windows):
         pick = fresh_meta.iloc[rng.choice(len(fresh_meta), size=min(window_size, len(fresh_meta)), replace=False)]
         folder = copy_window([fresh / p for p in pick["path"]], list(pick["label"]), root / f"window_{w:02d}")
@@ -177,10 +177,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--window-size", type=int, default=100)
-    parser.add_argument("--per-class", type=int, default=100, help="demo training images per class (sites A+B)")
+    parser.add_argument("--per-class", type=int, default=300,
+                        help="demo training images per class (sites A+B): ~200 production batches. A reference of ~70 "
+                        "batches (100/class) under-represents batch-level lighting/material and raises false alarms")
     parser.add_argument("--fmnist-train", type=int, default=2000)
     parser.add_argument("--fmnist-test", type=int, default=1000)
     parser.add_argument("--skip", choices=["demo", "fmnist"], default=None)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the same-distribution windows (new A/B images: demo seed 1 + SEED; window draw: SEED)")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder, removed)")
     args = parser.parse_args()
     root = args.keep or Path(tempfile.mkdtemp(prefix="lensmith-drift-cal-"))
@@ -189,7 +193,7 @@ def main() -> None:
     rows = []
     try:
         if args.skip != "demo":
-            rows += demo_checks(root, args.windows, args.window_size, args.per_class)
+            rows += demo_checks(root, args.windows, args.window_size, args.per_class, args.seed)
         if args.skip != "fmnist":
             rows += fmnist_checks(root, args.fmnist_train, args.fmnist_test)
     finally:
