@@ -1,12 +1,15 @@
-"""Small helpers for local services: free ports and waiting for readiness."""
+"""Small process helpers: free ports, waiting for readiness, the cores this process may use."""
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -30,3 +33,38 @@ def http_ok(url: str, timeout_s: float = 1.0) -> bool:
             return 200 <= response.status < 300
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+CGROUP_CPU_LIMITS = (  # (quota file, period file or None): cgroup v2, then v1
+    (Path("/sys/fs/cgroup/cpu.max"), None),
+    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
+)
+
+
+def cgroup_cpu_limit(files: tuple[tuple[Path, Path | None], ...] = CGROUP_CPU_LIMITS) -> float | None:
+    """The container's CPU quota in cores (a Kubernetes `limits.cpu`), or None when there is none."""
+    for quota_file, period_file in files:
+        try:
+            if period_file is None:
+                quota, _, period = quota_file.read_text().strip().partition(" ")
+            else:
+                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
+        except OSError:
+            continue
+        if quota in ("max", "-1") or not period:
+            return None
+        try:
+            return max(float(quota) / float(period), 0.0) or None
+        except ValueError:
+            return None
+    return None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a container CPU quota."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit))) if limit else cores

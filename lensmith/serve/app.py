@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
@@ -37,6 +36,7 @@ from lensmith.imageio import ImageRejected, decode_image
 from lensmith.imagestats import image_stats
 from lensmith.onnxmodel import softmax
 from lensmith.params import ServeParams
+from lensmith.procutil import available_cores, cgroup_cpu_limit  # noqa: F401 - re-exported
 from lensmith.serve.batching import MicroBatcher
 from lensmith.serve.models import ModelHolder, ModelSource, RegistrySource, ServedModel
 from lensmith.serve.multipart import MalformedMultipart, Part, boundary_of, parse_form_data
@@ -296,41 +296,6 @@ class RunOutput:
 
     id: str
     top_k: list[dict[str, Any]]  # [{"label", "probability"}], most probable first
-
-
-CGROUP_CPU_LIMITS = (  # (quota file, period file or None): cgroup v2, then v1
-    (Path("/sys/fs/cgroup/cpu.max"), None),
-    (Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")),
-)
-
-
-def cgroup_cpu_limit(files: tuple[tuple[Path, Path | None], ...] = CGROUP_CPU_LIMITS) -> float | None:
-    """The container's CPU quota in cores (a Kubernetes `limits.cpu`), or None when there is none."""
-    for quota_file, period_file in files:
-        try:
-            if period_file is None:
-                quota, _, period = quota_file.read_text().strip().partition(" ")
-            else:
-                quota, period = quota_file.read_text().strip(), period_file.read_text().strip()
-        except OSError:
-            continue
-        if quota in ("max", "-1") or not period:
-            return None
-        try:
-            return max(float(quota) / float(period), 0.0) or None
-        except ValueError:
-            return None
-    return None
-
-
-def available_cores() -> int:
-    """Cores this process may use: its CPU affinity, capped by a container CPU quota."""
-    try:
-        cores = max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    return max(1, min(cores, math.ceil(limit))) if limit else cores
 
 
 def inference_layout(params: ServeParams, cores: int | None = None) -> tuple[int, int]:
