@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+# Before torch starts OpenMP: with spinning waits, 2 threads on 2 shared cores run 2-3x *slower* than 1 whenever
+# another process holds a core (measured here: resnet18 training 5 vs 15 img/s); passive waits lose nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 
@@ -32,19 +36,39 @@ from lensmith.params import params_from_dict  # noqa: E402
 from lensmith.train import run_train  # noqa: E402
 
 
-def build_and_train(root: Path, arch: str, per_class: int, epochs: int, image_size: int) -> tuple[Layout, object]:
-    demo = ensure_demo_data(root / "demo", per_class=per_class, image_size=image_size)
+def train_settings(args: argparse.Namespace) -> dict[str, object]:
+    return {"model": args.arch, "pretrained": False, "image_size": args.image_size, "epochs": args.epochs, "freeze_epochs": 0,
+            "warmup_epochs": 1, "batch_size": args.batch_size, "lr": args.lr, "early_stopping_patience": args.epochs}
+
+
+def layout_split_sizes(layout: Layout) -> dict[str, int]:
+    import pandas as pd
+
+    return {name: len(pd.read_parquet(layout.split_file(name))) for name in ("train", "val", "test")}
+
+
+def trained_with(layout: Layout, settings: dict[str, object], n_train: int) -> bool:
+    """A candidate exists that was trained with these settings on a train split of this size."""
+    meta_file = layout.candidate / "meta.json"
+    if not (layout.candidate / "model.pt").is_file() or not meta_file.is_file():
+        return False
+    meta = json.loads(meta_file.read_text())
+    used = meta.get("params", {}).get("train", {})
+    return all(used.get(k) == v for k, v in settings.items()) and meta.get("num_images", {}).get("train") == n_train
+
+
+def build_and_train(root: Path, args: argparse.Namespace) -> tuple[Layout, object]:
+    """Demo data with `per_class` images per class, split by batch, and `arch` trained from random init (reused when the
+    candidate was trained with the same settings)."""
+    demo = ensure_demo_data(root / "demo", per_class=args.per_class, image_size=args.image_size)
     meta = demo_metadata(demo)
     layout = write_splits(root, meta, split_by_batch(meta))
-    params = params_from_dict(
-        {
-            "train": {"model": arch, "pretrained": False, "image_size": image_size, "epochs": epochs, "freeze_epochs": 0,
-                      "warmup_epochs": 0, "batch_size": 32, "lr": 2e-3, "early_stopping_patience": epochs},
-            "export": {"calibration_images": 256, "bench_seconds": 1.0},
-        }
-    )
-    if not (layout.candidate / "model.pt").is_file() or json.loads((layout.candidate / "meta.json").read_text())["arch"] != arch:
+    settings = train_settings(args)
+    params = params_from_dict({"train": settings, "export": {"calibration_images": 256, "bench_seconds": 1.0}})
+    if not trained_with(layout, settings, n_train=layout_split_sizes(layout)["train"]):
+        started = time.perf_counter()
         print(run_train(params, layout), flush=True)
+        print(f"training took {time.perf_counter() - started:.1f}s", flush=True)
     return layout, params
 
 
@@ -53,14 +77,18 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--per-class", type=int, default=120)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=2.0, help="per variant and batch size, over all rounds")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--root", type=Path, default=Path(".cache/bench/inference"))
+    parser.add_argument("--root", type=Path, default=Path(".cache/bench/inference"),
+                        help="projects live in ROOT/ARCH-SIZEpx-PERCLASS, so each setting keeps its own trained model")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    layout, params = build_and_train(args.root.resolve(), args.arch, args.per_class, args.epochs, args.image_size)
+    project = args.root.resolve() / f"{args.arch}-{args.image_size}px-{args.per_class}"
+    layout, params = build_and_train(project, args)
     started = time.perf_counter()
     print(run_export(params, layout), flush=True)
     print(f"export took {time.perf_counter() - started:.1f}s")
@@ -69,9 +97,9 @@ def main() -> None:
     model = trained.model.to(memory_format=torch.channels_last)
     pre = trained.preprocessing
     test = load_split_images(layout, "test", trained.classes, pre)
-    fp32 = OnnxModel.load(layout.candidate / "model.opt.onnx")
+    fp32 = OnnxModel.load(layout.exported / "model.opt.onnx")
     runners = {"eager": lambda b: torch_forward(model, pre, b), "ort_fp32": fp32.logits_uint8}
-    int8_path = layout.candidate / "model.int8.onnx"
+    int8_path = layout.exported / "model.int8.onnx"
     report = json.loads((layout.reports / "export.json").read_text())
     if int8_path.is_file():
         int8 = OnnxModel.load(int8_path)
@@ -80,7 +108,7 @@ def main() -> None:
     else:
         int8_acc = report["int8"].get("accuracy")
     fp32_acc = accuracy(onnx_logits(fp32, test.images), test.labels)
-    speed = compare_speed(runners, test.images, (1, 32), args.seconds * len(runners), args.rounds)
+    speed = compare_speed(runners, test.images, (1, 32), args.seconds, args.rounds)
 
     print(f"\n{args.arch} @ {pre.image_size}px, {len(test.labels)} test images, {torch.get_num_threads()} threads; images/s (median of {args.rounds} rotated rounds)")
     print(f"{'variant':<10} {'batch 1':>10} {'batch 32':>10}")

@@ -248,7 +248,20 @@ def calibration_reader(images: np.ndarray, preprocessing: Preprocessing, batch_s
 
 
 def quantize_int8(source: Path, target: Path, calibration: np.ndarray, preprocessing: Preprocessing, method: str) -> Path:
-    """Static QDQ quantisation: uint8 activations, per-channel int8 weights (the x86 VNNI-friendly S8 path)."""
+    """Static int8 laid out for ONNX Runtime's fast x86 kernels (each choice measured in bench/int8_configs.py):
+
+    - QDQ graph: ORT fuses it into QLinearConv/QLinearAdd/QGemm when the session loads it (QOperator gives the same
+      runtime graph and is less portable);
+    - uint8 activations x int8 weights with zero point 0: the symmetric U8S8 convolution kernels. S8S8 and U8U8 leave
+      convolutions unfused or on slower kernels on AVX2 (0.8-1.1x of fp32 here);
+    - per-channel scales with 7-bit weights (reduce_range): without VNNI the U8S8 kernel multiplies with VPMADDUBSW,
+      whose int16 pair sums saturate with 8-bit weights (255*127*2 > 32767) and never with |w| <= 64, so the accuracy
+      gated here holds on every x86 CPU; the speed is the same;
+    - asymmetric activations, so each Relu folds into its convolution's output range (symmetric ones keep the Relu);
+    - every convolution quantised, the 3-channel stem included: it gains little itself, but leaving it fp32 adds
+      layout conversions that cost more (1.5x instead of 1.9x overall for resnet18).
+    The speed needs the session at ORT_ENABLE_ALL (OnnxModel's default): its NHWC layout is what makes batches fast.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -270,15 +283,32 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray, preproces
             calibration_reader(calibration, preprocessing),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
+            reduce_range=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
         )
     except Exception as exc:
         raise ExportError(f"int8 quantisation failed ({type(exc).__name__}: {exc})") from None
     finally:
         prepared.unlink(missing_ok=True)
     return target
+
+
+def runtime_op_counts(path: Path, level: str = "all") -> dict[str, int]:
+    """Node types of the graph ONNX Runtime actually runs for `path` at `level`, after its fusions (most first)."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="lensmith-ort-") as tmp:
+        optimized = Path(tmp) / "runtime.onnx"
+        open_session(path, level=level, optimized_path=optimized)
+        counts: dict[str, int] = {}
+        for node in onnx.load(str(optimized)).graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 # ---- speed ------------------------------------------------------------------------------------------------
@@ -385,7 +415,7 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         check_parity(opt_parity, ep, f"{OPTIMIZED_FILE} (ORT_ENABLE_EXTENDED)")
 
         runners: dict[str, Callable[[np.ndarray], Any]] = {"fp32": opt.logits_uint8}
-        int8_acc, int8_error, int8_model = None, None, None
+        int8_acc, int8_error, int8_model, int8_ops = None, None, None, None
         if ep.int8:
             train = take(load_split_images(layout, "train", trained.classes, pre), ep.calibration_images, ep.seed)
             try:
@@ -393,12 +423,15 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
                 set_metadata(int8_path, {**metadata, "lensmith.variant": "int8"})
                 int8_model = OnnxModel.load(int8_path, ["CPUExecutionProvider"])
                 int8_acc = accuracy(onnx_logits(int8_model, test.images), test.labels)
+                int8_ops = runtime_op_counts(int8_path)
                 runners["int8"] = int8_model.logits_uint8
             except ExportError as exc:
                 int8_error = str(exc)
         speed = compare_speed(runners, test.images, SPEED_BATCHES, ep.bench_seconds * len(runners))
         fp32_acc = accuracy(fp32_logits, test.labels)
         int8 = int8_block(ep, fp32_acc, int8_acc, speed, int8_error)
+        if int8_ops is not None:  # what ORT runs: convolutions left as float Conv run no int8 kernel
+            int8["runtime_ops"] = int8_ops
         served = OnnxModel.load(fp32_path, ep.providers)  # the requested providers, with fallback, for the report
 
         report = {

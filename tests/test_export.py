@@ -24,6 +24,8 @@ from lensmith.export import (
     load_split_images,
     onnx_logits,
     parity,
+    quantize_int8,
+    runtime_op_counts,
     torch_logits,
 )
 from lensmith.modelio import load_trained
@@ -85,6 +87,7 @@ def test_export_report_records_parity_int8_decision_and_speed(project: Layout) -
     assert set(report["images_per_s"]["fp32"]) == {"b1", "b32"}
     kept = report["int8"]["kept"]
     assert (project.exported / "model.int8.onnx").is_file() == kept
+    assert report["int8"]["runtime_ops"].get("QLinearConv", 0) > 0, "the report shows what ORT runs for the int8 graph"
     assert report["serving_variant"] in ({"fp32", "int8"} if kept else {"fp32"})
     assert (project.exported / "model.opt.onnx").is_file()
 
@@ -97,6 +100,30 @@ def test_int8_file_is_quantised_qdq_per_channel(project: Layout) -> None:
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     weight_scales = [i for i in graph.initializer if i.name.endswith("_scale") and len(i.dims) == 1 and i.dims[0] > 1]
     assert weight_scales, "per-channel quantisation stores one scale per output channel"
+
+
+def test_int8_graph_is_laid_out_for_the_fast_x86_kernels(project: Layout, tmp_path: Path) -> None:
+    """Every Conv quantised with uint8 activations and symmetric 7-bit per-channel int8 weights, and fused into
+    QLinearConv by ONNX Runtime at ORT_ENABLE_ALL: the layout bench/int8_configs.py measured as the fast one."""
+    trained = load_trained(project.candidate)
+    calibration = load_split_images(project, "train", trained.classes, trained.preprocessing).images[:8]
+    path = quantize_int8(project.exported / "model.onnx", tmp_path / "model.int8.onnx", calibration, trained.preprocessing, "minmax")
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:
+        weight, activation = producer.get(conv.input[1]), producer.get(conv.input[0])
+        assert weight is not None and weight.op_type == "DequantizeLinear", f"{conv.name} weights are not quantised"
+        values, zero_points = initializers[weight.input[0]], initializers[weight.input[2]]
+        assert values.dtype == np.int8 and zero_points.size == values.shape[0] and not zero_points.any()
+        assert np.abs(values.astype(np.int32)).max() <= 64, "reduce_range: 255 * 64 * 2 fits VPMADDUBSW's int16 sums"
+        assert activation is not None and activation.op_type == "DequantizeLinear"
+        assert initializers[activation.input[2]].dtype == np.uint8
+    runtime = runtime_op_counts(path, "all")
+    assert runtime.get("QLinearConv") == len(convs) and "Conv" not in runtime and "FusedConv" not in runtime
+    assert "QLinearConv" not in runtime_op_counts(project.exported / "model.onnx", "all")
 
 
 def test_parity_gate_fails_with_the_numbers_on_a_different_model(project: Layout, tmp_path: Path) -> None:
