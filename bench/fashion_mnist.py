@@ -4,7 +4,11 @@ Uses lensmith's own training functions (train_one_epoch / evaluate, the same aug
 preprocessing) on in-memory uint8 arrays; the 28x28 grayscale digits are resized once to --image-size
 RGB (what the pretrained backbone takes). Stops when the next epoch would exceed --budget-min.
 
-  .venv/bin/python bench/fashion_mnist.py --image-size 32 --epochs 6 --budget-min 15
+  .venv/bin/python bench/fashion_mnist.py [--epochs 5] [--batch 256] [--lr 3e-3] [--budget-min 15]
+
+The defaults are the measured setting: 5 epochs of the warmup + cosine schedule fit the 15-minute budget on
+2 quiet cores (~350 img/s at batch 256 vs ~290 at 128), so the schedule ends inside the budget instead of
+being cut off mid-decay. The accuracy printed is the last epoch's (no epoch is picked on the test set).
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--budget-min", type=float, default=15.0)
     ap.add_argument("--random-init", action="store_true", help="no pretrained weights (the only choice offline for torchvision backbones)")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke runs)")
