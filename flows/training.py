@@ -1,7 +1,9 @@
 """The training flow: the stages of dvc.yaml as Prefect tasks, in the same graph.
 
-Each task reproduces its DVC stage (`dvc repro --single-item STAGE`), so after a flow run `dvc status`
-is clean and `dvc repro` has nothing to do, and a flow run after `dvc repro` skips every stage.
+Each task reproduces its DVC stage: DVC decides whether it is stale and records dvc.lock, the stage function runs
+in this process (tasks/dvc_inprocess.py; `orchestration.executor: dvc-subprocess` runs `dvc repro --single-item
+STAGE` instead). So after a flow run `dvc status` is clean and `dvc repro` has nothing to do, and a flow run after
+`dvc repro` skips every stage.
 """
 
 from __future__ import annotations

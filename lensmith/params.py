@@ -190,12 +190,17 @@ class EvaluateParams(Section):
 
 
 class OrchestrationParams(Section):
-    executor: Literal["dvc", "direct"] = Field(
-        "dvc", description="dvc: each flow task runs `dvc repro --single-item STAGE`; direct: stage functions in-process"
+    executor: Literal["dvc", "dvc-subprocess", "direct"] = Field(
+        "dvc",
+        description=(
+            "dvc: DVC decides which stages are stale and records dvc.lock, the stage functions run in the flow's "
+            "process (one interpreter and one torch import for the whole run); dvc-subprocess: each flow task runs "
+            "`dvc repro --single-item STAGE` (stage_timeout_s enforced); direct: stage functions in-process, no DVC"
+        ),
     )
     io_retries: int = Field(2, ge=0, le=10, description="Retries for I/O-bound stages (ingest, push/pull)")
     retry_delay_s: float = Field(5.0, ge=0.0)
-    stage_timeout_s: float = Field(4 * 3600.0, gt=0.0)
+    stage_timeout_s: float = Field(4 * 3600.0, gt=0.0, description="Kill a `dvc repro` stage subprocess after this long (executor dvc-subprocess)")
     on_unreachable_server: Literal["error", "ephemeral"] = Field(
         "error", description="When PREFECT_API_URL does not answer: fail clearly, or run on a temporary local server"
     )

@@ -1,8 +1,9 @@
 """The pipeline's stages as in-process functions (the logic side of the wiring; no Prefect, no DVC).
 
 dvc.yaml declares the graph; each stage's `cmd` is `lensmith <stage>`, which calls the same function
-listed here. The Prefect flow runs a stage either through DVC (`dvc repro --single-item`) or, with
-orchestration.executor=direct, by calling `run_stage` in-process.
+listed here. The Prefect flow calls `run_stage` in its own process once DVC has found the stage stale
+(orchestration.executor=dvc), runs `dvc repro --single-item STAGE` (dvc-subprocess), or calls `run_stage`
+without DVC (direct).
 """
 
 from __future__ import annotations

@@ -9,25 +9,35 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from lensmith.distributed import needs_torchrun
 from lensmith.layout import Layout
 from lensmith.params import Params
 from lensmith.stages import run_stage
 from tasks.artifacts import publish_stage_artifacts
+from tasks.dvc_inprocess import reproduce_in_process
 from tasks.dvc_runner import StageOutcome, repro_stage
 
 # Stages that mostly wait on storage (local disk, S3) get retries with backoff; compute stages do not.
 IO_STAGES = frozenset({"demo_data", "ingest"})
 
 
+def _outcome(stage: str, params: Params, layout: Layout) -> StageOutcome:
+    executor = params.orchestration.executor
+    if executor == "direct":
+        start = time.perf_counter()
+        summary = run_stage(stage, params, layout)
+        return StageOutcome(stage, True, time.perf_counter() - start, str(summary))
+    if executor == "dvc" and not (stage == "train" and needs_torchrun(params.train.processes)):
+        outcome = reproduce_in_process(layout.root, stage, lambda: run_stage(stage, params, layout))
+        if outcome is not None:
+            return outcome
+    return repro_stage(layout.root, stage, timeout_s=params.orchestration.stage_timeout_s)
+
+
 def _run(stage: str, params: Params, root: Path) -> StageOutcome:
     logger = get_run_logger()
     layout = Layout(root)
-    if params.orchestration.executor == "dvc":
-        outcome = repro_stage(root, stage, timeout_s=params.orchestration.stage_timeout_s)
-    else:
-        start = time.perf_counter()
-        summary = run_stage(stage, params, layout)
-        outcome = StageOutcome(stage, True, time.perf_counter() - start, str(summary))
+    outcome = _outcome(stage, params, layout)
     logger.info("%s: %s in %.1fs", stage, "ran" if outcome.ran else "unchanged, skipped", outcome.seconds)
     if outcome.log_tail:
         logger.info(outcome.log_tail)
@@ -45,7 +55,8 @@ def stage_task(stage: str, params: Params):  # noqa: ANN201 - a Prefect Task
         task_run_name=stage,
         retries=retries,
         retry_delay_seconds=[orch.retry_delay_s * (2**i) for i in range(retries)] if retries else 0,
-        # the stage timeout is enforced on the `dvc repro` subprocess (a thread-run task cannot be interrupted)
+        # stage_timeout_s kills `dvc repro` subprocesses (executor dvc-subprocess); Prefect cannot interrupt a
+        # stage running in a worker thread, so in-process stages are bounded by their own params (epochs, patience)
         log_prints=True,
         cache_policy=NO_CACHE,  # DVC decides what is up to date
     )

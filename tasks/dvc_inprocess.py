@@ -1,0 +1,112 @@
+"""`dvc repro --single-item STAGE` with the stage's command run in this process.
+
+DVC still decides whether the stage is stale (deps, params, outs, command), restores it from the run cache
+when it can, and records dvc.lock and the run cache afterwards, exactly as `dvc repro` does; only the
+command itself is replaced by the in-process stage function it would have called. That saves the
+interpreter start-up and the torch/torchvision/sklearn imports (~5-9 s on 2 cores) of every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tasks.dvc_runner import StageFailedError, StageOutcome
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
+    from dvc.stage import Stage
+
+# DVC repo objects are not thread-safe and dvc.lock is one file: one DVC operation at a time in this process.
+_DVC_LOCK = threading.Lock()
+
+
+# dvc.yaml's stock command per stage where it has arguments; every other stage's is `lensmith <stage-name>`
+STOCK_ARGUMENTS: dict[str, tuple[str, ...]] = {"gate": ("--report-only",)}
+
+
+def stock_command(stage: str) -> list[str]:
+    """The words of dvc.yaml's stock command for `stage` (`drift_reference` -> `lensmith drift-reference`)."""
+    return ["lensmith", stage.replace("_", "-"), *STOCK_ARGUMENTS.get(stage, ())]
+
+
+def runs_lensmith_stage(cmd: str | list[str] | None, stage: str) -> bool:
+    """Whether dvc.yaml's `cmd` is exactly the stock command (only then is the stage function equivalent)."""
+    return isinstance(cmd, str) and shlex.split(cmd) == stock_command(stage)
+
+
+@contextlib.contextmanager
+def _repo_operation(repo: Repo, stage_name: str) -> Iterator[None]:
+    """DVC's repo lock (other dvc processes wait or fail clearly), with DVC errors named after the stage."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import lock_repo
+
+    with _DVC_LOCK:
+        try:
+            # DVC resolves some paths against the working directory, as if `dvc` were typed in the project
+            with contextlib.chdir(repo.root_dir), lock_repo(repo):
+                yield
+        except DvcException as exc:
+            raise StageFailedError(f"stage {stage_name!r} failed (dvc): {exc}") from None
+
+
+def _load_stage(repo: Repo, stage_name: str) -> Stage:
+    return repo.stage.get_target(stage_name)
+
+
+def _prepare(repo: Repo, stage_name: str) -> str:
+    """What to do for the stage: "unchanged", "custom" (dvc.yaml's command is not the stock `lensmith STAGE`,
+    so it must run as written), "restored" (outputs came from the run cache) or "run"."""
+    from dvc.stage.cache import RunCacheNotFoundError
+
+    with _repo_operation(repo, stage_name):
+        stage = _load_stage(repo, stage_name)
+        if not stage.changed():
+            return "unchanged"
+        if not runs_lensmith_stage(stage.cmd, stage_name):
+            return "custom"
+        stage.remove_outs(ignore_remove=False, force=False)
+        try:
+            repo.stage_cache.restore(stage)
+            return "restored"
+        except RunCacheNotFoundError:
+            stage.save_deps()
+            return "run"
+
+
+def _record(repo: Repo, stage_name: str) -> None:
+    """Hash the outputs into the cache, save the run cache and write the stage's dvc.lock entry."""
+    with _repo_operation(repo, stage_name):
+        stage = _load_stage(repo, stage_name)
+        stage.save()
+        stage.commit()
+        stage.dump(update_pipeline=False)
+
+
+def reproduce_in_process(root: Path, stage_name: str, run: Callable[[], Any]) -> StageOutcome | None:
+    """Run `run` (the stage function) only when DVC finds the stage stale, then record it like `dvc repro`.
+
+    None when dvc.yaml's command for the stage is not the stock `lensmith STAGE`: the caller then runs
+    `dvc repro --single-item STAGE`, which runs the command as written."""
+    from dvc.repo import Repo
+
+    start = time.perf_counter()
+    # wait for DVC's repo lock (`dvc --wait-for-lock`): stages on other Dask workers record theirs side by side
+    with Repo(str(root), _wait_for_lock=True) as repo:
+        action = _prepare(repo, stage_name)
+        if action == "unchanged":
+            return StageOutcome(stage_name, False, time.perf_counter() - start, f"Stage '{stage_name}' didn't change, skipping")
+        if action == "custom":
+            return None
+        checked = time.perf_counter()
+        summary = "restored from the DVC run cache" if action == "restored" else str(run())
+        ran = time.perf_counter()
+        _record(repo, stage_name)
+    end = time.perf_counter()
+    timing = f"DVC check {checked - start:.1f}s, stage {ran - checked:.1f}s, DVC record {end - ran:.1f}s"
+    return StageOutcome(stage_name, True, end - start, f"{summary}\n{timing}")
