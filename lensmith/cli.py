@@ -192,6 +192,23 @@ def _check_prefect_api(on_unreachable: str) -> None:
     )
 
 
+# Prefect server services a temporary (ephemeral) server has no use for: they schedule deployments, watch
+# for late, paused or crashed runs and evaluate automations. Off, a no-op `lensmith run` takes ~20 s instead of
+# ~23 s here (less CPU taken from the stages on 2 cores). The task-run recorder and event persister stay on,
+# so the runs are complete in the database a later `prefect server start` shows.
+TEMPORARY_SERVER_IDLE_SERVICES = (
+    "SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "TRIGGERS", "REPOSSESSOR",
+)
+
+
+def _lighten_temporary_prefect_server() -> None:
+    """With no Prefect API configured, the flow starts a temporary server, which inherits this environment."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    for service in TEMPORARY_SERVER_IDLE_SERVICES:
+        os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
+
+
 @app.command()
 @user_errors
 def run(
@@ -207,6 +224,7 @@ def run(
 
     params, _ = _context(params_file, overrides, root)  # fail fast on bad params, before Prefect starts
     _check_prefect_api(params.orchestration.on_unreachable_server)
+    _lighten_temporary_prefect_server()
     result = training_flow(root=str(root.resolve()), params_file=str(params_file), overrides=overrides or [])
     for stage, info in result["stages"].items():
         typer.echo(f"  {stage:<10} {'ran' if info['ran'] else 'unchanged'} ({info['seconds']:.1f}s)")
@@ -223,6 +241,7 @@ def nightly(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("
 
     params, _ = _context(params_file, None, root)
     _check_prefect_api(params.orchestration.on_unreachable_server)
+    _lighten_temporary_prefect_server()
     result = nightly_flow(root=str(root.resolve()), params_file=str(params_file))
     typer.echo(f"nightly: {result['status']} in {result['seconds']:.1f}s")
     if result.get("decision"):
