@@ -9,7 +9,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from lensmith.distributed import needs_torchrun
 from lensmith.layout import Layout
 from lensmith.params import Params
 from lensmith.stages import run_stage
@@ -21,13 +20,22 @@ from tasks.dvc_runner import StageOutcome, repro_stage
 IO_STAGES = frozenset({"demo_data", "ingest"})
 
 
+def _trains_under_torchrun(params: Params) -> bool:
+    """Multi-process training relaunches `lensmith train` under torchrun: it cannot run in this process."""
+    if params.train.processes <= 1:
+        return False  # without importing torch (lensmith.distributed does): a no-op flow run never needs it
+    from lensmith.distributed import needs_torchrun
+
+    return needs_torchrun(params.train.processes)
+
+
 def _outcome(stage: str, params: Params, layout: Layout) -> StageOutcome:
     executor = params.orchestration.executor
     if executor == "direct":
         start = time.perf_counter()
         summary = run_stage(stage, params, layout)
         return StageOutcome(stage, True, time.perf_counter() - start, str(summary))
-    if executor == "dvc" and not (stage == "train" and needs_torchrun(params.train.processes)):
+    if executor == "dvc" and not (stage == "train" and _trains_under_torchrun(params)):
         outcome = reproduce_in_process(layout.root, stage, lambda: run_stage(stage, params, layout))
         if outcome is not None:
             return outcome
