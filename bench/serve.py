@@ -2,7 +2,7 @@
 Runtime session on the same images, plus p50/p99 latency and what the load generator itself cost.
 
     .venv/bin/python bench/serve.py [--model .cache/bench/inference/models/candidate] [--seconds 15] [--rounds 3]
-        [--clients 16] [--client raw|httpx] [--max-batch 16] [--serve KEY=VALUE ...]
+        [--clients 16] [--client raw|httpx] [--max-batch N] [--serve KEY=VALUE ...]
         [--variant 'NAME [code=DIR] [serve.KEY=VALUE ...] [env.KEY=VALUE ...]' ...]
 
 Starts `lensmith serve --model MODEL` as a real uvicorn process on a free 127.0.0.1 port (one per
@@ -10,7 +10,7 @@ Starts `lensmith serve --model MODEL` as a real uvicorn process on a free 127.0.
 --variant 'before code=/tmp/before' --variant now) and, for `--rounds` rounds, measures each variant in
 turn (order reversed every other round) by driving it for `--seconds` with `--clients` concurrent
 keep-alive connections, one image per request, then the raw session in this process on the same JPEGs
-at batch `--raw-batch` (the service's max batch size unless given) while the servers idle:
+at batch `--raw-batch` (16) while the servers idle:
   - session.run with ONNX Runtime's default threads (all cores), one run at a time;
   - one single-threaded session.run per core side by side (what a multi-core CPU does best);
   - decode + preprocess + session.run, one run at a time.
@@ -297,9 +297,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="Rounds of (each service variant, raw session); medians are reported")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="Load generator (raw: pre-built requests on asyncio streams)")
-    parser.add_argument("--max-batch", type=int, default=16, help="serve.max_batch_size")
+    parser.add_argument("--max-batch", type=int, default=None, help="serve.max_batch_size (default: the params default)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="serve.max_wait_ms (default: the params default)")
-    parser.add_argument("--raw-batch", type=int, default=None, help="Batch of the raw session baseline (default: --max-batch)")
+    parser.add_argument("--raw-batch", type=int, default=16, help="Batch of the raw session baseline (single-threaded runs cost about the same per image at any batch)")
     parser.add_argument("--serve", action="append", default=[], metavar="KEY=VALUE", help="Any other serve.* parameter, e.g. threads=1")
     parser.add_argument(
         "--variant", action="append", default=[], metavar="'NAME [code=DIR] [serve.K=V] [env.K=V]'",
@@ -311,14 +311,16 @@ def main() -> None:
     if not model_dir.exists():
         raise SystemExit(f"{model_dir} does not exist; run bench/inference.py first (or pass --model)")
 
-    serve: dict[str, object] = {"max_batch_size": args.max_batch, "review_threshold": 0.0}
+    serve: dict[str, object] = {"review_threshold": 0.0}  # every prediction logged, none copied to the review queue
+    if args.max_batch is not None:
+        serve["max_batch_size"] = args.max_batch
     if args.max_wait_ms is not None:
         serve["max_wait_ms"] = args.max_wait_ms
     for item in args.serve:
         key, _, value = item.partition("=")
         serve[key.removeprefix("serve.")] = yaml.safe_load(value)
     variants = [Variant.parse(v) for v in args.variant] or [Variant("service")]
-    raw_batch = args.raw_batch or args.max_batch
+    raw_batch = args.raw_batch
     images = sample_images(model_dir, 64)
     path, model_variant = onnx_file_for(model_dir, "auto", ["CPUExecutionProvider"])
     raw_model = OnnxModel.load(path)

@@ -367,7 +367,10 @@ def serve(
     source = PathSource(model.resolve()) if model is not None else production_source(layout.models)
     source.locate()  # fail here, with the reason, rather than serve nothing
     app_ = create_app(params.serve, layout.root, source)
-    uvicorn.run(app_, host=host or params.serve.host, port=port or params.serve.port, log_level="info", server_header=False)
+    uvicorn.run(
+        app_, host=host or params.serve.host, port=port or params.serve.port, log_level="info", server_header=False,
+        access_log=params.serve.access_log,
+    )
 
 
 review_app = typer.Typer(help="The review queue fed by serving: export it for labelling, import corrected labels.", no_args_is_help=True)

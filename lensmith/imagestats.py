@@ -6,6 +6,8 @@ All statistics are computed on the 8-bit image as decoded by `lensmith.imageio.d
 
 from __future__ import annotations
 
+import array
+
 import imagehash
 import numpy as np
 import scipy.fftpack  # noqa: F401 - phash imports it lazily; importing here spares every forked worker
@@ -14,6 +16,8 @@ from PIL import Image
 IMAGE_STAT_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "sharpness", "mean_r", "mean_g", "mean_b")
 PHASH_HEX_CHARS = 16  # imagehash.phash with hash_size=8 -> 64 bits
 LEVELS = np.arange(256, dtype=np.float64)
+INT_LEVELS = np.arange(256, dtype=np.int64)
+INT_LEVELS_SQUARED = INT_LEVELS * INT_LEVELS
 
 
 def gray_image(img: Image.Image) -> Image.Image:
@@ -21,23 +25,32 @@ def gray_image(img: Image.Image) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
+def exact_variance(total: int, total_of_squares: int, n: int) -> float:
+    """Population variance from integer sums, exact until the one final division."""
+    return max(n * total_of_squares - total * total, 0) / (n * n)
+
+
 def laplacian_variance(gray: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian over the interior pixels: the usual blur/sharpness score."""
     if gray.shape[0] < 3 or gray.shape[1] < 3:
         return 0.0
     g = gray.astype(np.int16)  # exact: a Laplacian of 8-bit values lies in [-1020, 1020]
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
-    return float(lap.var())
+    lap = g[:-2, 1:-1] + g[2:, 1:-1]
+    lap += g[1:-1, :-2]
+    lap += g[1:-1, 2:]
+    lap -= g[1:-1, 1:-1] * np.int16(4)
+    flat = lap.ravel().astype(np.int64)  # integer sums: exact, and no float temporaries (this runs per served image)
+    return exact_variance(int(flat.sum()), int(flat @ flat), flat.size)
 
 
 def band_mean_std(histogram: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean and population std from PIL's concatenated 256-bin histograms (no pixel pass)."""
-    counts = np.asarray(histogram, dtype=np.float64).reshape(-1, 256)
-    n = np.maximum(counts.sum(axis=1), 1.0)
-    # elementwise, not `@`: tiny BLAS calls spin up BLAS threads and are 10x slower on a busy machine
-    mean = (counts * LEVELS).sum(axis=1) / n
-    var = (counts * (LEVELS * LEVELS)).sum(axis=1) / n - mean * mean
-    return mean, np.sqrt(np.maximum(var, 0.0))
+    counts = np.frombuffer(array.array("q", histogram), dtype=np.int64).reshape(-1, 256)
+    # integer dot products (no BLAS: tiny BLAS calls spin up BLAS threads, 10x slower on a busy machine)
+    n, totals, squares = counts.sum(axis=1).tolist(), (counts @ INT_LEVELS).tolist(), (counts @ INT_LEVELS_SQUARED).tolist()
+    mean = np.array([t / max(k, 1) for t, k in zip(totals, n)])
+    std = np.sqrt([exact_variance(t, q, max(k, 1)) for t, q, k in zip(totals, squares, n)])
+    return mean, std
 
 
 def channel_means(img: Image.Image) -> tuple[float, float, float]:

@@ -299,10 +299,19 @@ class ServeParams(Section):
     log_rotate_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     review_dir: str = Field("serving/review", description="Review queue on disk (relative to root)")
     feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
+    access_log: bool = Field(
+        False,
+        description="uvicorn's access log line for every request; off, 4xx/5xx answers are still logged one line each "
+        "(the prediction log records every prediction either way)",
+    )
     threads: int = Field(
         0, ge=0,
         description="ONNX Runtime intra-op threads per session run; on CPU, cores // threads batches run at once. "
-        "0 = one single-threaded run per core (the fastest layout measured: bench/serve.py)",
+        "0 = single-threaded runs, one per core plus one (the fastest layout measured: bench/serve.py)",
+    )
+    runners: int = Field(
+        0, ge=0, le=256,
+        description="Session runs at once; 0 = automatic (threads 0 on CPU: cores + 1; threads N: cores // N; GPU: 1)",
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -158,6 +159,18 @@ def test_bad_input_gets_a_4xx_json_error(layout: Layout, case: str) -> None:
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"]["code"] == code
     assert "Traceback" not in response.text and "File \"" not in response.text
+
+
+def test_failed_requests_leave_a_log_line_without_the_access_log(layout: Layout, caplog: pytest.LogCaptureFixture) -> None:
+    async def go(s: Running):
+        return await s.client.post("/v1/predict", **one(jpeg_bytes(1))), await s.client.post("/v1/predict", content=b"")
+
+    with caplog.at_level(logging.INFO, logger="lensmith.serve"):
+        good, bad = run(go, layout)
+    assert (good.status_code, bad.status_code) == (200, 400)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lensmith.serve"]
+    assert any(line.startswith("POST /v1/predict 400 from") for line in lines), lines
+    assert not any(" 200 " in line for line in lines)
 
 
 def test_chunked_upload_over_the_limit_is_refused(layout: Layout) -> None:

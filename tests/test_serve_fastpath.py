@@ -110,9 +110,10 @@ def test_malformed_bodies_raise(case: str) -> None:
 # ---- inference layout and batching -------------------------------------------------------------------------
 
 
-def test_inference_layout_one_single_threaded_run_per_core_on_cpu() -> None:
+def test_inference_layout_single_threaded_runs_one_more_than_cores_on_cpu() -> None:
     cpu = ServeParams()
-    assert inference_layout(cpu, cores=2) == (2, 1)
+    assert inference_layout(cpu, cores=2) == (3, 1)
+    assert inference_layout(cpu.model_copy(update={"runners": 2}), cores=2) == (2, 1)
     assert inference_layout(cpu.model_copy(update={"threads": 2}), cores=4) == (2, 2)
     assert inference_layout(cpu.model_copy(update={"threads": 8}), cores=4) == (1, 8)
     cuda = cpu.model_copy(update={"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]})
@@ -142,6 +143,48 @@ def test_queued_requests_are_shared_out_among_free_runners_and_run_side_by_side(
     results, sizes = asyncio.run(main())
     assert results == [[i] for i in range(16)]  # every request gets its own row back
     assert sorted(sizes) == [8, 8] and peak == 2  # two batches of 8 at once, not one of 16 on one core
+
+
+def test_with_several_runners_a_batch_takes_its_fair_share_of_the_work() -> None:
+    batcher = MicroBatcher(lambda m, b: list(b), max_batch=32, max_wait_s=0.005, runners=2)
+    assert batcher.batch_limit(queued=16, running_images=0, running_batches=0) == 8  # both free: split now
+    assert batcher.batch_limit(queued=8, running_images=8, running_batches=1) == 8
+    assert batcher.batch_limit(queued=15, running_images=1, running_batches=1) == 8  # leave 7 for the other runner
+    assert batcher.batch_limit(queued=100, running_images=0, running_batches=1) == 32  # never above max_batch
+    assert batcher.batch_limit(queued=1, running_images=0, running_batches=1) == 1
+    three = MicroBatcher(lambda m, b: list(b), max_batch=32, max_wait_s=0.005, runners=3)
+    assert three.batch_limit(queued=12, running_images=0, running_batches=0) == 4
+    assert three.batch_limit(queued=6, running_images=6, running_batches=2) == 4
+    gpu = MicroBatcher(lambda m, b: list(b), max_batch=32, max_wait_s=0.005, runners=1)
+    assert gpu.batch_limit(queued=1, running_images=0, running_batches=0) == 32  # one runner: fill the batch
+
+
+def test_a_free_runner_does_not_take_the_whole_queue_while_the_other_runs_a_few() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def run(model: object, batch: np.ndarray) -> list[int]:
+        if batch[0, 0] == -1:  # the first, small batch: hold its runner
+            started.set()
+            release.wait(5)
+        return batch[:, 0].tolist()
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher(run, max_batch=32, max_wait_s=0.0, runners=2)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit("m", np.array([[-1], [-1]])))
+        await asyncio.to_thread(started.wait, 5)
+        rest = [asyncio.create_task(batcher.submit("m", np.array([[i]]))) for i in range(14)]
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return batcher.batch_sizes
+
+    sizes = asyncio.run(main())
+    # 16 images, 2 runners: the free one takes 8 (2 running + 14 queued, halved), not all 14; the held
+    # batch of 2 finishes last
+    assert sizes[0] == 8 and sizes[-1] == 2 and sum(sizes) == 16
 
 
 def test_one_runner_waits_to_fill_the_batch() -> None:

@@ -1,14 +1,19 @@
 """Micro-batching: concurrent requests' images are run through the session together.
 
 Requests put (model, inputs) on a queue. The worker waits for a free inference runner, takes the first
-item, then keeps taking items until `max_batch` images are gathered or `max_wait_s` has passed, and runs
-each model's share as one batch on an inference thread. While every runner is busy, requests simply queue,
-so the next batch is as full as the load allows. `runners` batches run at once (one thread each; with a
-single-threaded ONNX Runtime session per run, one per core keeps every core busy without the cross-thread
-barriers of a multi-threaded run stalling whenever the event loop takes a core). While more than one
-runner is free, the queued items are shared out among them and nobody waits: a single-threaded run costs
-about the same per image at any batch size, so a second core at work beats a fuller batch. Items carry the
-model they were preprocessed for, so a hot reload never mixes models within a batch.
+item, then keeps taking items until the batch holds its share of the work or `max_wait_s` has passed, and
+runs each model's share as one batch on an inference thread. While every runner is busy, requests simply
+queue, so the next batch is as full as the load allows. `runners` batches run at once (one thread each;
+with a single-threaded ONNX Runtime session per run, one per core keeps every core busy without the
+cross-thread barriers of a multi-threaded run stalling whenever the event loop takes a core).
+
+With several runners a batch takes at most its fair share: the images queued plus those being run,
+divided by the number of runners (and never more than `max_batch`). A single-threaded run costs about
+the same per image at any batch size, so one runner holding most of the clients' requests while the
+other runs a few (and then waits for them to come back) wastes a core; equal shares keep both busy.
+While more than one runner is free, the queued items are shared out among them and nobody waits.
+With one runner (a GPU) the batch fills up to `max_batch` within `max_wait_s`, as batching pays there.
+Items carry the model they were preprocessed for, so a hot reload never mixes models within a batch.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class MicroBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._free: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._running_images = 0  # images in the batches being run
         self._executor = ThreadPoolExecutor(max_workers=self.runners, thread_name_prefix="lensmith-infer")
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and metrics
         self.busy_s = 0.0  # total seconds spent in session runs (summed over runners)
@@ -78,16 +84,13 @@ class MicroBatcher:
         return await future
 
     async def _gather(self) -> list[_Item]:
-        """The next batch. While other runners are free, share what is queued with them and start at once
-        (waiting would leave a core idle); the last free runner waits up to max_wait_s for a full batch."""
+        """The next batch: see the module docstring for how large and how long it waits."""
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         items = [await self._queue.get()]
         size = len(items[0].inputs)
+        limit = self.batch_limit(self._queue.qsize() + size, self._running_images, len(self._running))
         others_free = self.runners - len(self._running) - 1
-        limit = self.max_batch
-        if others_free > 0:
-            limit = min(limit, max(1, -(-(self._queue.qsize() + size) // (others_free + 1))))
         deadline = loop.time() + self.max_wait_s
         while size < limit:
             try:
@@ -104,6 +107,16 @@ class MicroBatcher:
             size += len(item.inputs)
         return items
 
+    def batch_limit(self, queued: int, running_images: int, running_batches: int) -> int:
+        """Most images the next batch takes, given `queued` images waiting (this batch's first included)
+        and `running_images` in the `running_batches` batches being run by the other runners."""
+        if self.runners == 1:
+            return self.max_batch
+        free = self.runners - running_batches
+        if free > 1:  # share what is queued with the other free runners, who start at once
+            return min(self.max_batch, -(-queued // free))
+        return min(self.max_batch, max(1, -(-(queued + running_images) // self.runners)))
+
     async def _loop(self) -> None:
         assert self._free is not None
         while True:
@@ -113,6 +126,7 @@ class MicroBatcher:
             except BaseException:
                 self._free.release()
                 raise
+            self._running_images += sum(len(item.inputs) for item in items)
             task = asyncio.get_running_loop().create_task(self._run_items(items))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -145,6 +159,7 @@ class MicroBatcher:
                         item.future.set_result(results[start:end])
                     start = end
         finally:
+            self._running_images -= sum(len(item.inputs) for item in items)
             self._free.release()
 
     def _timed_run(self, model: Any, batch: np.ndarray) -> tuple[Any, float]:
