@@ -192,21 +192,17 @@ def _check_prefect_api(on_unreachable: str) -> None:
     )
 
 
-# Prefect server services a temporary (ephemeral) server has no use for: they schedule deployments, watch
-# for late, paused or crashed runs and evaluate automations. Off, a no-op `lensmith run` takes ~20 s instead of
-# ~23 s here (less CPU taken from the stages on 2 cores). The task-run recorder and event persister stay on,
-# so the runs are complete in the database a later `prefect server start` shows.
-TEMPORARY_SERVER_IDLE_SERVICES = (
-    "SCHEDULER", "LATE_RUNS", "FOREMAN", "CANCELLATION_CLEANUP", "PAUSE_EXPIRATIONS", "TRIGGERS", "REPOSSESSOR",
-)
+def _start_prefect_api() -> Callable[[], None]:
+    """With no Prefect server configured, start a temporary one (lensmith.prefectserver) before the flow
+    modules are imported, so that it boots while they import; it stops when this process exits. Returns
+    the wait for it to answer, to call once the flow module is imported."""
+    from lensmith import prefectserver
 
-
-def _lighten_temporary_prefect_server() -> None:
-    """With no Prefect API configured, the flow starts a temporary server, which inherits this environment."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    for service in TEMPORARY_SERVER_IDLE_SERVICES:
-        os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
+    server = prefectserver.start_if_needed()
+    if server is None:
+        return lambda: None
+    typer.secho(f"lensmith: temporary Prefect server on {server.api_url} (set PREFECT_API_URL or run `make ui` for a lasting one)", err=True)
+    return server.wait_ready
 
 
 @app.command()
@@ -220,11 +216,12 @@ def run(
 
     --set values are written to params.yaml for the run (so dvc.lock records them) and restored after.
     """
-    from flows.training import training_flow
-
     params, _ = _context(params_file, overrides, root)  # fail fast on bad params, before Prefect starts
     _check_prefect_api(params.orchestration.on_unreachable_server)
-    _lighten_temporary_prefect_server()
+    wait_for_server = _start_prefect_api()
+    from flows.training import training_flow
+
+    wait_for_server()
     result = training_flow(root=str(root.resolve()), params_file=str(params_file), overrides=overrides or [])
     for stage, info in result["stages"].items():
         typer.echo(f"  {stage:<10} {'ran' if info['ran'] else 'unchanged'} ({info['seconds']:.1f}s)")
@@ -237,11 +234,12 @@ def run(
 @user_errors
 def nightly(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
     """Run the nightly retraining flow once now: pull, retrain if anything changed, gate, promote, push, record."""
-    from flows.nightly import nightly_flow
-
     params, _ = _context(params_file, None, root)
     _check_prefect_api(params.orchestration.on_unreachable_server)
-    _lighten_temporary_prefect_server()
+    wait_for_server = _start_prefect_api()
+    from flows.nightly import nightly_flow
+
+    wait_for_server()
     result = nightly_flow(root=str(root.resolve()), params_file=str(params_file))
     typer.echo(f"nightly: {result['status']} in {result['seconds']:.1f}s")
     if result.get("decision"):

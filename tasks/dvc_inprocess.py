@@ -59,30 +59,30 @@ def _load_stage(repo: Repo, stage_name: str) -> Stage:
     return repo.stage.get_target(stage_name)
 
 
-def _prepare(repo: Repo, stage_name: str) -> str:
-    """What to do for the stage: "unchanged", "custom" (dvc.yaml's command is not the stock `lensmith STAGE`,
-    so it must run as written), "restored" (outputs came from the run cache) or "run"."""
+def _prepare(repo: Repo, stage_name: str) -> tuple[str, Stage]:
+    """What to do for the stage, and the stage: "unchanged", "custom" (dvc.yaml's command is not the stock
+    `lensmith STAGE`, so it must run as written), "restored" (outputs came from the run cache) or "run"."""
     from dvc.stage.cache import RunCacheNotFoundError
 
     with _repo_operation(repo, stage_name):
         stage = _load_stage(repo, stage_name)
         if not stage.changed():
-            return "unchanged"
+            return "unchanged", stage
         if not runs_lensmith_stage(stage.cmd, stage_name):
-            return "custom"
+            return "custom", stage
         stage.remove_outs(ignore_remove=False, force=False)
         try:
             repo.stage_cache.restore(stage)
-            return "restored"
+            return "restored", stage
         except RunCacheNotFoundError:
             stage.save_deps()
-            return "run"
+            return "run", stage
 
 
-def _record(repo: Repo, stage_name: str) -> None:
-    """Hash the outputs into the cache, save the run cache and write the stage's dvc.lock entry."""
-    with _repo_operation(repo, stage_name):
-        stage = _load_stage(repo, stage_name)
+def _record(repo: Repo, stage: Stage) -> None:
+    """Hash the outputs into the cache, save the run cache and write the stage's dvc.lock entry (the same
+    stage object from _prepare to here, as in `dvc repro`: dvc.yaml is parsed once per task)."""
+    with _repo_operation(repo, stage.name):
         stage.save()
         stage.commit()
         stage.dump(update_pipeline=False)
@@ -98,7 +98,7 @@ def reproduce_in_process(root: Path, stage_name: str, run: Callable[[], Any]) ->
     start = time.perf_counter()
     # wait for DVC's repo lock (`dvc --wait-for-lock`): stages on other Dask workers record theirs side by side
     with Repo(str(root), _wait_for_lock=True) as repo:
-        action = _prepare(repo, stage_name)
+        action, stage = _prepare(repo, stage_name)
         if action == "unchanged":
             return StageOutcome(stage_name, False, time.perf_counter() - start, f"Stage '{stage_name}' didn't change, skipping")
         if action == "custom":
@@ -106,7 +106,7 @@ def reproduce_in_process(root: Path, stage_name: str, run: Callable[[], Any]) ->
         checked = time.perf_counter()
         summary = "restored from the DVC run cache" if action == "restored" else str(run())
         ran = time.perf_counter()
-        _record(repo, stage_name)
+        _record(repo, stage)
     end = time.perf_counter()
     timing = f"DVC check {checked - start:.1f}s, stage {ran - checked:.1f}s, DVC record {end - ran:.1f}s"
     return StageOutcome(stage_name, True, end - start, f"{summary}\n{timing}")

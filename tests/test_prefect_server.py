@@ -34,7 +34,13 @@ def served_project(tmp_path_factory: pytest.TempPathFactory, prefect_server: Pre
 
 
 def api(server: PrefectServer, method: str, path: str, **kwargs):  # noqa: ANN201, ANN003
-    response = httpx.request(method, server.api_url + path, timeout=30, **kwargs)
+    """One API call; a 503 (Prefect's answer to errors a client can retry on, e.g. its SQLite database busy
+    with the served deployments' polling) is retried as Prefect's own client does."""
+    for wait in (0.5, 1, 2, 4, 8, None):
+        response = httpx.request(method, server.api_url + path, timeout=30, **kwargs)
+        if response.status_code != 503 or wait is None:
+            break
+        time.sleep(wait)
     response.raise_for_status()
     return response.json()
 
