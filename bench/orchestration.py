@@ -1,7 +1,8 @@
 """Orchestration overhead and the no-op nightly run.
 
-A: the pipeline through the Prefect training flow (`lensmith run`: ephemeral Prefect API, one task per
-   stage, each `dvc repro --single-item STAGE`, artifacts published);
+A: the pipeline through the Prefect training flow (`lensmith run`: a temporary Prefect server the CLI
+   starts, one task per stage, each reproducing its DVC stage (DVC decides staleness and records dvc.lock
+   and the cache; tasks/dvc_inprocess.py), artifacts published);
 B: the same stages called directly in one process (lensmith.stages.run_stage), no Prefect, no DVC.
 Both start from the same fresh project (same params, same data); rounds alternate A/B and medians are
 reported. Then: a no-op nightly run (nothing changed) end to end through the CLI.
