@@ -15,7 +15,6 @@ from PIL import Image
 
 IMAGE_STAT_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "sharpness", "mean_r", "mean_g", "mean_b")
 PHASH_HEX_CHARS = 16  # imagehash.phash with hash_size=8 -> 64 bits
-LEVELS = np.arange(256, dtype=np.float64)
 INT_LEVELS = np.arange(256, dtype=np.int64)
 INT_LEVELS_SQUARED = INT_LEVELS * INT_LEVELS
 

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lensmith.errors import LensmithError
@@ -98,7 +98,6 @@ class TemporaryPrefectServer:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
-    started_at: float = field(default_factory=time.perf_counter)
 
     @property
     def api_url(self) -> str:
@@ -115,7 +114,6 @@ class TemporaryPrefectServer:
                 server_command(self.port), env=server_environment(dict(os.environ)),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
             )
-        self.started_at = time.perf_counter()
         # Stopped at interpreter exit, not when the flow returns: Prefect's own exit handlers still send the
         # last logs and events to it, and atexit runs the handlers registered before Prefect's (this one) last.
         atexit.register(self.stop)
