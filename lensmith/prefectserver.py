@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lensmith.errors import LensmithError
-from lensmith.procutil import http_ok
+from lensmith.procutil import free_port, http_ok
 
 PORT_IN_USE_EXIT = 3  # uvicorn's exit status when it cannot bind
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -63,12 +62,6 @@ def api_configured(env: dict[str, str] | None = None) -> bool:
 def ephemeral_allowed(env: dict[str, str] | None = None) -> bool:
     env = dict(os.environ if env is None else env)
     return env.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true").strip().lower() not in ("0", "false", "no", "off")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_command(port: int) -> list[str]:

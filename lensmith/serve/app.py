@@ -311,8 +311,9 @@ def inference_layout(params: ServeParams, cores: int | None = None) -> tuple[int
     runs side by side keep the cores busy and barely depend on the batch size. runners=0 then runs one
     more batch than there are cores: while a runner's answers go out and its clients' next requests come
     in through the event loop, its core would idle; the spare run takes it (bench/serve.py, 2 cores, 16
-    clients: 2 runs 0.72x of the raw session, 3 runs 0.77x, 4 runs 0.78x). threads=N runs cores // N
-    batches of N threads. GPU providers: one run at a time. A runners value > 0 is taken as it is."""
+    clients, one 3-round trial: 2 runs 0.72x of the raw session, 3 runs 0.77x, 4 runs 0.78x; a later one:
+    3 runs 0.84x, 4 runs 0.74x). threads=N runs cores // N batches of N threads. GPU providers: one run at
+    a time. A runners value > 0 is taken as it is."""
     cores = cores or available_cores()
     if params.providers[:1] != ["CPUExecutionProvider"]:
         return params.runners or 1, params.threads
