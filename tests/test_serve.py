@@ -361,6 +361,44 @@ def test_multipart_mistakes_get_a_4xx_json_error(layout: Layout, case: str) -> N
     assert response.json()["error"]["code"] == code
 
 
+def test_the_fast_path_and_the_fastapi_route_answer_predict_alike(layout: Layout) -> None:
+    """POST /v1/predict is answered ahead of FastAPI's router; mounted under a prefix, the app's route
+    answers instead (same predict code). Both must give the same statuses, errors, predictions and metrics."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    cases = {"good": (one(jpeg_bytes(3)), 200, None)} | BAD_INPUTS | MULTIPART_ERRORS
+    params = serve_params(max_upload_bytes=200_000, max_images_per_request=4)
+
+    async def main():  # noqa: ANN202
+        app = create_app(params, layout.root, PathSource(layout.exported), token=TOKEN)
+        outer = Starlette(routes=[Mount("/api", app=app)])
+        answers: dict[str, list] = {}
+        async with app.router.lifespan_context(app):
+            for prefix, asgi in (("", app), ("/api", outer)):
+                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi), base_url="http://lensmith") as client:
+                    for case, (kwargs, _, _) in cases.items():
+                        answers.setdefault(case, []).append(await client.post(f"{prefix}/v1/predict", **kwargs))
+                    wrong_method = await client.get(f"{prefix}/v1/predict")
+                    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+            metrics = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://l").get("/metrics")).text
+        return answers, metrics
+
+    answers, metrics = asyncio.run(main())
+    for case, (fast, routed) in answers.items():
+        _, status, code = cases[case]
+        assert fast.status_code == routed.status_code == status, (case, fast.text, routed.text)
+        assert fast.headers["content-type"] == routed.headers["content-type"] == "application/json"
+        if code is not None:
+            assert fast.json()["error"] == routed.json()["error"] and fast.json()["error"]["code"] == code, case
+    good_fast, good_routed = (r.json()["predictions"][0] for r in answers["good"])
+    assert (good_fast["label"], good_fast["top_k"], good_fast["image_sha256"]) == (good_routed["label"], good_routed["top_k"], good_routed["image_sha256"])
+    # counted under the route template; the fast path's refusal by Content-Length too (before any routing,
+    # the mounted app's is counted under the mount)
+    assert 'lensmith_requests_total{endpoint="/v1/predict",status="200"} 2.0' in metrics
+    assert 'lensmith_requests_total{endpoint="/v1/predict",status="413"} 1.0' in metrics
+
+
 def test_openapi_documents_the_predict_body_and_its_bearer_token(layout: Layout) -> None:
     async def go(s: Running):
         return (await s.client.get("/openapi.json")).json()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +31,7 @@ from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lensmith.errors import LensmithError
 from lensmith.imageio import ImageRejected, decode_image
@@ -75,17 +77,22 @@ def error_response(status: int, code: str, message: str) -> JSONResponse:
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 
 
+def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
+    """The JSON error answer for an HTTP error (ours carry a code; Starlette's and FastAPI's get one)."""
+    code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if exc.status_code == 400 and message == "There was an error parsing the body":
+        code, message = "malformed_body", "the request body is not valid multipart/form-data"
+    response = error_response(exc.status_code, code, message)
+    if exc.status_code == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = getattr(exc, "code", None) or STATUS_CODES.get(exc.status_code, "error")
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        if exc.status_code == 400 and message == "There was an error parsing the body":
-            code, message = "malformed_body", "the request body is not valid multipart/form-data"
-        response = error_response(exc.status_code, code, message)
-        if exc.status_code == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        return http_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -465,18 +472,12 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
             "loaded_at": model.loaded_at,
         }
 
-    # The body is parsed by read_uploads and the token read from the header, not through FastAPI parameters
-    # (File() fields and the HTTPBearer dependency cost more per request than the rest of the handler);
-    # openapi_extra documents the same request body and security as those parameters would.
-    @app.post(
-        "/v1/predict", response_model=PredictResponse, responses=ERRORS,
-        openapi_extra={"requestBody": PREDICT_BODY, "security": [{"HTTPBearer": []}]},
-    )
-    async def predict(request: Request) -> Response:
+    async def predict_payload(request: Request) -> dict[str, Any]:
+        """POST /v1/predict's answer (a `PredictResponse` as a dict); bad requests raise ApiError."""
         started = time.perf_counter()
         if params.require_token_for_predict:
             service.require_token(bearer_from_header(request.headers.get("authorization")))
-        uploads = await read_uploads(request)
+        uploads = parse_uploads(request.headers.get("content-type", ""), await request.body())
         if len(uploads) > params.max_images_per_request:
             raise ApiError(400, "too_many_images", f"{len(uploads)} images sent; at most {params.max_images_per_request} per request")
         for upload in uploads:
@@ -496,8 +497,29 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
         if any(p["needs_review"] for p in predictions):  # file writes: not on the event loop
             await run_in_threadpool(queue_low_confidence, service, predictions, decoded)
         record(service, predictions, decoded, model)
-        # already the response model's shape: skip FastAPI's second validation + serialisation pass
-        return JSONResponse({"predictions": predictions, "model_version": model.version, "latency_ms": latency_ms})
+        return {"predictions": predictions, "model_version": model.version, "latency_ms": latency_ms}
+
+    # The body is parsed by parse_uploads and the token read from the header, not through FastAPI parameters
+    # (File() fields and the HTTPBearer dependency cost more per request than the rest of the handler);
+    # openapi_extra documents the same request body and security as those parameters would. This route
+    # documents the endpoint and answers when the app is mounted under a prefix; otherwise PredictFastPath
+    # answers POST /v1/predict with the same predict_payload before FastAPI's routing.
+    @app.post(
+        "/v1/predict", response_model=PredictResponse, responses=ERRORS,
+        openapi_extra={"requestBody": PREDICT_BODY, "security": [{"HTTPBearer": []}]},
+    )
+    async def predict(request: Request) -> Response:
+        return json_response(await predict_payload(request))
+
+    async def predict_endpoint(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """POST /v1/predict as a plain ASGI app (what PredictFastPath calls)."""
+        try:
+            response: Response = json_response(await predict_payload(Request(scope, receive)))
+        except StarletteHTTPException as exc:
+            response = http_error_response(exc)
+        except ClientDisconnect:
+            return  # the client left before its body arrived: nobody to answer
+        await response(scope, receive, send)
 
     @app.post("/v1/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
     async def feedback(body: FeedbackIn, credentials: Credentials) -> FeedbackOut:
@@ -532,7 +554,36 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    predict_route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/predict")
+    fast_endpoint = MetricsMiddleware(BodyLimitMiddleware(predict_endpoint, limit=params.max_upload_bytes), metrics=service.metrics)
+    app.add_middleware(PredictFastPath, endpoint=fast_endpoint, route=predict_route)  # outermost of ours
     return app
+
+
+def json_response(payload: dict[str, Any]) -> Response:
+    """A JSON answer serialised by orjson (several times faster than json.dumps for the predictions)."""
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+class PredictFastPath:
+    """POST /v1/predict straight to its endpoint, past FastAPI's router, exception and dependency layers.
+
+    Measured with uvicorn on this machine (16 keep-alive clients, a 6.5 KB body): a FastAPI route cost
+    0.25-0.27 ms of server CPU per request, a plain ASGI endpoint 0.09-0.10 ms; at ~200 predictions/s on
+    2 cores that difference is ~2 % of the service's throughput. The endpoint carries its own metrics and
+    body limit; errors and 500s look exactly as on the other routes (the app's outer error middleware
+    still wraps it). Every other request goes to `app`."""
+
+    def __init__(self, app: Any, endpoint: Any, route: Any) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.route = route
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/predict" and scope["method"] == "POST":
+            scope["route"] = self.route  # the metrics' endpoint label, as if routed
+            return await self.endpoint(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
@@ -552,12 +603,11 @@ PREDICT_BODY = {  # what FastAPI generated for the optional File() parameters `f
 }
 
 
-async def read_uploads(request: Request) -> list[Part]:
+def parse_uploads(content_type: str, body: bytes) -> list[Part]:
     """The images of a predict request: the multipart part `file` and every part `files`, in order.
+    `body` is bounded by BodyLimitMiddleware (413 beyond serve.max_upload_bytes).
 
     Empty body vs. a multipart body with other fields vs. no multipart at all: each error says what to send."""
-    content_type = request.headers.get("content-type", "")
-    body = await request.body()  # bounded by BodyLimitMiddleware (413 beyond serve.max_upload_bytes)
     boundary = boundary_of(content_type)
     if boundary is None:
         if content_type.lower().startswith("multipart/form-data"):
