@@ -20,9 +20,10 @@ Target: service req/s >= 0.75x the raw session's img/s.
 The load generator shares the machine's cores with the server (2 here), so it is kept cheap: one asyncio
 process writing pre-built HTTP/1.1 requests (multipart bodies built once) and reading only the status
 line, headers and Content-Length bytes of each answer (`--client httpx` uses httpx instead, to compare).
-Its CPU time per request is printed, and so is the server's (from /proc), the share of the time a session
-run was going on (from the service's /metrics), and the raw session's CPU per image, so the overhead of
-serving shows in CPU terms too, not only as a ratio.
+Its CPU time per request is printed, and so is the server's (from /proc; the event loop's main thread
+apart from the other threads), the share of the time a session run was going on (from the service's
+/metrics), and the raw session's CPU per image, so the overhead of serving shows in CPU terms too, not
+only as a ratio.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def sample_images(model_dir: Path, n: int) -> list[bytes]:
     return out
 
 
-def process_cpu_s(pid: int) -> float:
-    """user + system CPU seconds of a process (all its threads) from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu_s(pid: int, thread: int | None = None) -> float:
+    """user + system CPU seconds of a process (all its threads), or of one of its threads, from /proc."""
+    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14, 15 of stat)
 
 
@@ -274,10 +276,12 @@ def batch_totals(url: str) -> tuple[float, float, float]:
 
 def measure(variant: Variant, process: subprocess.Popen, url: str, args: argparse.Namespace, images: list[bytes]) -> dict[str, float]:
     before, server0, client0 = batch_totals(url), process_cpu_s(process.pid), time.process_time()
+    loop0 = process_cpu_s(process.pid, thread=process.pid)  # the main thread runs the event loop
     start = time.perf_counter()
     load = drive(args.client, url, images, args.clients, args.seconds)
     wall = time.perf_counter() - start
     client_cpu, server_cpu = time.process_time() - client0, process_cpu_s(process.pid) - server0
+    loop_cpu = process_cpu_s(process.pid, thread=process.pid) - loop0
     after = batch_totals(url)
     n = len(load.latencies)
     lat = np.asarray(load.latencies) * 1000
@@ -287,6 +291,7 @@ def measure(variant: Variant, process: subprocess.Popen, url: str, args: argpars
         "busy": (after[2] - before[2]) / wall,  # share of the time a session run was going on (> 1: runs overlapped)
         "client_ms": client_cpu * 1000 / max(n, 1), "client_share": client_cpu / wall,
         "server_ms": server_cpu * 1000 / max(n, 1), "server_share": server_cpu / wall,
+        "loop_ms": loop_cpu * 1000 / max(n, 1),  # the rest: inference runners, log writer, thread pool
     }
 
 
@@ -345,7 +350,7 @@ def main() -> None:
                     print(
                         f"round {r + 1} {v.name}: {row['rps']:.1f} req/s ({row['n']} requests, {row['errors']} errors, "
                         f"mean batch {row['mean_batch']:.1f}, session busy {row['busy']:.2f}), p50 {row['p50']:.0f} ms, p99 {row['p99']:.0f} ms; "
-                        f"CPU per request: server {row['server_ms']:.1f} ms ({row['server_share']:.2f} cores), "
+                        f"CPU per request: server {row['server_ms']:.1f} ms ({row['server_share']:.2f} cores; event loop {row['loop_ms']:.2f} ms), "
                         f"load generator {row['client_ms']:.2f} ms ({row['client_share']:.2f} cores)",
                         flush=True,
                     )
@@ -379,7 +384,8 @@ def main() -> None:
         print(
             f"{v.name}: {med(rows, 'rps'):.1f} req/s with {args.clients} clients, {sum(r['errors'] for r in rows)} errors; "
             f"latency p50 {med(rows, 'p50'):.1f} ms, p99 {med(rows, 'p99'):.1f} ms; mean batch {med(rows, 'mean_batch'):.1f}, "
-            f"session busy {med(rows, 'busy'):.2f}; CPU per request: server {med(rows, 'server_ms'):.1f} ms, "
+            f"session busy {med(rows, 'busy'):.2f}; CPU per request: server {med(rows, 'server_ms'):.1f} ms "
+            f"(event loop {med(rows, 'loop_ms'):.2f} ms, other threads {med(rows, 'server_ms') - med(rows, 'loop_ms'):.1f} ms), "
             f"load generator {med(rows, 'client_ms'):.2f} ms ({med(rows, 'client_share'):.2f} of a core) "
             f"-> service/raw {med(rows, 'ratio'):.2f}x of the better raw figure (target >= 0.75x), {med(rows, 'ratio_e2e'):.2f}x of decode+preprocess+run"
         )
