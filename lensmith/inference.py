@@ -64,7 +64,10 @@ def predict_logits_uint8(
     outputs = []
     with torch.inference_mode():
         for part in _batches(len(batch_nchw_uint8), batch_size):
-            x = torch.as_tensor(batch_nchw_uint8[part], device=device)
+            chunk = batch_nchw_uint8[part]
+            if not chunk.flags.writeable:  # a read-only memmap: torch warns about non-writable arrays (a uint8 copy is cheap)
+                chunk = chunk.copy()
+            x = torch.as_tensor(chunk, device=device)
             outputs.append(model(preprocessing.normalize_tensor(x)).float().cpu().numpy())
     if not outputs:
         raise ValueError("no images to predict")
