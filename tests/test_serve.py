@@ -373,6 +373,14 @@ def test_the_fast_path_and_the_fastapi_route_answer_predict_alike(layout: Layout
     async def main():  # noqa: ANN202
         app = create_app(params, layout.root, PathSource(layout.exported), token=TOKEN)
         outer = Starlette(routes=[Mount("/api", app=app)])
+        route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/predict")
+        routed_app, routed = route.app, []
+
+        async def counted(scope, receive, send):  # noqa: ANN001, ANN202 - the FastAPI route's own ASGI app
+            routed.append(scope["path"])
+            await routed_app(scope, receive, send)
+
+        route.app = counted
         answers: dict[str, list] = {}
         async with app.router.lifespan_context(app):
             for prefix, asgi in (("", app), ("/api", outer)):
@@ -381,6 +389,9 @@ def test_the_fast_path_and_the_fastapi_route_answer_predict_alike(layout: Layout
                         answers.setdefault(case, []).append(await client.post(f"{prefix}/v1/predict", **kwargs))
                     wrong_method = await client.get(f"{prefix}/v1/predict")
                     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+                # the fast path answered every POST itself; the mounted app's went through the route, except
+                # "too large", refused by its Content-Length before any routing
+                assert len(routed) == (0 if not prefix else len(cases) - 1), (prefix, routed)
             metrics = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://l").get("/metrics")).text
         return answers, metrics
 
