@@ -374,11 +374,11 @@ def test_the_fast_path_and_the_fastapi_route_answer_predict_alike(layout: Layout
         app = create_app(params, layout.root, PathSource(layout.exported), token=TOKEN)
         outer = Starlette(routes=[Mount("/api", app=app)])
         route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/predict")
-        routed_app, routed = route.app, []
+        route_app, route_calls = route.app, []
 
         async def counted(scope, receive, send):  # noqa: ANN001, ANN202 - the FastAPI route's own ASGI app
-            routed.append(scope["path"])
-            await routed_app(scope, receive, send)
+            route_calls.append(scope["path"])
+            await route_app(scope, receive, send)
 
         route.app = counted
         answers: dict[str, list] = {}
@@ -391,8 +391,9 @@ def test_the_fast_path_and_the_fastapi_route_answer_predict_alike(layout: Layout
                     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
                 # the fast path answered every POST itself; the mounted app's went through the route, except
                 # "too large", refused by its Content-Length before any routing
-                assert len(routed) == (0 if not prefix else len(cases) - 1), (prefix, routed)
-            metrics = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://l").get("/metrics")).text
+                assert len(route_calls) == (0 if not prefix else len(cases) - 1), (prefix, route_calls)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lensmith") as client:
+                metrics = (await client.get("/metrics")).text
         return answers, metrics
 
     answers, metrics = asyncio.run(main())
