@@ -34,7 +34,6 @@ import io
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,15 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lensmith.imageio import decode_image  # noqa: E402
 from lensmith.onnxmodel import OnnxModel  # noqa: E402
 from lensmith.params import Params  # noqa: E402
+from lensmith.procutil import free_port  # noqa: E402
 from lensmith.serve.models import onnx_file_for  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sample_images(model_dir: Path, n: int) -> list[bytes]:
