@@ -143,6 +143,11 @@ class TrainParams(Section):
     class_weights: Literal["auto", "none"] = "auto"
     grad_clip: float | None = Field(1.0, gt=0.0)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    bn_recalibration_images: int = Field(
+        1024, ge=0,
+        description="After each epoch, BatchNorm statistics are recomputed on this many un-augmented training images "
+        "(precise BN; 0 = off): without it, validation lags training on data unlike ImageNet",
+    )
     freeze_epochs: int = Field(1, ge=0)
     early_stopping_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
     early_stopping_patience: int = Field(3, ge=1)
