@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from flows.training import training_flow
-from lensmith.layout import Layout
 from lensmith.params import load_params
 from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_run
 
@@ -53,32 +51,6 @@ def nothing_changed_task(root: Path) -> bool:
     return dvc_status_clean(root)
 
 
-@task(name="promote-or-keep", cache_policy=NO_CACHE)
-def promote_or_keep_task(root: Path) -> dict[str, Any]:
-    """Register + promote a candidate that passed the gate; keep production otherwise."""
-    from lensmith.registry import Registry
-
-    layout = Layout(root)
-    gate = json.loads((layout.reports / "gate.json").read_text(encoding="utf-8"))
-    registry = Registry(layout.models)
-    decision: dict[str, Any] = {"passed": bool(gate.get("passed")), "reasons": gate.get("reasons", [])}
-    if decision["passed"]:
-        version = registry.register(
-            layout.candidate,
-            metrics_path=layout.reports / "metrics.json",
-            gate_path=layout.reports / "gate.json",
-            export_path=layout.exported / "export.json" if (layout.exported / "export.json").exists() else None,
-        )
-        registry.promote(version)
-        decision["version"] = version
-        text = f"## Gate passed: promoted {version} to production"
-    else:
-        decision["version"] = None
-        text = "## Gate rejected the candidate: production kept\n" + "\n".join(f"- {r}" for r in decision["reasons"])
-    create_markdown_artifact(key="promotion", markdown=text, description="Registry: promoted or kept")
-    return decision
-
-
 @task(name="track-registry", cache_policy=NO_CACHE)
 def track_registry_task(root: Path) -> None:
     """Version the registry's immutable model versions with DVC (pointer file goes into git)."""
@@ -108,18 +80,18 @@ def nightly_flow(root: str = ".", params_file: str = "params.yaml") -> dict[str,
     if nothing_changed_task(root_path):
         logger.info("nothing changed since the last run: production kept, nothing to record")
         return {"status": "no-op", "seconds": round(time.perf_counter() - start, 2)}
-    training = training_flow(root=str(root_path), params_file=params_file)
-    decision = promote_or_keep_task(root_path)
+    training = training_flow(root=str(root_path), params_file=params_file, promote=True)
+    decision = training["promotion"]
     track_registry_task(root_path)
     pushed = push_task(root_path) if nightly.push else RemoteResult(False, "push disabled (nightly.push=false)")
     logger.info("push: %s", pushed.detail)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    verdict = f"promoted {decision['version']}" if decision["passed"] else "rejected: " + "; ".join(decision["reasons"])[:200]
+    verdict = decision["note"] if decision["passed"] else "rejected: " + "; ".join(decision["reasons"])[:200]
     commit = None
     if nightly.git_commit:
         commit = record_task(root_path, f"nightly {stamp}: {verdict}", f"{nightly.tag_prefix}{stamp}")
     return {
-        "status": "promoted" if decision["passed"] else "rejected",
+        "status": "promoted" if decision["promoted"] else ("unchanged" if decision["passed"] else "rejected"),
         "decision": decision,
         "training": training,
         "commit": commit,

@@ -12,7 +12,9 @@ from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from lensmith.layout import Layout
@@ -50,9 +52,23 @@ def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
     return list(TopologicalSorter(graph).static_order())
 
 
+@task(name="register-and-promote", cache_policy=NO_CACHE)
+def promote_task(root: Path) -> dict[str, Any]:
+    """Register the gated candidate as a registry version; make it production when the gate passed."""
+    from lensmith.promotion import promote_if_passed
+
+    decision = promote_if_passed(Layout(root))
+    lines = [f"## {decision.note}"] + [f"- {r}" for r in decision.reasons if not decision.passed]
+    create_markdown_artifact(key="promotion", markdown="\n".join(lines), description="Registry: promoted or kept")
+    return decision.as_dict()
+
+
 @flow(name="lensmith-training", log_prints=True)
-def training_flow(root: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """demo data -> ingest -> validate -> split -> train -> evaluate + export (-> drift reference) -> gate."""
+def training_flow(
+    root: str = ".", params_file: str = "params.yaml", overrides: list[str] | None = None, promote: bool = True
+) -> dict[str, Any]:
+    """demo data -> ingest -> validate -> split -> train -> evaluate + export (-> drift reference) -> gate
+    -> register the candidate and promote it when the gate passed (promote=False: stop at the gate)."""
     logger = get_run_logger()
     root_path = Path(root).resolve()
     params_path = root_path / params_file if not Path(params_file).is_absolute() else Path(params_file)
@@ -67,11 +83,15 @@ def training_flow(root: str = ".", params_file: str = "params.yaml", overrides: 
             futures[stage] = runner.submit(stage_task(stage, params), parameters, wait_for=upstream)
         for stage, future in futures.items():
             outcomes[stage] = future.result()
+    promotion = promote_task(root_path) if promote else None
+    if promotion is not None:
+        logger.info("registry: %s", promotion["note"])
     ran = [s for s, o in outcomes.items() if o.ran]
     logger.info("stages run: %s; unchanged: %s", ran or "none", [s for s in outcomes if s not in ran] or "none")
     layout = Layout(root_path)
     return {
         "stages": {s: {"ran": o.ran, "seconds": round(o.seconds, 2)} for s, o in outcomes.items()},
+        "promotion": promotion,
         "reports": {
             "validation": str(layout.validation_html),
             "evaluation": str(layout.reports / "evaluation.html"),

@@ -34,6 +34,23 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from lensmith import __version__
+
+        typer.echo(f"lensmith {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    """Lensmith: validated data -> transfer learning -> evaluation -> export -> serving -> drift, reproducibly."""
+
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read")]
 SetOpt = Annotated[
     Optional[list[str]],
@@ -89,6 +106,44 @@ def demo_data(
         shards=params.demo.shards,
     )
     typer.echo(str(summary))
+
+
+@app.command()
+@user_errors
+def init(
+    source: Annotated[str, typer.Argument(help="Image folder (<class>/<file>), CSV manifest (path,label[,metadata...]) or s3://bucket/prefix")],
+    directory: Annotated[Path, typer.Argument(help="Project folder to create (never overwritten)")] = Path("."),
+    orientation: Annotated[
+        str,
+        typer.Option(help="fixed: no flips/rotations (digits, text, parts); mirror: left-right flips; free: flips + rotations (tiles, textures)"),
+    ] = "fixed",
+    remote: Annotated[Optional[str], typer.Option(help="DVC default remote, e.g. s3://bucket/lensmith")] = None,
+    s3_endpoint_url: Annotated[Optional[str], typer.Option(help="S3-compatible endpoint for the source and the remote")] = None,
+    copy: Annotated[bool, typer.Option("--copy/--no-copy", help="Copy a local source into data/raw/ and version it with DVC")] = True,
+) -> None:
+    """Set up a project for a data set: inspect it, choose params that suit it, git + DVC init, version the data."""
+    from lensmith.projectinit import inspect_source, plan_for, write_project
+
+    inspection = inspect_source(source, s3_endpoint_url)
+    plan = plan_for(inspection, orientation)
+    typer.echo(
+        f"{inspection.description}: {inspection.n_images} images in {len(inspection.class_counts)} classes "
+        f"({', '.join(f'{k} {v}' for k, v in inspection.class_counts.items())})"
+    )
+    typer.echo(
+        f"  sampled {inspection.sampled}: shorter side median {inspection.median_side:g} px (min {inspection.smallest_side}), "
+        f"modes {inspection.modes}, metadata columns {inspection.metadata_columns or 'none'}"
+    )
+    created = write_project(directory.resolve(), plan, copy_source=copy, remote=remote, s3_endpoint_url=s3_endpoint_url)
+    typer.echo(f"project {created['project']} (data.source: {created['source']}); chosen:")
+    for choice in plan.choices:
+        typer.echo(f"  {choice.key} = {choice.value!r}  ({choice.why})")
+    for warning in plan.warnings:
+        typer.echo(f"note: {warning}")
+    typer.echo("next:")
+    typer.echo(f"  cd {directory}")
+    typer.echo("  lensmith run        # validate, split, train, evaluate, export, gate, register (reports/*.html)")
+    typer.echo("  lensmith serve      # the production model on http://127.0.0.1:8000/v1/predict")
 
 
 @app.command()
@@ -228,6 +283,11 @@ def run(
     typer.echo("reports:")
     for name, path in result["reports"].items():
         typer.echo(f"  {name:<10} {path}")
+    promotion = result.get("promotion")
+    if promotion:
+        typer.echo(f"registry: {promotion['note']}")
+        if promotion["version"] and (promotion["promoted"] or not promotion["registered"]):
+            typer.echo("next: `lensmith serve` answers with the production model; `lensmith models list` shows the versions")
 
 
 @app.command()
@@ -311,6 +371,24 @@ def models_show(version: Annotated[str, typer.Argument(help="Version id (v0003) 
     import json
 
     typer.echo(json.dumps(_registry(root).show(version), indent=2, default=str))
+
+
+@models_app.command("register")
+@user_errors
+def models_register(
+    promote: Annotated[bool, typer.Option("--promote/--no-promote", help="Make it production when its gate passed")] = True,
+    root: RootOpt = Path("."),
+) -> None:
+    """Register models/candidate (e.g. after `dvc repro`) with its metrics, gate decision and export; promote when the gate passed."""
+    from lensmith.layout import Layout
+    from lensmith.promotion import promote_if_passed
+
+    decision = promote_if_passed(Layout(root.resolve()), promote=promote)
+    typer.echo(decision.note)
+    for reason in decision.reasons if not decision.passed else []:
+        typer.echo(f"  - {reason}")
+    if not decision.passed:
+        raise typer.Exit(1)
 
 
 @models_app.command("promote")
@@ -474,9 +552,19 @@ def finetune(
 
 @app.command("check-params")
 @user_errors
-def check_params(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None) -> None:
+def check_params(
+    params_file: ParamsOpt = Path("params.yaml"),
+    overrides: SetOpt = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the reference of every key (docs/params.md) instead")] = False,
+) -> None:
     """Validate params.yaml (and --set overrides) and print the effective configuration."""
     import yaml
+
+    if markdown:
+        from lensmith.paramsdoc import params_markdown
+
+        typer.echo(params_markdown(), nl=False)
+        return
 
     params, _ = _context(params_file, overrides, Path("."))
     typer.echo(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))

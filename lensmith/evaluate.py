@@ -33,6 +33,7 @@ from lensmith.metrics import EvaluationError
 from lensmith.modelio import load_candidate
 from lensmith.params import EvaluateParams, Params
 from lensmith.preprocess import Preprocessing
+from lensmith.resolve import Resolved, resolve
 from lensmith.robustness import fgsm_predictions, perturb_all, robustness_summary
 from lensmith.shards import ImageRef, frame_image_refs
 from lensmith.split import read_split_frame
@@ -134,10 +135,13 @@ def test_metrics(
         "top_k": int(min(top_k, n)),
         "top_k_accuracy": m.top_k_accuracy(y_true, probs, top_k),
         "per_class": m.per_class_metrics(y_true, y_pred, classes),
+        # None: no defect-vs-ok view (no good class among the labels); the gate's defect floors do not apply
         "positive_class": {
             "name": m.positive_class_name(classes, positive_indices),
             **m.positive_class_metrics(y_true, y_pred, probs, positive_indices),
-        },
+        }
+        if positive_indices
+        else None,
     }
 
 
@@ -211,15 +215,20 @@ def evaluate_model(
     params: EvaluateParams,
     *,
     speed_budget_s: float = SPEED_BUDGET_S,
+    resolved: Resolved | None = None,
 ) -> Evaluation:
-    """All metrics of one model on decoded test images (uint8 HxWxC) with true class indices."""
+    """All metrics of one model on decoded test images (uint8 HxWxC) with true class indices.
+
+    `resolved`: the data-dependent settings (negative class, slices); None = resolved here from `metadata`."""
     classes = list(classes)
-    positive = m.positive_class_indices(classes, params.positive_class, params.negative_class)
+    if resolved is None:
+        resolved = resolve(Params(evaluate=params), metadata, classes)
+    positive = m.positive_class_indices(classes, resolved.positive_class, resolved.negative_class)
     model.eval()
     probs = predict_probabilities(model, preprocessing, images, params.batch_size)
     y_pred = probs.argmax(axis=1)
     test = test_metrics(y_true, probs, classes, params.top_k, positive)
-    slices, warnings = slices_block(metadata, params.slices, y_true, y_pred, len(classes), positive)
+    slices, warnings = slices_block(metadata, resolved.slices, y_true, y_pred, len(classes), positive)
     rob = params.robustness
     robustness = robustness_summary(
         test["accuracy"],
@@ -237,6 +246,7 @@ def evaluate_model(
         "test": test,
         "calibration": {"ece": m.expected_calibration_error(probs, y_true, params.ece_bins), "bins": params.ece_bins},
         "slices": slices,
+        "resolved": resolved.as_dict(),
         "robustness": robustness,
         "throughput": speed.to_dict(),
     }
@@ -297,7 +307,8 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Figure:
     return fig
 
 
-def curves_figure(pr: pd.DataFrame, roc: pd.DataFrame, positive: dict[str, Any]) -> Figure:
+def curves_figure(pr: pd.DataFrame, roc: pd.DataFrame, positive: dict[str, Any] | None) -> Figure:
+    positive = positive or {"name": "micro-average over classes (one-vs-rest)"}
     fig = Figure(figsize=(9, 4))
     ax_pr, ax_roc = fig.subplots(1, 2)
     ax_pr.plot(pr["recall"], pr["precision"])
@@ -394,16 +405,24 @@ def build_html(
     for text in evaluation.warnings.values():
         report.raw_html(f'<p class="warn">warning: {html.escape(text)}</p>')
     report.heading("Headline")
+    positive = test["positive_class"]
+    defect_view = (
+        {
+            f"ROC-AUC ({positive['name']})": positive["roc_auc"],
+            "average precision": positive["average_precision"],
+            "positive recall": positive["recall"],
+            "positive precision": positive["precision"],
+        }
+        if positive
+        else {"defect-vs-ok view": "none (no good class among the labels; see evaluate.negative_class)"}
+    )
     report.key_values(
         {
             "accuracy": test["accuracy"],
             "macro F1": test["macro_f1"],
             "weighted F1": test["weighted_f1"],
             f"top-{test['top_k']} accuracy": test["top_k_accuracy"],
-            f"ROC-AUC ({test['positive_class']['name']})": test["positive_class"]["roc_auc"],
-            "average precision": test["positive_class"]["average_precision"],
-            "positive recall": test["positive_class"]["recall"],
-            "positive precision": test["positive_class"]["precision"],
+            **defect_view,
             "ECE": metrics["calibration"]["ece"],
             "mean relative drop under perturbations": rob["mean_relative_drop"],
             f"throughput (img/s, batch {speed['batch_size']})": speed["images_per_s"],
@@ -418,8 +437,15 @@ def build_html(
     report.table([{"class": label, **values} for label, values in test["per_class"].items()])
     report.heading("Confusion matrix")
     report.image(pngs["confusion"], "rows: actual, columns: predicted; colour: share of the actual class")
-    report.heading("Positive class: PR and ROC")
-    report.image(pngs["curves"], f"positive class: {test['positive_class']['name']}")
+    report.heading("PR and ROC curves")
+    report.image(
+        pngs["curves"],
+        f"positive class: {positive['name']}" if positive else "micro-average over classes, one-vs-rest (no good class)",
+    )
+    resolved = metrics.get("resolved") or {}
+    if resolved.get("reasons"):
+        report.heading("Settings resolved from the data")
+        report.table([{"setting": k, "how": v} for k, v in resolved["reasons"].items()])
     report.heading("Calibration")
     report.image(pngs["reliability"], f"{metrics['calibration']['bins']} equal-width confidence bins")
     report.heading("Per slice")
@@ -483,7 +509,8 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
     frame = read_test_split(layout)
     trained = load_candidate(layout)
     y_true = label_indices(frame["label"].astype(str).tolist(), trained.classes)
-    m.positive_class_indices(trained.classes, params.evaluate.positive_class, params.evaluate.negative_class)
+    resolved = resolve(params, frame, trained.classes)
+    m.positive_class_indices(trained.classes, resolved.positive_class, resolved.negative_class)
     paths = frame_image_refs(frame, layout.root)
     images = decode_images(paths)
     evaluation = evaluate_model(
@@ -495,6 +522,7 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
         frame,
         params.evaluate,
         speed_budget_s=SPEED_BUDGET_S,
+        resolved=resolved,
     )
     evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
     pngs = write_plots(evaluation, plots_dir(layout))
@@ -508,8 +536,8 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
         n_test=test["n"],
         accuracy=test["accuracy"],
         macro_f1=test["macro_f1"],
-        positive_class=test["positive_class"]["name"],
-        roc_auc=test["positive_class"]["roc_auc"],
+        positive_class=test["positive_class"]["name"] if test["positive_class"] else "none",
+        roc_auc=test["positive_class"]["roc_auc"] if test["positive_class"] else None,
         ece=evaluation.metrics["calibration"]["ece"],
         mean_relative_drop=evaluation.metrics["robustness"]["mean_relative_drop"],
         images_per_s=evaluation.metrics["throughput"]["images_per_s"],

@@ -91,7 +91,20 @@ def floor_checks(metrics: Any, gate: GateParams) -> list[Check]:
         ("floor.max_robustness_drop", "robustness.mean_relative_drop", gate.max_robustness_drop, "<="),
     ]
     checks = [metric_check(name, dig(metrics, key), limit, op, "floor", f"metrics {key}") for name, key, limit, op in floors]
+    if has_no_defect_view(metrics):
+        checks = [not_applicable(c, "no defect-vs-ok view (no good class among the labels)") if c.name == "floor.min_positive_recall" else c for c in checks]
     return [*checks, *slice_floor_checks(metrics, gate)]
+
+
+def has_no_defect_view(metrics: Any) -> bool:
+    """True when evaluation found no good class: metrics.json has `test.positive_class: null`."""
+    test = dig(metrics, "test")
+    return isinstance(test, dict) and "positive_class" in test and test["positive_class"] is None
+
+
+def not_applicable(check: Check, why: str) -> Check:
+    """A floor that does not apply to this data: reported, never blocking."""
+    return replace(check, passed=True, blocking=False, detail=f"does not apply: {why}")
 
 
 def slice_values(metrics: Any) -> dict[str, dict[str, Any]]:

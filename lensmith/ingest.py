@@ -374,7 +374,33 @@ def decode_limits(params: Params) -> DecodeLimits:
 
 
 def run_ingest(params: Params, layout: Layout) -> IngestSummary:
-    """Build data/manifest.parquet (one row per accepted image, sorted by path) and data/quarantine.csv."""
+    """Build data/manifest.parquet (one row per accepted image, sorted by path) and data/quarantine.csv.
+
+    When the source cannot be used (missing, unreachable, empty, too many bad files) the data gate's reports
+    are written too, with the problem and its fix, so a run that stops here still leaves reports/validation.*."""
+    try:
+        return build_manifest(params, layout)
+    except DataError as exc:
+        record_failure_in_validation_report(layout, exc)
+        raise
+
+
+def record_failure_in_validation_report(layout: Layout, error: DataError) -> None:
+    from lensmith.errors import SourceUnavailableError
+    from lensmith.validation.report import precondition_failure, write_precondition_report
+
+    if isinstance(error, SourceUnavailableError):
+        name, fix = "source_readable", "check data.source (path, CSV or s3:// prefix), data.s3_endpoint_url and credentials"
+    else:
+        name, fix = "source_usable", (
+            "put images in <class>/<file> folders under data.source (file types: data.image_extensions); "
+            f"rejected files are listed with their reason in {layout.quarantine.name}"
+        )
+    check = precondition_failure(name, str(error), fix)
+    write_precondition_report(layout.validation_json, layout.validation_html, check)
+
+
+def build_manifest(params: Params, layout: Layout) -> IngestSummary:
     started = time.perf_counter()
     listing: SourceListing = list_source(params.data, layout)
     allowed, origin = expected_labels(params, layout)

@@ -121,7 +121,8 @@ def reliability_table(probs: np.ndarray, y_true: np.ndarray, n_bins: int) -> pd.
 def positive_class_indices(classes: Sequence[str], positive_class: str | None, negative_class: str | None) -> list[int]:
     """Indices of the classes that count as positive.
 
-    positive_class set -> just that class; null -> every class except negative_class (any defect vs ok).
+    positive_class set -> just that class; null -> every class except negative_class (any defect vs ok);
+    both null -> [] (no defect-vs-ok view: a set of digits or product types has no good class).
     """
     classes = list(classes)
     if positive_class is not None:
@@ -131,10 +132,7 @@ def positive_class_indices(classes: Sequence[str], positive_class: str | None, n
             )
         return [classes.index(positive_class)]
     if negative_class is None:
-        raise EvaluationError(
-            "evaluate.positive_class and evaluate.negative_class are both null: name the positive class, "
-            f"or the good class so that every other class counts as positive; classes: {', '.join(classes)}"
-        )
+        return []
     if negative_class not in classes:
         raise EvaluationError(
             f"evaluate.negative_class={negative_class!r} is not a class of the model; classes: {', '.join(classes)} "
@@ -180,11 +178,18 @@ def positive_class_metrics(
     }
 
 
+def curve_inputs(y_true: np.ndarray, probs: np.ndarray, positive_indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, score) pairs the PR/ROC curves are drawn from: P(positive) against is-positive, or with no
+    positive classes the micro-average over classes (one-vs-rest: every image x class pair is one point)."""
+    if positive_indices:
+        return is_positive(y_true, positive_indices), positive_scores(probs, positive_indices)
+    one_hot = np.eye(probs.shape[1], dtype=bool)[y_true]
+    return one_hot.ravel(), probs.ravel()
+
+
 def pr_curve_frame(y_true: np.ndarray, probs: np.ndarray, positive_indices: Sequence[int]) -> pd.DataFrame:
     """precision, recall, threshold per point (the last point, recall 0 / precision 1, has no threshold)."""
-    precision, recall, thresholds = precision_recall_curve(
-        is_positive(y_true, positive_indices), positive_scores(probs, positive_indices)
-    )
+    precision, recall, thresholds = precision_recall_curve(*curve_inputs(y_true, probs, positive_indices))
     return pd.DataFrame(
         {"precision": precision[:-1], "recall": recall[:-1], "threshold": thresholds.astype(float)}
     )
@@ -192,7 +197,7 @@ def pr_curve_frame(y_true: np.ndarray, probs: np.ndarray, positive_indices: Sequ
 
 def roc_curve_frame(y_true: np.ndarray, probs: np.ndarray, positive_indices: Sequence[int]) -> pd.DataFrame:
     """fpr, tpr, threshold per point (sklearn's first point has threshold inf: dropped, it is not JSON/CSV-friendly)."""
-    fpr, tpr, thresholds = roc_curve(is_positive(y_true, positive_indices), positive_scores(probs, positive_indices))
+    fpr, tpr, thresholds = roc_curve(*curve_inputs(y_true, probs, positive_indices))
     frame = pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thresholds.astype(float)})
     return frame[np.isfinite(frame["threshold"])].reset_index(drop=True)
 
@@ -217,12 +222,13 @@ def slice_value_metrics(
 ) -> dict[str, Any]:
     truth = is_positive(y_true, positive_indices)
     decision = is_positive(y_pred, positive_indices)
+    view = bool(positive_indices)  # no defect-vs-ok view: no TPR/FPR
     return {
         "n": int(len(y_true)),
         "accuracy": accuracy(y_true, y_pred),
         "macro_f1": macro_f1(y_true, y_pred, num_classes),
-        "tpr": true_positive_rate(truth, decision),
-        "fpr": false_positive_rate(truth, decision),
+        "tpr": true_positive_rate(truth, decision) if view else None,
+        "fpr": false_positive_rate(truth, decision) if view else None,
     }
 
 

@@ -91,10 +91,16 @@ def metrics_section(metrics: Any) -> CardSection:
         key_values={
             "accuracy": test.get("accuracy"),
             "macro F1": test.get("macro_f1"),
-            f"recall of '{positive.get('name')}'": positive.get("recall"),
-            f"precision of '{positive.get('name')}'": positive.get("precision"),
-            "ROC-AUC": positive.get("roc_auc"),
-            "average precision": positive.get("average_precision"),
+            **(
+                {
+                    f"recall of '{positive.get('name')}'": positive.get("recall"),
+                    f"precision of '{positive.get('name')}'": positive.get("precision"),
+                    "ROC-AUC": positive.get("roc_auc"),
+                    "average precision": positive.get("average_precision"),
+                }
+                if positive
+                else {"defect-vs-ok view": "none (no good class among the labels)"}
+            ),
             "ECE (calibration)": dig(metrics, "calibration.ece"),
         },
         rows=rows,

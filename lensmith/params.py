@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lensmith.errors import ParamsError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+AUTO = "auto"  # a data-dependent setting resolved from the data (lensmith.resolve)
+Auto = Literal["auto"]
 
 
 class Section(BaseModel):
@@ -23,6 +25,8 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
+    """Where the images come from and what ingest accepts (`lensmith ingest`)."""
+
     source: str = Field("data/raw/demo", description="Image folder (<class>/<file>), CSV manifest, or s3://bucket/prefix")
     image_extensions: list[str] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
@@ -43,6 +47,8 @@ class DataParams(Section):
 
 
 class DemoParams(Section):
+    """The embedded demo data set (`lensmith demo-data`), generated offline."""
+
     out: str = "data/raw/demo"
     per_class: int = Field(500, ge=1, le=100_000)
     image_size: int = Field(128, ge=32, le=1024)
@@ -51,17 +57,26 @@ class DemoParams(Section):
 
 
 class ValidateParams(Section):
+    """The data gate (`lensmith validate`, Great Expectations)."""
+
     labels: list[str] | None = Field(None, description="Expected label set; null = discover on first run and pin")
     min_images_per_class: int = Field(20, ge=1)
-    min_width: int = Field(32, ge=1)
-    min_height: int = Field(32, ge=1)
+    min_width: int = Field(8, ge=1, description="Narrower images fail the gate (the model resizes every image; 8 px is about the least that carries a shape)")
+    min_height: int = Field(8, ge=1)
     max_width: int = Field(8192, ge=1)
     max_height: int = Field(8192, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     allowed_modes: list[str] = Field(default_factory=lambda: ["RGB", "L"])
-    required_metadata: list[str] = Field(default_factory=list)
+    required_metadata: list[str] | Auto = Field(
+        AUTO, description="Metadata columns every image must have; auto = the columns the source declares (metadata.csv / CSV manifest)"
+    )
     max_class_imbalance: float = Field(10.0, ge=1.0, description="largest class count / smallest class count")
-    brightness_range: tuple[float, float] = (5.0, 250.0)
+    brightness_range: tuple[float, float] = Field(
+        (0.0, 255.0), description="Mean grey level bounds; the default accepts dark and bright images alike"
+    )
+    min_contrast: float = Field(
+        0.5, ge=0.0, description="Images whose grey-level standard deviation is below this are blank (one flat colour)"
+    )
     min_sharpness: float = Field(0.0, ge=0.0)
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="phash Hamming distance for near-duplicates")
     fail_on_near_duplicates: bool = False
@@ -78,10 +93,16 @@ class ValidateParams(Section):
 
 
 class SplitParams(Section):
+    """The stratified, group-aware, stable train/val/test split (`lensmith split`)."""
+
     train: float = Field(0.70, gt=0.0, lt=1.0)
     val: float = Field(0.15, ge=0.0, lt=1.0)
     test: float = Field(0.15, gt=0.0, lt=1.0)
-    group_column: str | None = Field("batch", description="Metadata column whose groups never straddle splits")
+    group_column: str | None = Field(
+        AUTO,
+        description="Metadata column whose groups never straddle splits; auto = a batch/lot column when the source "
+        "has one, else none (exact and near-duplicates are always kept together)",
+    )
     seed: int = 0
     min_class_size: int = Field(10, ge=1, description="Classes smaller than this cannot be split")
     on_small_class: Literal["error", "warn"] = "error"
@@ -95,9 +116,13 @@ class SplitParams(Section):
 
 
 class AugmentParams(Section):
-    hflip: bool = True
-    vflip: bool = True
-    rotation_degrees: float = Field(15.0, ge=0.0, le=180.0)
+    """Training augmentation on uint8 batches."""
+
+    # Orientation-changing augmentations are opt-in: a mirrored or rotated digit, letter or part can be another
+    # class. Tiles, textures and surfaces have no up (the demo turns them on; `lensmith init --orientation free`).
+    hflip: bool = Field(False, description="Random horizontal mirror (opt-in: changes text, digits, handed parts)")
+    vflip: bool = Field(False, description="Random vertical flip (opt-in: only for data with no up, e.g. tiles, textures)")
+    rotation_degrees: float = Field(0.0, ge=0.0, le=180.0, description="Random rotation up to this angle (opt-in)")
     crop_scale: tuple[float, float] = (0.8, 1.0)
     brightness: float = Field(0.2, ge=0.0, le=1.0)
     contrast: float = Field(0.2, ge=0.0, le=1.0)
@@ -129,6 +154,8 @@ ModelName = Literal[
 
 
 class TrainParams(Section):
+    """Transfer-learning training (`lensmith train`)."""
+
     model: ModelName = "efficientnet_lite0"
     pretrained: bool = True
     image_size: int = Field(128, ge=16, le=1024)
@@ -166,6 +193,8 @@ class TrainParams(Section):
 
 
 class RobustnessParams(Section):
+    """The robustness suite of the evaluation."""
+
     perturbations: list[
         Literal["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"]
     ] = Field(default_factory=lambda: ["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"])
@@ -184,9 +213,17 @@ class RobustnessParams(Section):
 
 
 class EvaluateParams(Section):
+    """Test-split evaluation (`lensmith evaluate`)."""
+
     positive_class: str | None = Field(None, description="Class treated as positive; null = any class but negative_class")
-    negative_class: str | None = Field("ok", description="The 'good' class for any-defect-vs-ok metrics")
-    slices: list[str] = Field(default_factory=lambda: ["site", "lighting", "camera"])
+    negative_class: str | None = Field(
+        AUTO,
+        description="The 'good' class for any-defect-vs-ok metrics; auto = a label named ok/good/normal/pass/... when "
+        "there is one, else no defect view (multi-class metrics only); null = no defect view",
+    )
+    slices: list[str] | Auto = Field(
+        AUTO, description="Metadata columns reported per value; auto = the declared metadata columns except the group column"
+    )
     top_k: int = Field(3, ge=1)
     ece_bins: int = Field(15, ge=2, le=100)
     batch_size: int = Field(128, ge=1)
@@ -195,6 +232,8 @@ class EvaluateParams(Section):
 
 
 class OrchestrationParams(Section):
+    """How the Prefect flow runs the stages."""
+
     executor: Literal["dvc", "dvc-subprocess", "direct"] = Field(
         "dvc",
         description=(
@@ -219,6 +258,8 @@ class OrchestrationParams(Section):
 
 
 class NightlyParams(Section):
+    """The nightly retraining deployment (`lensmith nightly`, `lensmith schedule`)."""
+
     cron: str = Field("0 2 * * *", description="When the nightly retraining deployment runs")
     timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin")
     deployment_name: str = "nightly-retraining"
@@ -252,6 +293,8 @@ class NightlyParams(Section):
 
 
 class GateParams(Section):
+    """The champion/challenger gate and absolute floors (`lensmith gate`)."""
+
     metric: str = Field("test.macro_f1", description="Dotted metrics.json key the challenger must improve on")
     min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="challenger >= champion + this on gate.metric")
     max_regression: float = Field(0.02, ge=0.0, le=1.0, description="largest allowed drop of any class recall / slice accuracy")
@@ -269,6 +312,8 @@ class GateParams(Section):
 
 
 class ExportParams(Section):
+    """ONNX export, parity and int8 gates (`lensmith export`)."""
+
     opset: int = Field(18, ge=17, le=23, description="ONNX opset for the dynamo exporter")
     parity_max_abs_diff: float = Field(1e-4, gt=0.0, description="Max |logit(ONNX) - logit(PyTorch)| on the test split")
     parity_min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
@@ -285,6 +330,8 @@ class ExportParams(Section):
 
 
 class ServeParams(Section):
+    """The prediction service (`lensmith serve`)."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     providers: list[
@@ -321,6 +368,8 @@ class ServeParams(Section):
 
 
 class FinetuneParams(Section):
+    """Per-site fine-tuning (`lensmith finetune`)."""
+
     epochs: int = Field(3, ge=1, le=100, description="Fine-tuning epochs on the site's images")
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Low learning rate: adapt, do not forget")
     max_images: int = Field(200, ge=4, description="Most site images used (the rest of the site set tests)")
@@ -331,6 +380,8 @@ class FinetuneParams(Section):
 
 
 class DriftParams(Section):
+    """Drift monitoring (`lensmith drift`, the monitoring deployment)."""
+
     embedding_dims: int = Field(16, ge=1, le=256, description="PCA components of the penultimate-layer embeddings")
     share_threshold: float = Field(0.6, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts (calibrated: bench/drift_calibration.py)")
     confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="Retrain when mean confidence drops this much (relative)")

@@ -46,12 +46,12 @@ import pandas as pd
 
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path
-from lensmith.layout import SPLIT_NAMES, Layout
+from lensmith.layout import SPLIT_ADDED_COLUMNS, SPLIT_NAMES, Layout
 from lensmith.neardup import connected_groups, near_duplicate_groups
 from lensmith.params import Params, SplitParams
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label")
-ADDED_COLUMNS: tuple[str, ...] = ("split", "group")
+ADDED_COLUMNS = SPLIT_ADDED_COLUMNS
 
 
 @dataclass
@@ -363,7 +363,10 @@ def split_manifest(
 ) -> tuple[dict[str, pd.DataFrame], SplitSummary]:
     """In-memory split: the three frames (manifest columns + split + group) and the summary."""
     previous = previous if previous is not None else pd.Series(dtype=object)
-    groups = group_keys(manifest, params.split.group_column, params.validate.near_duplicate_distance)
+    from lensmith.resolve import resolve
+
+    group_column = resolve(params, manifest, manifest["label"].astype(str).unique().tolist()).group_column
+    groups = group_keys(manifest, group_column, params.validate.near_duplicate_distance)
     previous_per_row = manifest["path"].astype(str).map(previous)
     assigned, warnings = assign_splits(manifest["label"].astype(str), groups, previous_per_row, params.split)
     frames = split_frames(manifest, assigned, groups)

@@ -37,6 +37,7 @@ from lensmith.modelio import portable_state_dict, save_trained, state_dict_sha25
 from lensmith.models import build_model, preprocessing_for, set_backbone_trainable
 from lensmith.params import Params, TrainParams
 from lensmith.preprocess import Preprocessing
+from lensmith.resolve import resolve
 from lensmith.shards import ImageRef, frame_image_refs, image_sha256
 from lensmith.split import read_split_frame
 
@@ -592,6 +593,8 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
             "cache_seconds": round(cache_seconds, 2),
             "train_seconds": round(progress.train_seconds, 2),
         },
+        # the good class as the data resolved it (lensmith.resolve): what decisions by this model assume
+        "resolved": resolve(params, pd.concat([train_frame, val_frame], ignore_index=True), classes).model_dict(),
         "epochs_run": progress.epoch,
         "stopped_early": progress.stopped_early,
         "best_epoch": progress.best_epoch,

@@ -20,15 +20,22 @@ from lensmith.errors import DataError, GateFailedError
 from lensmith.fsutil import write_json_atomic
 from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.neardup import hamming_distance, near_duplicate_groups
-from lensmith.params import Params, ValidateParams
+from lensmith.params import Params, SplitParams, ValidateParams
+from lensmith.resolve import Resolved, resolve
 from lensmith.validation import gxrun  # first: it switches GX analytics off before GX is imported
 from lensmith.validation.gxrun import MAX_EXAMPLES, Check, Frame
-from lensmith.validation.report import ValidationResult, gate_failure_message, write_reports
+from lensmith.validation.report import (
+    ValidationResult,
+    gate_failure_message,
+    precondition_failure,
+    write_precondition_report,
+    write_reports,
+)
 
 import great_expectations.expectations as gxe  # noqa: E402, I001
 from great_expectations.expectations.metadata_types import FailureSeverity  # noqa: E402
 
-MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "brightness", "sharpness", "phash")
+MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "brightness", "contrast", "sharpness", "phash")
 SPLIT_COLUMNS = ("path", "sha256", "phash")
 PHASH_PATTERN = r"^[0-9a-fA-F]{16}$"
 
@@ -112,8 +119,15 @@ def class_count_frame(labels: pd.Series, expected: Sequence[str]) -> pd.DataFram
 # ---------------------------------------------------------------- the suites
 
 
-def manifest_checks(params: ValidateParams, labels: list[str], label_source: str) -> list[Check]:
-    """The manifest suite, built from params (row checks on `manifest`, aggregate checks on `classes`)."""
+def manifest_checks(
+    params: ValidateParams,
+    labels: list[str],
+    label_source: str,
+    metadata_present: Sequence[str] = (),
+    split: SplitParams | None = None,
+) -> list[Check]:
+    """The manifest suite, built from params (row checks on `manifest`, aggregate checks on `classes`,
+    params-vs-data checks on `params`). `metadata_present`: the required metadata columns the manifest has."""
     label_hint = (
         f"Expected labels come from {label_source}; to accept a changed label set, "
         "add the labels to validate.labels in params.yaml or delete labels.lock.json to re-pin"
@@ -151,12 +165,61 @@ def manifest_checks(params: ValidateParams, labels: list[str], label_source: str
             f"images within phash distance {params.near_duplicate_distance} of a different file",
         ),
         *[
-            Check(f"metadata_not_null:{column}", "manifest", gxe.ExpectColumnValuesToNotBeNull(column=column))
-            for column in params.required_metadata
+            Check(
+                f"metadata_not_null:{column}",
+                "manifest",
+                gxe.ExpectColumnValuesToNotBeNull(column=column),
+                f"every image needs a {column!r} value in the source's metadata (validate.required_metadata)",
+            )
+            for column in metadata_present
         ],
+        Check(
+            "params_match_data",
+            "params",
+            gxe.ExpectColumnValuesToBeInSet(column="present", value_set=[True]),
+            "params.yaml names a column or label the data does not have: fix the name, or set the setting to auto",
+        ),
+        *([] if split is None else [split_class_size_check(split)]),
+        Check(
+            "not_blank",
+            "manifest",
+            gxe.ExpectColumnValuesToBeBetween(column="contrast", min_value=params.min_contrast),
+            f"flat images (grey-level std < {params.min_contrast:g}) carry nothing to learn; remove them or lower validate.min_contrast",
+        ),
         Check("brightness_in_range", "manifest", gxe.ExpectColumnValuesToBeBetween(column="brightness", min_value=lo, max_value=hi)),
         Check("sharpness_min", "manifest", gxe.ExpectColumnValuesToBeBetween(column="sharpness", min_value=params.min_sharpness)),
     ]
+
+
+def split_class_size_check(split: SplitParams) -> Check:
+    expectation = gxe.ExpectColumnValuesToBeBetween(column="count", min_value=split.min_class_size)
+    if split.on_small_class == "warn":
+        expectation.severity = FailureSeverity.WARNING
+    return Check(
+        "split_min_class_size",
+        "classes",
+        expectation,
+        f"the split needs at least split.min_class_size={split.min_class_size} images per class; "
+        "collect more, lower it, or set split.on_small_class: warn",
+    )
+
+
+def params_reference_frame(resolved: Resolved, columns: Sequence[str], labels: Sequence[str]) -> pd.DataFrame:
+    """One row per column or label that params name, with whether the data has it (checked by `params_match_data`)."""
+    present_columns, present_labels = set(map(str, columns)), set(map(str, labels))
+    rows = [("validate.required_metadata", c, c in present_columns) for c in resolved.required_metadata]
+    if resolved.group_column is not None:
+        rows.append(("split.group_column", resolved.group_column, resolved.group_column in present_columns))
+    rows += [("evaluate.slices", c, c in present_columns) for c in resolved.slices]
+    for setting, label in (("evaluate.negative_class", resolved.negative_class), ("evaluate.positive_class", resolved.positive_class)):
+        if label is not None:
+            rows.append((setting, label, label in present_labels))
+    return pd.DataFrame(
+        {
+            "setting": [f"{setting}={name!r}" for setting, name, _ in rows],
+            "present": pd.Series([present for _, _, present in rows], dtype=bool),
+        }
+    )
 
 
 def leakage_checks(max_distance: int) -> list[Check]:
@@ -209,24 +272,44 @@ def leak_examples(frame: pd.DataFrame, group_column: str, count_column: str) -> 
 # ---------------------------------------------------------------- entry points
 
 
+def fail_before_checks(layout: Layout, name: str, problem: str, fix: str, rows: int = 0) -> GateFailedError:
+    """Write the data gate's reports with one failed check (problem + fix); return the error to raise."""
+    result = write_precondition_report(layout.validation_json, layout.validation_html, precondition_failure(name, problem, fix), rows)
+    return GateFailedError(gate_failure_message(result))
+
+
+def read_manifest_for_validation(layout: Layout) -> pd.DataFrame:
+    """The manifest, or a failed report naming why it cannot be validated."""
+    try:
+        manifest = read_table(layout.manifest, MANIFEST_COLUMNS, "manifest")
+    except DataError as exc:
+        raise fail_before_checks(layout, "manifest_readable", str(exc), "run `lensmith ingest` (or `lensmith run`) first") from None
+    if manifest.empty:
+        raise fail_before_checks(
+            layout,
+            "images_present",
+            f"manifest {layout.manifest} has no rows: the source holds no usable images",
+            "point data.source at an image folder (<class>/<file>), a CSV manifest or an s3:// prefix with images",
+        )
+    return manifest
+
+
 def run_validate(params: Params, layout: Layout) -> ValidationResult:
     """Validate data/manifest.parquet; write reports/validation.{json,html}; raise GateFailedError if it fails."""
     vp = params.validate
-    manifest = read_table(layout.manifest, MANIFEST_COLUMNS, "manifest")
-    require_columns(
-        manifest,
-        vp.required_metadata,
-        f"manifest {layout.manifest}",
-        " (metadata listed in validate.required_metadata; add it to the source's metadata CSV or drop it from that list)",
-    )
-    if manifest.empty:
-        raise DataError(f"manifest {layout.manifest} has no rows: nothing to validate")
-    labels, label_source = expected_labels(vp, layout, manifest["label"].astype(str).unique().tolist())
+    manifest = read_manifest_for_validation(layout)
+    try:
+        labels, label_source = expected_labels(vp, layout, manifest["label"].astype(str).unique().tolist())
+    except DataError as exc:
+        raise fail_before_checks(layout, "label_lock_readable", str(exc), f"delete {layout.labels_lock.name} to re-pin", len(manifest)) from None
+    resolved = resolve(params, manifest, labels)
     frame = with_derived_columns(manifest, vp.near_duplicate_distance)
     classes = class_count_frame(frame["label"], labels)
+    references = params_reference_frame(resolved, list(manifest.columns), labels)
+    present = [c for c in resolved.required_metadata if c in manifest.columns]
     checks = gxrun.run_checks(
-        [Frame("manifest", frame, "path"), Frame("classes", classes, "label")],
-        manifest_checks(vp, labels, label_source),
+        [Frame("manifest", frame, "path"), Frame("classes", classes, "label"), Frame("params", references, "setting")],
+        manifest_checks(vp, labels, label_source, present, params.split),
     )
     result = ValidationResult(
         title="data validation",
@@ -237,8 +320,10 @@ def run_validate(params: Params, layout: Layout) -> ValidationResult:
         class_counts={str(r.label): int(r.count) for r in classes.itertuples()},
         sections={
             "labels": {"expected": labels, "source": label_source},
+            "resolved": resolved.as_dict(),
             "near_duplicates": near_duplicate_summary(frame, vp.near_duplicate_distance),
         },
+        notes=["settings resolved from the data:", *(f"  {line}" for line in resolved.lines())],
     )
     return finish(result)
 

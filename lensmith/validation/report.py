@@ -23,6 +23,7 @@ class ValidationResult:
     html_path: Path
     class_counts: dict[str, int] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # printed under the summary line (e.g. resolved settings)
 
     @property
     def success(self) -> bool:
@@ -62,7 +63,7 @@ class ValidationResult:
             f"{self.title} {'passed' if self.success else 'FAILED'}: "
             f"{stats['successful']}/{stats['evaluated']} checks passed on {self.rows} rows"
         )
-        lines = [head]
+        lines = [head, *(f"  {note}" for note in self.notes)]
         lines += [f"  failed: {describe_failure(check)}" for check in self.failed]
         lines += [f"  warning: {describe_failure(check)}" for check in self.warnings]
         lines.append(f"  reports: {self.json_path} , {self.html_path}")
@@ -73,6 +74,8 @@ def describe_failure(check: CheckResult) -> str:
     """One line: check name, how many rows failed (or the observed value), first examples, hint."""
     if check.exception:
         text = f"{check.name}: error while checking ({check.exception})"
+    elif check.expectation_type == "lensmith_precondition":
+        text = f"{check.name}: {check.observed_value}"
     elif check.unexpected_count is not None:
         noun = "rows" if check.example_column != "label" else "classes"
         text = f"{check.name}: {check.unexpected_count} {noun} ({_percent(check.unexpected_percent)})"
@@ -116,6 +119,27 @@ def expected_text(check: CheckResult) -> str:
     if lo is not None:
         return f">= {lo:g}"
     return str({k: v for k, v in kwargs.items() if k != "column"})
+
+
+def precondition_failure(name: str, problem: str, fix: str) -> CheckResult:
+    """A failed check for a problem found before any expectation could run (no manifest, no images...)."""
+    return CheckResult(
+        name=name,
+        expectation_type="lensmith_precondition",
+        column=None,
+        kwargs={},
+        blocking=True,
+        success=False,
+        observed_value=problem,
+        hint=fix,
+    )
+
+
+def write_precondition_report(json_path: Path, html_path: Path, check: CheckResult, rows: int = 0) -> ValidationResult:
+    """The data gate's reports for a run that stopped before its checks: one failed check naming problem and fix."""
+    result = ValidationResult(title="data validation", checks=[check], rows=rows, json_path=json_path, html_path=html_path)
+    write_reports(result)
+    return result
 
 
 def write_reports(result: ValidationResult) -> None:
