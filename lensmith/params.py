@@ -29,13 +29,25 @@ class DataParams(Section):
 
     source: str = Field("data/raw/demo", description="Image folder (<class>/<file>), CSV manifest, or s3://bucket/prefix")
     image_extensions: list[str] = Field(
-        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"]
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"],
+        description="File types ingest reads (case-insensitive); other files are skipped in a folder, quarantined as "
+        "unsupported_extension in a CSV or shard",
     )
     max_pixels: int = Field(40_000_000, gt=0, description="Decompression-bomb limit (width*height)")
-    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)
+    max_file_bytes: int = Field(
+        200 * 1024 * 1024, gt=0,
+        description="Files larger than this many bytes (default 200 MiB) are quarantined at ingest as file_too_large; raise it for huge scans",
+    )
     min_side: int = Field(8, ge=1, description="Images with a side below this are rejected")
-    max_aspect_ratio: float = Field(20.0, ge=1.0)
-    s3_endpoint_url: str | None = None
+    max_aspect_ratio: float = Field(
+        20.0, ge=1.0,
+        description="Images whose long side / short side exceeds this are quarantined as bad_aspect_ratio; raise it for line-scan strips",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint (MinIO, SeaweedFS) for s3:// sources and projects; "
+        "null = AWS, or AWS_ENDPOINT_URL(_S3) from the environment",
+    )
     workers: int = Field(0, ge=0, description="Ingest processes; 0 = one per core")
 
     @field_validator("image_extensions")
@@ -49,10 +61,15 @@ class DataParams(Section):
 class DemoParams(Section):
     """The embedded demo data set (`lensmith demo-data`), generated offline."""
 
-    out: str = "data/raw/demo"
-    per_class: int = Field(500, ge=1, le=100_000)
-    image_size: int = Field(128, ge=32, le=1024)
-    seed: int = 0
+    out: str = Field(
+        "data/raw/demo",
+        description="Folder the demo set is written to; when data.source names it, the flows run the demo_data stage first",
+    )
+    per_class: int = Field(
+        500, ge=1, le=100_000, description="Demo images per class, spread evenly over sites A and B; lower it for a quicker demo"
+    )
+    image_size: int = Field(128, ge=32, le=1024, description="Side in pixels of the square demo images")
+    seed: int = Field(0, description="Seed of the demo generator: the same seed gives byte-identical images")
     shards: bool = Field(False, description="Write the demo images packed into tar shards (lensmith pack) instead of files")
 
 
@@ -60,13 +77,21 @@ class ValidateParams(Section):
     """The data gate (`lensmith validate`, Great Expectations)."""
 
     labels: list[str] | None = Field(None, description="Expected label set; null = discover on first run and pin")
-    min_images_per_class: int = Field(20, ge=1)
+    min_images_per_class: int = Field(
+        20, ge=1, description="The gate fails when an expected class has fewer images; lower it only for a first trial on scarce data"
+    )
     min_width: int = Field(8, ge=1, description="Narrower images fail the gate (the model resizes every image; 8 px is about the least that carries a shape)")
-    min_height: int = Field(8, ge=1)
-    max_width: int = Field(8192, ge=1)
-    max_height: int = Field(8192, ge=1)
-    max_pixels: int = Field(40_000_000, ge=1)
-    allowed_modes: list[str] = Field(default_factory=lambda: ["RGB", "L"])
+    min_height: int = Field(8, ge=1, description="Images shorter than this (px) fail the gate")
+    max_width: int = Field(8192, ge=1, description="Wider images (px) fail the gate; raise it for high-resolution cameras")
+    max_height: int = Field(8192, ge=1, description="Taller images (px) fail the gate; raise it for high-resolution cameras")
+    max_pixels: int = Field(
+        40_000_000, ge=1,
+        description="Images with more pixels (width*height) fail the gate; ingest already quarantines those above data.max_pixels",
+    )
+    allowed_modes: list[str] = Field(
+        default_factory=lambda: ["RGB", "L"],
+        description="Colour modes that pass the gate; ingest decodes every file to RGB or L (greyscale), so drop L to reject grey images",
+    )
     required_metadata: list[str] | Auto = Field(
         AUTO, description="Metadata columns every image must have; auto = the columns the source declares (metadata.csv / CSV manifest)"
     )
@@ -77,9 +102,13 @@ class ValidateParams(Section):
     min_contrast: float = Field(
         0.5, ge=0.0, description="Images whose grey-level standard deviation is below this are blank (one flat colour)"
     )
-    min_sharpness: float = Field(0.0, ge=0.0)
+    min_sharpness: float = Field(
+        0.0, ge=0.0, description="Images whose sharpness (variance of the Laplacian) is below this fail the gate, e.g. out of focus; 0 = off"
+    )
     near_duplicate_distance: int = Field(4, ge=0, le=64, description="phash Hamming distance for near-duplicates")
-    fail_on_near_duplicates: bool = False
+    fail_on_near_duplicates: bool = Field(
+        False, description="Near-duplicates of other files fail the gate instead of only warning (the split keeps them together either way)"
+    )
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0, description="quarantined share of files above which ingest fails")
 
     @model_validator(mode="after")
@@ -95,17 +124,27 @@ class ValidateParams(Section):
 class SplitParams(Section):
     """The stratified, group-aware, stable train/val/test split (`lensmith split`)."""
 
-    train: float = Field(0.70, gt=0.0, lt=1.0)
-    val: float = Field(0.15, ge=0.0, lt=1.0)
-    test: float = Field(0.15, gt=0.0, lt=1.0)
+    train: float = Field(
+        0.70, gt=0.0, lt=1.0, description="Target share of each class's images in the training split; train + val + test must be 1"
+    )
+    val: float = Field(
+        0.15, ge=0.0, lt=1.0, description="Target share in the validation split (picks the best epoch, early stopping); training needs it non-empty"
+    )
+    test: float = Field(
+        0.15, gt=0.0, lt=1.0,
+        description="Target share in the test split that evaluation and the gates score; changes apply only to images "
+        "not yet split (delete data/splits to re-split)",
+    )
     group_column: str | None = Field(
         AUTO,
         description="Metadata column whose groups never straddle splits; auto = a batch/lot column when the source "
         "has one, else none (exact and near-duplicates are always kept together)",
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the order in which equal-size new groups are assigned; images already in a split never move")
     min_class_size: int = Field(10, ge=1, description="Classes smaller than this cannot be split")
-    on_small_class: Literal["error", "warn"] = "error"
+    on_small_class: Literal["error", "warn"] = Field(
+        "error", description="Classes below min_class_size: error stops the split; warn puts all their images in train, with a warning"
+    )
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitParams:
@@ -123,14 +162,22 @@ class AugmentParams(Section):
     hflip: bool = Field(False, description="Random horizontal mirror (opt-in: changes text, digits, handed parts)")
     vflip: bool = Field(False, description="Random vertical flip (opt-in: only for data with no up, e.g. tiles, textures)")
     rotation_degrees: float = Field(0.0, ge=0.0, le=180.0, description="Random rotation up to this angle (opt-in)")
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    brightness: float = Field(0.2, ge=0.0, le=1.0)
-    contrast: float = Field(0.2, ge=0.0, le=1.0)
-    saturation: float = Field(0.1, ge=0.0, le=1.0)
-    hue: float = Field(0.0, ge=0.0, le=0.5)
-    blur_prob: float = Field(0.1, ge=0.0, le=1.0)
-    noise_std: float = Field(0.02, ge=0.0, le=1.0)
-    trivial_augment: bool = False
+    crop_scale: tuple[float, float] = Field(
+        (0.8, 1.0), description="Random crop area as a share of the image [low, high], aspect 3:4 to 4:3, resized back; [1, 1] = no crop"
+    )
+    brightness: float = Field(0.2, ge=0.0, le=1.0, description="Random brightness factor in 1 +/- this (0 = off)")
+    contrast: float = Field(0.2, ge=0.0, le=1.0, description="Random contrast factor in 1 +/- this (0 = off)")
+    saturation: float = Field(0.1, ge=0.0, le=1.0, description="Random saturation factor in 1 +/- this, RGB only (0 = off)")
+    hue: float = Field(
+        0.0, ge=0.0, le=0.5, description="Random hue shift up to +/- this share of the colour wheel, RGB only (0 = off); keep 0 when colour tells classes apart"
+    )
+    blur_prob: float = Field(0.1, ge=0.0, le=1.0, description="Share of training images given a random Gaussian blur (sigma 0.1-1.5 px)")
+    noise_std: float = Field(
+        0.02, ge=0.0, le=1.0, description="Std of added Gaussian pixel noise on the 0..1 scale (0.02 = about 5 grey levels; 0 = off)"
+    )
+    trivial_augment: bool = Field(
+        False, description="Also apply torchvision's TrivialAugmentWide (one random op per image, incl. rotation and shear); opt-in like the flips"
+    )
 
     @field_validator("crop_scale")
     @classmethod
@@ -156,39 +203,69 @@ ModelName = Literal[
 class TrainParams(Section):
     """Transfer-learning training (`lensmith train`)."""
 
-    model: ModelName = "efficientnet_lite0"
-    pretrained: bool = True
-    image_size: int = Field(128, ge=16, le=1024)
-    epochs: int = Field(8, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, le=4096)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    warmup_epochs: int = Field(1, ge=0)
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    class_weights: Literal["auto", "none"] = "auto"
-    grad_clip: float | None = Field(1.0, gt=0.0)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    model: ModelName = Field(
+        "efficientnet_lite0",
+        description="Backbone; efficientnet_lite0's weights ship with lensmith, the others download torchvision's; vit_b_16 needs image_size 224",
+    )
+    pretrained: bool = Field(
+        True, description="Start from ImageNet weights (transfer learning); false trains from scratch, which needs far more images and epochs"
+    )
+    image_size: int = Field(
+        128, ge=16, le=1024,
+        description="Model input side in pixels (shorter side resized, centre crop), kept for export and serving; larger = finer detail, slower",
+    )
+    epochs: int = Field(
+        8, ge=1, le=1000, description="Most training epochs (early stopping may end sooner); also the length of the cosine learning-rate schedule"
+    )
+    batch_size: int = Field(
+        64, ge=1, le=4096, description="Training images per optimiser step (shared across processes under DDP); lower it when memory runs out"
+    )
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum (train.momentum)")
+    lr: float = Field(
+        1e-3, gt=0.0, le=10.0, description="Peak learning rate after warmup, then cosine decay to 0; lower it when the loss diverges"
+    )
+    weight_decay: float = Field(
+        1e-4, ge=0.0, description="Weight decay of the weights (not biases or norm layers); raise it against overfitting"
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (Nesterov when > 0); used only with optimizer sgd")
+    warmup_epochs: int = Field(1, ge=0, description="Epochs of linear learning-rate warmup up to lr, before the cosine decay")
+    label_smoothing: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Cross-entropy label smoothing (0 = off); tempers over-confident predictions"
+    )
+    class_weights: Literal["auto", "none"] = Field(
+        "auto", description="auto = loss weighted by inverse class frequency, so every class counts equally; none = unweighted loss"
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0.0, description="Clip the gradient's L2 norm to this before each step; null = no clipping"
+    )
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout probability before the new classification head; raise it against overfitting")
     bn_recalibration_images: int = Field(
         1024, ge=0,
         description="After each epoch, BatchNorm statistics are recomputed on this many un-augmented training images "
         "(precise BN; 0 = off): without it, validation lags training on data unlike ImageNet",
     )
-    freeze_epochs: int = Field(1, ge=0)
-    early_stopping_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = "val_macro_f1"
-    early_stopping_patience: int = Field(3, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
-    compile: bool = False
-    channels_last: bool = True
+    freeze_epochs: int = Field(
+        1, ge=0, description="First epochs that train only the new head, backbone frozen; 0 = train everything from the start"
+    )
+    early_stopping_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = Field(
+        "val_macro_f1", description="Validation metric that picks the best epoch (the weights kept) and drives early stopping"
+    )
+    early_stopping_patience: int = Field(
+        3, ge=1, description="Stop after this many epochs without improvement of early_stopping_metric"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where training runs: auto = CUDA when available, else CPU; cuda fails when no GPU is present"
+    )
+    amp: bool = Field(True, description="bfloat16 mixed precision on CUDA (faster, less memory); no effect on CPU")
+    compile: bool = Field(False, description="torch.compile the model on CUDA (slower start, faster epochs); no effect on CPU")
+    channels_last: bool = Field(True, description="Train in the channels-last memory format (a speed setting: faster convolutions on most hardware)")
     num_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
     processes: int = Field(
         1, ge=1, le=64,
         description="> 1: `lensmith train` relaunches itself under torchrun with this many DistributedDataParallel "
         "processes on this machine (one per GPU with CUDA; gloo on CPU), also inside `dvc repro` and the flows",
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of weight init, shuffling, augmentation and BatchNorm recalibration, for repeatable runs")
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
 
@@ -197,8 +274,14 @@ class RobustnessParams(Section):
 
     perturbations: list[
         Literal["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"]
-    ] = Field(default_factory=lambda: ["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"])
-    severities: list[int] = Field(default_factory=lambda: [1, 3, 5])
+    ] = Field(
+        default_factory=lambda: ["brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"],
+        description="Deployment conditions simulated on the test images; drop those your camera setup cannot produce",
+    )
+    severities: list[int] = Field(
+        default_factory=lambda: [1, 3, 5],
+        description="Severities, 1 (mild) to 5 (harsh), run per perturbation; their mean relative accuracy drop is gated",
+    )
     fgsm_epsilon: float | None = Field(
         None, ge=0.0, le=1.0, description="FGSM step in pixel units on the 0..1 scale (8/255 = 8 grey levels); null = skip"
     )
@@ -224,10 +307,12 @@ class EvaluateParams(Section):
     slices: list[str] | Auto = Field(
         AUTO, description="Metadata columns reported per value; auto = the declared metadata columns except the group column"
     )
-    top_k: int = Field(3, ge=1)
-    ece_bins: int = Field(15, ge=2, le=100)
-    batch_size: int = Field(128, ge=1)
-    worst_examples: int = Field(24, ge=0, le=200)
+    top_k: int = Field(3, ge=1, description="k of the top-k accuracy in reports/metrics.json (capped at the number of classes)")
+    ece_bins: int = Field(15, ge=2, le=100, description="Confidence bins of the expected calibration error and the reliability diagram")
+    batch_size: int = Field(
+        128, ge=1, description="Images per forward pass for the test, robustness and speed measurements; lower it when memory runs out"
+    )
+    worst_examples: int = Field(24, ge=0, le=200, description="Most confident mistakes shown in reports/evaluation.html (0 = none)")
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
 
 
@@ -243,7 +328,9 @@ class OrchestrationParams(Section):
         ),
     )
     io_retries: int = Field(2, ge=0, le=10, description="Retries for I/O-bound stages (ingest, push/pull)")
-    retry_delay_s: float = Field(5.0, ge=0.0)
+    retry_delay_s: float = Field(
+        5.0, ge=0.0, description="Seconds before the first retry of an I/O stage; each further retry waits twice as long"
+    )
     stage_timeout_s: float = Field(4 * 3600.0, gt=0.0, description="Kill a `dvc repro` stage subprocess after this long (executor dvc-subprocess)")
     on_unreachable_server: Literal["error", "ephemeral"] = Field(
         "error", description="When PREFECT_API_URL does not answer: fail clearly, or run on a temporary local server"
@@ -262,10 +349,14 @@ class NightlyParams(Section):
 
     cron: str = Field("0 2 * * *", description="When the nightly retraining deployment runs")
     timezone: str = Field("UTC", description="IANA timezone of the cron schedule, e.g. Europe/Berlin")
-    deployment_name: str = "nightly-retraining"
+    deployment_name: str = Field(
+        "nightly-retraining", description="Prefect deployment name of nightly retraining; drift monitoring starts retraining by this name"
+    )
     push: bool = Field(True, description="dvc push data and models to the default remote after a run")
     git_commit: bool = Field(True, description="record each run as a git commit + tag (dvc.lock, params, metrics)")
-    tag_prefix: str = "nightly-"
+    tag_prefix: str = Field(
+        "nightly-", description="Git tag of each recorded run: this prefix + its UTC time (YYYYmmdd-HHMMSS), when git_commit is on"
+    )
 
     @field_validator("cron")
     @classmethod
@@ -298,8 +389,10 @@ class GateParams(Section):
     metric: str = Field("test.macro_f1", description="Dotted metrics.json key the challenger must improve on")
     min_improvement: float = Field(0.0, ge=0.0, le=1.0, description="challenger >= champion + this on gate.metric")
     max_regression: float = Field(0.02, ge=0.0, le=1.0, description="largest allowed drop of any class recall / slice accuracy")
-    min_accuracy: float = Field(0.80, ge=0.0, le=1.0)
-    min_macro_f1: float = Field(0.75, ge=0.0, le=1.0)
+    min_accuracy: float = Field(0.80, ge=0.0, le=1.0, description="Floor on test accuracy: a model below it is rejected, whatever production scores")
+    min_macro_f1: float = Field(
+        0.75, ge=0.0, le=1.0, description="Floor on test macro F1 (every class weighs the same): a model below it is rejected"
+    )
     min_positive_recall: float = Field(0.80, ge=0.0, le=1.0, description="Recall floor of the positive (defect) class")
     max_ece: float = Field(0.10, ge=0.0, le=1.0, description="Expected calibration error ceiling")
     max_robustness_drop: float = Field(0.25, ge=0.0, le=1.0, description="Ceiling of robustness.mean_relative_drop")
@@ -316,39 +409,54 @@ class ExportParams(Section):
 
     opset: int = Field(18, ge=17, le=23, description="ONNX opset for the dynamo exporter")
     parity_max_abs_diff: float = Field(1e-4, gt=0.0, description="Max |logit(ONNX) - logit(PyTorch)| on the test split")
-    parity_min_top1_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    parity_min_top1_agreement: float = Field(
+        1.0, ge=0.0, le=1.0, description="Least share of parity images on which ONNX and PyTorch pick the same top class; below it the export fails"
+    )
     parity_max_images: int = Field(0, ge=0, description="Test images used by the parity gate; 0 = all")
     int8: bool = Field(True, description="Try static int8 quantisation (QDQ, per-channel), gated by accuracy")
     int8_max_drop: float = Field(0.01, ge=0.0, le=1.0, description="Allowed test-accuracy drop of int8 vs fp32 (0.01 = 1 point)")
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="How int8 calibration sets activation ranges (ONNX Runtime); try another when int8 fails its accuracy limit"
+    )
     calibration_images: int = Field(256, ge=1, description="Training images used to calibrate int8")
     providers: list[
         Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     ] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="Preference order; unavailable ones are skipped")
     bench_seconds: float = Field(1.5, gt=0.0, description="Time spent measuring each latency figure")
-    seed: int = 0
+    seed: int = Field(0, description="Seed choosing the parity and int8 calibration images when parity_max_images / calibration_images cap them")
 
 
 class ServeParams(Section):
     """The prediction service (`lensmith serve`)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field(
+        "127.0.0.1", description="Interface the service binds: 127.0.0.1 = this machine only, 0.0.0.0 = every interface; --host overrides"
+    )
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the service; --port overrides")
     providers: list[
         Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    ] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    ] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="ONNX Runtime providers in preference order; unavailable ones are skipped, CPU is the last resort",
+    )
     variant: Literal["auto", "fp32", "int8"] = Field("auto", description="auto = what the export chose for this CPU")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Micro-batching: most images per session run")
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="Micro-batching: longest wait for a batch to fill")
     max_upload_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Per-request body limit")
-    max_images_per_request: int = Field(16, ge=1, le=1024)
-    max_pixels: int = Field(40_000_000, gt=0)
-    top_k: int = Field(3, ge=1)
+    max_images_per_request: int = Field(
+        16, ge=1, le=1024, description="Requests with more images are refused (400 too_many_images)"
+    )
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Uploads with more pixels (width*height) are refused before decoding (413 too_large): decompression-bomb limit"
+    )
+    top_k: int = Field(3, ge=1, description="Classes returned per prediction, most probable first (capped at the number of classes)")
     review_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Predictions below this confidence go to review")
     require_token_for_predict: bool = Field(False, description="Also demand the bearer token on /v1/predict")
     reload_poll_s: float = Field(2.0, gt=0.0, description="How often the registry's aliases are checked for a new model")
     log_dir: str = Field("serving/predictions", description="Rotating append-only prediction log (relative to root)")
-    log_rotate_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    log_rotate_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Size in bytes at which the prediction log starts a new file (default 16 MiB)"
+    )
     review_dir: str = Field("serving/review", description="Review queue on disk (relative to root)")
     feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
     access_log: bool = Field(
@@ -376,7 +484,7 @@ class FinetuneParams(Section):
     test_fraction: float = Field(0.5, gt=0.0, lt=1.0, description="Share of the site's images kept to evaluate on the site")
     site_column: str = Field("site", description="Manifest/metadata column naming the site")
     freeze_backbone: bool = Field(False, description="Train only the classifier head")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the site's fine-tune/test split and of fine-tuning's shuffling and augmentation")
 
 
 class DriftParams(Section):
@@ -399,10 +507,12 @@ class DriftParams(Section):
     )
     cron: str = Field("0 6 * * *", description="When the monitoring deployment runs")
     timezone: str = Field("UTC", description="IANA timezone of the monitoring cron")
-    deployment_name: str = "drift-monitoring"
+    deployment_name: str = Field("drift-monitoring", description="Prefect deployment name of the drift monitoring flow")
     webhook_url: str | None = Field(None, description="Optional URL that receives a JSON alert on trigger")
-    webhook_timeout_s: float = Field(5.0, gt=0.0)
-    seed: int = 0
+    webhook_timeout_s: float = Field(
+        5.0, gt=0.0, description="Seconds to wait for the webhook; a failed call is logged, the alert and the retraining run stand"
+    )
+    seed: int = Field(0, description="Seed of the reference sample, the embedding PCA and the window sample, for repeatable drift reports")
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
 
     @field_validator("since")

@@ -179,6 +179,16 @@ def test_missing_metrics_fail_by_name_instead_of_crashing(project: Project) -> N
     assert any("metrics.json is missing" in w for w in result.warnings)
 
 
+def test_defect_floors_do_not_apply_without_a_defect_view(project: Project) -> None:
+    doc = metrics_doc()
+    doc["test"]["positive_class"] = None  # evaluation found no good class (digits, product types)
+    doc["slices"] = {}
+    project.candidate(doc)
+    result = project.gate()
+    recall = next(c for c in project.report()["checks"] if c["name"] == "floor.min_positive_recall")
+    assert result.passed and recall["blocking"] is False and "does not apply" in recall["detail"]
+
+
 def test_small_slices_are_reported_but_not_gated(project: Project) -> None:
     doc = metrics_doc(slices={"C": 0.2})
     doc["slices"]["site"]["values"]["C"]["n"] = 3

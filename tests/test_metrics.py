@@ -83,8 +83,21 @@ def test_positive_class_indices() -> None:
         m.positive_class_indices(CLASSES, "dent", "ok")
     with pytest.raises(EvaluationError, match="negative_class='good'.*ok, crack, stain"):
         m.positive_class_indices(CLASSES, None, "good")
-    with pytest.raises(EvaluationError, match="both null"):
-        m.positive_class_indices(CLASSES, None, None)
+    assert m.positive_class_indices(CLASSES, None, None) == []  # no good class: no defect-vs-ok view
+
+
+def test_curves_without_a_defect_view_are_the_micro_average_over_classes() -> None:
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    y_true = np.array([0, 1, 2, 2, 1, 0])
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.5, 0.1, 0.4], [0.3, 0.4, 0.3], [0.4, 0.5, 0.1]])
+    one_hot = np.eye(3, dtype=bool)[y_true]
+    fpr, tpr, thresholds = roc_curve(one_hot.ravel(), probs.ravel())
+    roc = m.roc_curve_frame(y_true, probs, [])
+    assert roc["fpr"].tolist() == pytest.approx(fpr[1:].tolist()) and roc["tpr"].tolist() == pytest.approx(tpr[1:].tolist())
+    precision, recall, _ = precision_recall_curve(one_hot.ravel(), probs.ravel())
+    assert m.pr_curve_frame(y_true, probs, [])["precision"].tolist() == pytest.approx(precision[:-1].tolist())
+    assert m.slice_value_metrics(y_true, probs.argmax(1), 3, [])["tpr"] is None
 
 
 def test_any_defect_scores_and_curves_agree_with_sklearn() -> None:

@@ -223,3 +223,26 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path: Pat
     resumed = run_train(params, layout, resume=True)
     assert resumed.weights_sha256 == reference.weights_sha256
     assert isinstance(resumed, train_module.TrainSummary) and not isinstance(resumed, LensmithError)
+
+
+def test_precise_batchnorm_statistics_are_the_average_over_clean_images() -> None:
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from lensmith.preprocess import Preprocessing
+    from lensmith.train import recalibrate_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4, momentum=0.01))
+    model[1].running_mean.fill_(123.0)  # stale statistics, as a slow momentum leaves them
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
+    pre = Preprocessing(image_size=8, resize=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    ctx = SimpleNamespace(
+        tp=SimpleNamespace(batch_size=20, channels_last=False), autocast=nullcontext(), preprocessing=pre, device=torch.device("cpu")
+    )
+    model.eval()
+    used = recalibrate_batchnorm(ctx, model, images, limit=40, seed=0)  # type: ignore[arg-type]
+    with torch.no_grad():
+        features = model[0](pre.normalize_tensor(torch.from_numpy(images)))
+    assert used == 40 and not model.training and model[1].momentum == 0.01
+    assert model[1].running_mean.numpy() == pytest.approx(features.mean(dim=(0, 2, 3)).numpy(), abs=1e-4)
+    assert recalibrate_batchnorm(ctx, model, images, limit=0, seed=0) == 0  # type: ignore[arg-type]

@@ -149,9 +149,9 @@ def copy_column(column: str, source: int, targets: list[int]) -> Callable[[pd.Da
 ROW_CASES: list[tuple[str, Callable[[pd.DataFrame], None], list[int]]] = [
     ("path_unique", copy_column("path", 5, [9]), [5, 9]),
     ("label_in_expected_set", set_rows("label", [7, 40], "crak"), [7, 40]),
-    ("width_in_range", set_rows("width", [3, 70], 16), [3, 70]),
+    ("width_in_range", set_rows("width", [3, 70], 6), [3, 70]),
     ("width_in_range", set_rows("width", [4], 9000), [4]),
-    ("height_in_range", set_rows("height", [11], 20), [11]),
+    ("height_in_range", set_rows("height", [11], 5), [11]),
     ("pixels_in_range", set_rows("height", [12, 13], 4000), [12, 13]),
     ("pixels_in_range", set_rows("width", [12, 13], 4000), []),
     ("mode_allowed", set_rows("mode", [21], "CMYK"), [21]),
@@ -162,9 +162,12 @@ ROW_CASES: list[tuple[str, Callable[[pd.DataFrame], None], list[int]]] = [
     ("brightness_in_range", set_rows("brightness", [30], 2.0), [30]),
     ("brightness_in_range", set_rows("brightness", [31], 254.0), [31]),
     ("sharpness_min", set_rows("sharpness", [33, 34], 1.0), [33, 34]),
+    ("not_blank", set_rows("contrast", [35, 36], 0.0), [35, 36]),
     ("no_near_duplicates", copy_column("phash", 50, [51]), [50, 51]),
 ]
-ROW_CASE_PARAMS = {"max_pixels": 2_000_000, "min_sharpness": 10.0, "fail_on_near_duplicates": True}
+ROW_CASE_PARAMS = {
+    "max_pixels": 2_000_000, "min_sharpness": 10.0, "fail_on_near_duplicates": True, "brightness_range": (5.0, 250.0),
+}
 
 
 def test_each_row_check_fails_with_exactly_the_offending_paths(tmp_path: Path) -> None:
@@ -243,12 +246,12 @@ def test_too_small_class_fails(tmp_path: Path) -> None:
 
 def test_class_imbalance_bound(tmp_path: Path) -> None:
     manifest = good_manifest()
-    manifest = manifest.drop(manifest.index[manifest["label"] == "ok"][5:])
-    _, report = failed_gate(tmp_path, manifest, labels=LABELS, min_images_per_class=1, max_class_imbalance=5.0)
+    manifest = manifest.drop(manifest.index[manifest["label"] == "ok"][10:])
+    _, report = failed_gate(tmp_path, manifest, labels=LABELS, min_images_per_class=1, max_class_imbalance=2.0)
     balance = check(report, "class_balance")
     assert balance["success"] is False
-    assert balance["observed_value"] == pytest.approx(PER_CLASS / 5)
-    assert validate(tmp_path, manifest, labels=LABELS, min_images_per_class=1, max_class_imbalance=6.0).success
+    assert balance["observed_value"] == pytest.approx(PER_CLASS / 10)
+    assert validate(tmp_path, manifest, labels=LABELS, min_images_per_class=1, max_class_imbalance=3.0).success
 
 
 def test_near_duplicates_are_reported_but_only_fail_when_asked(tmp_path: Path) -> None:
@@ -296,22 +299,74 @@ def test_label_pinning_flow(tmp_path: Path) -> None:
     assert json.loads(layout.labels_lock.read_text())["labels"] == sorted([*LABELS, "dent"])
 
 
-def test_corrupt_label_lock_is_a_clear_error(tmp_path: Path) -> None:
+def only_failed_check(tmp_path: Path) -> dict[str, Any]:
+    report = json.loads(Layout(tmp_path).validation_json.read_text())
+    assert report["success"] is False and Layout(tmp_path).validation_html.is_file()
+    failed = [c for c in report["checks"] if not c["success"]]
+    assert len(failed) == 1, failed
+    return failed[0]
+
+
+def test_corrupt_label_lock_is_a_clear_error_with_a_report(tmp_path: Path) -> None:
     Layout(tmp_path).labels_lock.write_text("{not json")
-    with pytest.raises(DataError, match="labels.lock.json"):
+    with pytest.raises(GateFailedError, match="labels.lock.json"):
         validate(tmp_path, good_manifest(), labels=None)
+    assert only_failed_check(tmp_path)["name"] == "label_lock_readable"
 
 
-def test_missing_manifest_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="manifest.parquet"):
+def test_missing_manifest_names_the_file_and_writes_the_report(tmp_path: Path) -> None:
+    with pytest.raises(GateFailedError, match="manifest.parquet"):
         run_validate(make_params(), Layout(tmp_path))
+    failed = only_failed_check(tmp_path)
+    assert failed["name"] == "manifest_readable" and "lensmith ingest" in failed["hint"]
+
+
+def test_empty_manifest_fails_with_a_report_naming_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(GateFailedError, match="no rows"):
+        validate(tmp_path, good_manifest().iloc[:0])
+    assert "data.source" in only_failed_check(tmp_path)["hint"]
 
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"lacks required column\(s\): sha256, phash$"):
+    with pytest.raises(GateFailedError, match=r"lacks required column\(s\): sha256, phash"):
         validate(tmp_path, good_manifest().drop(columns=["sha256", "phash"]))
-    with pytest.raises(DataError, match=r"column\(s\): batch \(metadata listed in validate.required_metadata"):
-        validate(tmp_path, good_manifest().drop(columns=["batch"]))
+    message, report = failed_gate(tmp_path, good_manifest().drop(columns=["batch"]))
+    assert "params_match_data" in message and "validate.required_metadata='batch'" in message
+    assert check(report, "params_match_data")["examples"] == ["validate.required_metadata='batch'"]
+
+
+def test_auto_settings_resolve_from_the_manifest_and_are_reported(tmp_path: Path) -> None:
+    result = validate(tmp_path, good_manifest(), required_metadata="auto")
+    resolved = json.loads(Layout(tmp_path).validation_json.read_text())["resolved"]
+    assert resolved["validate.required_metadata"] == ["site", "batch"]
+    assert resolved["split.group_column"] == "batch"
+    assert resolved["evaluate.slices"] == ["site"]  # batch is the group column
+    assert resolved["evaluate.negative_class"] == "ok"
+    assert "settings resolved from the data" in str(result) and "split.group_column = 'batch'" in str(result)
+
+
+def test_a_plain_folder_needs_no_metadata(tmp_path: Path) -> None:
+    manifest = good_manifest(labels=["0", "1", "2"]).drop(columns=["site", "batch"])
+    result = validate(tmp_path, manifest, required_metadata="auto", labels=None)
+    assert result.success
+    resolved = json.loads(Layout(tmp_path).validation_json.read_text())["resolved"]
+    assert resolved["validate.required_metadata"] == [] and resolved["evaluate.negative_class"] is None
+
+
+def test_params_naming_what_the_data_lacks_fail_before_training(tmp_path: Path) -> None:
+    params = make_params()
+    params.evaluate.negative_class = "good"
+    params.evaluate.slices = ["site", "line"]
+    params.split.min_class_size = PER_CLASS + 1
+    layout = Layout(tmp_path)
+    layout.data.mkdir(parents=True)
+    good_manifest().to_parquet(layout.manifest, index=False)
+    with pytest.raises(GateFailedError) as caught:
+        run_validate(params, layout)
+    report = json.loads(layout.validation_json.read_text())
+    assert sorted(check(report, "params_match_data")["examples"]) == ["evaluate.negative_class='good'", "evaluate.slices='line'"]
+    assert check(report, "split_min_class_size")["success"] is False
+    assert "split.min_class_size" in str(caught.value)
 
 
 def write_project(tmp_path: Path, manifest: pd.DataFrame) -> Path:
