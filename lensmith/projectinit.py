@@ -205,7 +205,12 @@ def plan_for(inspection: Inspection, orientation: str = "fixed") -> InitPlan:
     plan.choose("train.epochs", epochs, f"{n} images")
     batch = 64 if n >= 1_000 else 32
     plan.choose("train.batch_size", batch, f"{n} images")
-    plan.choose("train.early_stopping_patience", 4, "let the cosine schedule finish before stopping")
+    plan.choose("train.early_stopping_patience", 4, "let the cosine schedule run before stopping")
+    plan.choose(
+        "gate.max_robustness_drop",
+        0.5,
+        "catches a fragile model; the shipped 0.25 is calibrated to the demo's tiles: tighten it to your deployment's conditions",
+    )
     flips = {"fixed": (False, False, 0.0), "mirror": (True, False, 0.0), "free": (True, True, 15.0)}[orientation]
     why = {
         "fixed": "--orientation fixed: a mirrored or rotated image may be another class",
@@ -333,10 +338,14 @@ def _write_project(
     project: Path, plan: InitPlan, *, copy_source: bool, remote: str | None, s3_endpoint_url: str | None
 ) -> dict[str, Any]:
     source = plan.inspection.source
-    if is_s3_uri(source) or not copy_source:
+    copied = None if is_s3_uri(source) or not copy_source else folder_to_copy(local_source_path(source, Layout(Path.cwd())))
+    if copied is None:
         source_in_project = source if is_s3_uri(source) else str(local_source_path(source, Layout(Path.cwd())).resolve())
+        if not is_s3_uri(source):
+            plan.warnings.append(f"data.source refers to {source_in_project} where it is: DVC does not version it")
     else:
-        source_in_project = f"data/raw/{Path(source.rstrip('/')).name or 'images'}"
+        folder, inside = copied
+        source_in_project = f"data/raw/{folder.name}" + (f"/{inside}" if inside else "")
     params = project_params(plan, source_in_project, s3_endpoint_url)
     pipeline = template_dvc_yaml()
     project.mkdir(parents=True, exist_ok=True)
@@ -353,20 +362,40 @@ def _write_project(
         encoding="utf-8",
     )
     tracked = ["params.yaml", "dvc.yaml", ".gitignore"]
-    if source_in_project.startswith("data/raw/"):
-        target = project / source_in_project
-        original = local_source_path(source, Layout(Path.cwd()))
-        if original.is_dir():
-            shutil.copytree(original, target, symlinks=False)
-        else:
-            raise InitError(f"{source} is a file: copy its images into the project by hand, or use --no-copy")
-        run_tool([*dvc, "add", "-q", source_in_project], project)
-        tracked += [f"{source_in_project}.dvc", "data/raw/.gitignore"]
+    if copied is not None:
+        folder, _ = copied
+        (project / "data" / "raw").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(folder, project / "data" / "raw" / folder.name, symlinks=False)
+        run_tool([*dvc, "add", "-q", f"data/raw/{folder.name}"], project)
+        tracked += [f"data/raw/{folder.name}.dvc", "data/raw/.gitignore"]
     if remote:
         run_tool([*dvc, "remote", "add", "-d", "storage", remote], project)
         if s3_endpoint_url:
             run_tool([*dvc, "remote", "modify", "storage", "endpointurl", s3_endpoint_url], project)
+        tracked.append(".dvc/config")
+    run_tool(["git", "add", "-A", "--", *tracked, ".dvc", ".dvcignore"], project)
+    # the first commit: training records it (dvclive, meta.json) and later runs diff against it
+    run_tool(["git", *git_identity(project), "commit", "-q", "-m", f"lensmith init: project for {plan.inspection.description}"], project)
     return {"project": project, "source": source_in_project, "tracked": tracked}
+
+
+def git_identity(project: Path) -> list[str]:
+    """`-c user.name/-c user.email` for the first commit when git has no identity configured here."""
+    proc = subprocess.run(["git", "config", "user.email"], cwd=project, capture_output=True, text=True, check=False)
+    return [] if proc.stdout.strip() else ["-c", "user.name=lensmith init", "-c", "user.email=lensmith@localhost"]
+
+
+def folder_to_copy(source: Path) -> tuple[Path, str] | None:
+    """(folder to copy into data/raw/, the source's path inside it): an image folder itself, or a CSV
+    manifest's folder when every path it lists is relative and inside that folder; None = refer in place."""
+    if source.is_dir():
+        return source, ""
+    try:
+        paths = pd.read_csv(source, usecols=["path"], dtype=str)["path"].dropna()
+    except (ValueError, OSError):
+        return None
+    inside = all(not Path(p).is_absolute() and ".." not in Path(p).parts for p in paths)
+    return (source.parent, source.name) if inside else None
 
 
 def params_yaml_text(plan: InitPlan, params: dict[str, Any]) -> str:

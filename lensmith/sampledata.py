@@ -81,7 +81,8 @@ def faces(per_class: int | None = None) -> Iterator[SampleImage]:
 
 
 def fashion_mnist(per_class: int | None = 100, folder: Path = FASHION_MNIST_DIR) -> Iterator[SampleImage]:
-    """Debian's Fashion-MNIST test set (10,000 28x28 images, 10 classes); `part` = which thousand it came from."""
+    """Debian's Fashion-MNIST test set (10,000 28x28 images, 10 classes); `part` = which block of 100 in the
+    file it came from (provenance metadata, as a plant's batch or shift column would be)."""
     images_file, labels_file = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
     if not images_file.is_file() or not labels_file.is_file():
         raise DataError(f"Fashion-MNIST is not installed at {folder}: apt-get install dataset-fashion-mnist")
@@ -90,7 +91,7 @@ def fashion_mnist(per_class: int | None = 100, folder: Path = FASHION_MNIST_DIR)
     yield from _capped(
         (
             SampleImage(
-                f"{FASHION_MNIST_CLASSES[label]}/fm-{i:05d}.png", FASHION_MNIST_CLASSES[label], img, {"part": f"p{i // 1000}"}
+                f"{FASHION_MNIST_CLASSES[label]}/fm-{i:05d}.png", FASHION_MNIST_CLASSES[label], img, {"part": f"p{i // 100:03d}"}
             )
             for i, (img, label) in enumerate(zip(images, labels))
         ),

@@ -554,7 +554,9 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
                 progress.epochs_without_improvement = 0
             else:
                 progress.epochs_without_improvement += 1
-                progress.stopped_early = progress.epochs_without_improvement >= tp.early_stopping_patience
+                progress.stopped_early = (
+                    progress.epochs_without_improvement >= tp.early_stopping_patience and epoch + 1 < tp.epochs
+                )
             progress.epoch = epoch + 1
             progress.train_seconds += metrics["train_seconds"]
             progress.history.append({"epoch": epoch + 1, **metrics})

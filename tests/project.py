@@ -47,13 +47,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: boo
     return proc
 
 
-def make_project(root: Path, overrides: list[str] | None = None) -> Path:
-    """Copy what dvc.yaml depends on (code + pipeline files) into `root`, then git init + dvc init."""
+def make_project(root: Path, overrides: list[str] | None = None, tiny: bool = True) -> Path:
+    """Copy what dvc.yaml depends on (code + pipeline files) into `root`, then git init + dvc init.
+    tiny=False: the shipped params.yaml with only `overrides` applied."""
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.yaml"):
         shutil.copy2(REPO / name, root / name)
     shutil.copytree(REPO / "lensmith", root / "lensmith", ignore=shutil.ignore_patterns("__pycache__"))
-    raw = apply_overrides(read_params_yaml(REPO / "params.yaml"), TINY_OVERRIDES + list(overrides or []))
+    raw = apply_overrides(read_params_yaml(REPO / "params.yaml"), (TINY_OVERRIDES if tiny else []) + list(overrides or []))
     params_from_dict(raw, "tiny test params")
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q", "-b", "main"], root)
