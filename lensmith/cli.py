@@ -108,6 +108,24 @@ def demo_data(
     typer.echo(str(summary))
 
 
+@app.command("sample-data")
+@user_errors
+def sample_data(
+    name: Annotated[str, typer.Argument(help="digits | faces | fashion | textures")],
+    out: Annotated[Path, typer.Argument(help="New folder to write the images into")],
+    per_class: Annotated[Optional[int], typer.Option(help="At most this many images per class (default: all)")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="Also write manifest.csv (path,label[,metadata]) to use as the source")] = False,
+) -> None:
+    """Write a small real image set (not the demo's) as a user's own data, to try `lensmith init` on.
+
+    digits: scikit-learn's 8x8 handwritten digits; faces: scikit-image's 25x25 LFW face/non-face crops;
+    fashion: Debian's Fashion-MNIST (apt-get install dataset-fashion-mnist); textures: scikit-image's CC0 photos.
+    """
+    from lensmith.sampledata import write_sample_set
+
+    typer.echo(str(write_sample_set(name, out, per_class=per_class, layout="csv" if csv else "folder")))
+
+
 @app.command()
 @user_errors
 def init(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lensmith.errors import LensmithError
+from lensmith.params import image_size_problem
 from lensmith.preprocess import Preprocessing
 
 
@@ -37,8 +38,6 @@ LITE0 = "efficientnet_lite0"
 MODEL_NAMES: tuple[str, ...] = (LITE0, *TORCHVISION_HEADS)
 
 # All CNNs here downsample by 32: below 32 px the last feature map is under one pixel.
-MIN_IMAGE_SIZE = 32
-VIT_IMAGE_SIZE = 224  # the position embeddings of vit_b_16 are for 14x14 patches of 16 px
 
 
 def check_model_name(name: str) -> None:
@@ -49,16 +48,9 @@ def check_model_name(name: str) -> None:
 def check_image_size(name: str, image_size: int) -> None:
     """Raise ModelError when `name` cannot take square inputs of `image_size` pixels."""
     check_model_name(name)
-    if name == "vit_b_16" and image_size != VIT_IMAGE_SIZE:
-        raise ModelError(
-            f"train.image_size={image_size} cannot be used with vit_b_16: it takes exactly {VIT_IMAGE_SIZE} px "
-            "(its position embeddings are fixed); set train.image_size: 224 or choose a CNN backbone"
-        )
-    if image_size < MIN_IMAGE_SIZE:
-        raise ModelError(
-            f"train.image_size={image_size} is too small for {name}: it downsamples by 32, so images below "
-            f"{MIN_IMAGE_SIZE} px collapse to an empty feature map; use train.image_size >= {MIN_IMAGE_SIZE}"
-        )
+    problem = image_size_problem(name, image_size)
+    if problem:
+        raise ModelError(problem)
 
 
 def preprocessing_for(name: str, image_size: int) -> Preprocessing:

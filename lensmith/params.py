@@ -270,6 +270,34 @@ class TrainParams(Section):
     seed: int = Field(0, description="Seed of weight init, shuffling, augmentation and BatchNorm recalibration, for repeatable runs")
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
+    @model_validator(mode="after")
+    def _image_size_fits_the_backbone(self) -> TrainParams:
+        problem = image_size_problem(self.model, self.image_size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+MIN_IMAGE_SIZE = 32  # the CNN backbones downsample by 32
+VIT_IMAGE_SIZE = 224  # the position embeddings of vit_b_16 are for 14x14 patches of 16 px
+
+
+def image_size_problem(model: str, image_size: int) -> str | None:
+    """Why `model` cannot take square inputs of `image_size` pixels, or None. Checked when params load
+    (exit 2 before anything runs) and again by lensmith.models before a model is built."""
+    if model == "vit_b_16" and image_size != VIT_IMAGE_SIZE:
+        return (
+            f"train.image_size={image_size} cannot be used with vit_b_16: it takes exactly {VIT_IMAGE_SIZE} px "
+            "(its position embeddings are fixed); set train.image_size: 224 or choose a CNN backbone"
+        )
+    if image_size < MIN_IMAGE_SIZE:
+        return (
+            f"train.image_size={image_size} is too small for {model}: it downsamples by 32, so images below "
+            f"{MIN_IMAGE_SIZE} px collapse to an empty feature map; use train.image_size >= {MIN_IMAGE_SIZE} "
+            "(smaller source images are upscaled)"
+        )
+    return None
+
 
 class RobustnessParams(Section):
     """The robustness suite of the evaluation."""

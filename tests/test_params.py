@@ -38,6 +38,10 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
         ("split.train=0.9", "train + val + test must sum to 1.0"),
         ("validate.brightness_range=[200, 100]", "brightness_range must be [low, high]"),
         ("data.image_extensions=[]", "data.image_extensions"),
+        ("train.image_size=24", "train.image_size=24 is too small for efficientnet_lite0"),
+        ("train.model=vit_b_16", "cannot be used with vit_b_16"),
+        ("evaluate.slices=site", "evaluate.slices"),
+        ("validate.required_metadata=all", "validate.required_metadata"),
     ],
 )
 def test_bad_values_name_the_key(override: str, expected_fragment: str) -> None:
