@@ -112,7 +112,8 @@ def main() -> None:
     project = work / "init-project"
     code, total, first_report = timed_run(lensmith("run"), project, started, work / "init-run.log")
     result = outcome(project)
-    print(f"init: exit {code}; init -> first evaluation report {first_report:.1f} s; whole run {total:.1f} s; "
+    shown = "none (see init-run.log)" if first_report is None else f"{first_report:.1f} s"
+    print(f"init: exit {code}; init -> first evaluation report {shown}; whole run {total:.1f} s; "
           f"test accuracy {result['accuracy']}; gate {result['gate']} {result['gate_reasons'] or ''}")
     registry = [line for line in (work / "init-run.log").read_text().splitlines() if line.startswith("registry:")]
     print(f"init: {registry[-1] if registry else 'registry: (no line)'}")

@@ -40,11 +40,15 @@ class Case:
     sample: str  # lensmith.sampledata set
     layout: str  # folder | csv
     metadata: bool
-    per_class: int | None
+    per_class: int | None  # images per class for `lensmith init` (the shipped-params run gets 20: it is about the path)
     s3: bool = False
     accuracy_floor: float = 0.0  # test accuracy a project made by `lensmith init` must reach
 
+    def source_key(self, shipped: bool) -> str:
+        return f"{self.name}-{'shipped' if shipped else 'init'}"
 
+
+SHIPPED_PER_CLASS = 20  # the shipped validate.min_images_per_class
 CASES = [
     Case("folder", "digits", "folder", False, 60, accuracy_floor=0.9),
     Case("csv", "faces", "csv", False, None, accuracy_floor=0.75),
@@ -65,14 +69,17 @@ def sources(tmp_path_factory: pytest.TempPathFactory, s3_server) -> dict[str, st
     root = tmp_path_factory.mktemp("sources")
     found: dict[str, str] = {}
     for case in CASES:
-        folder = root / case.name
-        write_sample_set(case.sample, folder, per_class=case.per_class, layout=case.layout, metadata=case.metadata)
-        if case.s3:
-            bucket = s3_server.make_bucket("firstcontact")
-            s3_server.upload_tree(folder, bucket, "textures")
-            found[case.name] = f"s3://{bucket}/textures"
-        else:
-            found[case.name] = str(folder / "manifest.csv") if case.layout == "csv" else str(folder)
+        for shipped in (True, False):
+            key = case.source_key(shipped)
+            folder = root / key
+            per_class = SHIPPED_PER_CLASS if shipped else case.per_class
+            write_sample_set(case.sample, folder, per_class=per_class, layout=case.layout, metadata=case.metadata)
+            if case.s3:
+                bucket = s3_server.make_bucket("firstcontact")
+                s3_server.upload_tree(folder, bucket, "textures")
+                found[key] = f"s3://{bucket}/textures"
+            else:
+                found[key] = str(folder / "manifest.csv") if case.layout == "csv" else str(folder)
     return found
 
 
@@ -88,7 +95,7 @@ def s3_overrides(case: Case, s3_server) -> list[str]:  # noqa: ANN001
 def test_shipped_params_with_only_the_source_changed_run_to_every_report(
     case: Case, sources: dict[str, str], s3_server, tmp_path: Path  # noqa: ANN001
 ) -> None:
-    project = make_project(tmp_path / "proj", [f"data.source={sources[case.name]}", *s3_overrides(case, s3_server)], tiny=False)
+    project = make_project(tmp_path / "proj", [f"data.source={sources[case.source_key(shipped=True)]}", *s3_overrides(case, s3_server)], tiny=False)
     proc = run(lensmith("run"), project, env=env_for(case, s3_server), timeout=1500)
     assert "registry: " in proc.stdout, proc.stdout
     reports = project / "reports"
@@ -116,15 +123,19 @@ def test_init_then_run_reaches_the_accuracy_floor(
     case: Case, sources: dict[str, str], s3_server, tmp_path: Path  # noqa: ANN001
 ) -> None:
     env = env_for(case, s3_server)
-    args = ["init", sources[case.name], "proj"] + (["--s3-endpoint-url", s3_server.endpoint_url] if case.s3 else [])
+    args = ["init", sources[case.source_key(shipped=False)], "proj"] + (["--s3-endpoint-url", s3_server.endpoint_url] if case.s3 else [])
     if case.sample == "textures":
         args += ["--orientation", "free"]
+    if case.s3:
+        args += ["--remote", f"s3://{s3_server.make_bucket('remote')}/dvc"]
     init = run(lensmith(*args), tmp_path, env=env)
     assert "next:" in init.stdout and "lensmith run" in init.stdout, init.stdout
     project = tmp_path / "proj"
     assert run(["git", "status", "--porcelain"], project).stdout.strip() == ""  # init committed what it wrote
-    if not case.s3 and case.layout == "folder":
-        assert (project / "data" / "raw" / f"{case.name}.dvc").is_file()  # the local source is versioned by DVC
+    if not case.s3:  # a local source is copied into the project and versioned by DVC
+        assert (project / "data" / "raw" / f"{case.source_key(shipped=False)}.dvc").is_file()
+    else:
+        assert "['remote \"storage\"']" in (project / ".dvc" / "config").read_text()
     run(lensmith("run"), project, env=env, timeout=1500)
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] >= case.accuracy_floor, metrics["test"]
