@@ -248,9 +248,9 @@ class TrainParams(Section):
         1, ge=0, description="First epochs that train only the new head, backbone frozen; 0 = train everything from the start"
     )
     early_stopping_metric: Literal["val_macro_f1", "val_accuracy", "val_loss"] = Field(
-        "val_loss",
-        description="Validation metric that picks the best epoch (the weights kept) and drives early stopping; val_loss is "
-        "continuous, so a small validation split does not tie and keep an early epoch",
+        "val_macro_f1",
+        description="Validation metric that picks the best epoch (the weights kept) and drives early stopping; "
+        "ties (common on a small validation split) go to the epoch with the lower validation loss",
     )
     early_stopping_patience: int = Field(
         3, ge=1, description="Stop after this many epochs without improvement of early_stopping_metric"

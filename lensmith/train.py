@@ -307,10 +307,18 @@ def evaluate(ctx: EpochContext, data: SplitData, num_classes: int) -> dict[str, 
     }
 
 
-def is_improvement(metric: str, value: float, best: float | None) -> bool:
-    if best is None:
+def is_improvement(metric: str, metrics: dict[str, float], best: dict[str, float]) -> bool:
+    """Whether this epoch's validation `metrics` beat the best so far on `metric`.
+
+    Accuracy and macro-F1 move in steps of one image: on a small validation split several epochs tie, and the
+    first of them is usually an early, high-learning-rate one. A tie is broken by the lower validation loss.
+    """
+    if not best:
         return True
-    return value < best if metric == "val_loss" else value > best
+    value, best_value = metrics[metric], best[metric]
+    if metric == "val_loss":
+        return value < best_value
+    return value > best_value or (value == best_value and metrics["val_loss"] < best["val_loss"])
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -546,7 +554,7 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
                     "and the last good checkpoint is kept. Lower train.lr or set train.grad_clip"
                 )
             value = metrics[tp.early_stopping_metric]
-            improved = is_improvement(tp.early_stopping_metric, value, progress.best_metric)
+            improved = is_improvement(tp.early_stopping_metric, metrics, progress.best_metrics)
             if improved:
                 progress.best_metric, progress.best_epoch = value, epoch + 1
                 progress.best_state = portable_state_dict(model)

@@ -246,3 +246,14 @@ def test_precise_batchnorm_statistics_are_the_average_over_clean_images() -> Non
     assert used == 40 and not model.training and model[1].momentum == 0.01
     assert model[1].running_mean.numpy() == pytest.approx(features.mean(dim=(0, 2, 3)).numpy(), abs=1e-4)
     assert recalibrate_batchnorm(ctx, model, images, limit=0, seed=0) == 0  # type: ignore[arg-type]
+
+
+def test_a_tie_on_the_early_stopping_metric_goes_to_the_lower_validation_loss() -> None:
+    from lensmith.train import is_improvement
+
+    best = {"val_macro_f1": 0.981, "val_loss": 0.14}
+    assert is_improvement("val_macro_f1", {"val_macro_f1": 0.981, "val_loss": 0.11}, best)
+    assert not is_improvement("val_macro_f1", {"val_macro_f1": 0.981, "val_loss": 0.15}, best)
+    assert not is_improvement("val_macro_f1", {"val_macro_f1": 0.980, "val_loss": 0.01}, best)
+    assert is_improvement("val_loss", {"val_macro_f1": 0.5, "val_loss": 0.13}, best)
+    assert is_improvement("val_accuracy", {"val_accuracy": 0.9, "val_loss": 9.0}, {})
