@@ -266,3 +266,35 @@ def test_raw_data_is_never_modified_moved_or_deleted(tmp_path: Path) -> None:
     assert hashlib.sha256(outside.read_bytes()).hexdigest() == outside_before
     limit_free = {f"crack/{name}" for name, _, _, data_params in BAD_FILES.values() if not data_params}
     assert quarantine(layout).keys() == limit_free | {"ok/escape.png"}
+
+
+def empty_folder(root: Path) -> Path:
+    (root / "empty").mkdir()
+    return root / "empty"
+
+
+def folder_of_bad_files(root: Path) -> Path:
+    (root / "bad" / "ok").mkdir(parents=True)
+    (root / "bad" / "ok" / "a.png").write_bytes(b"not an image")
+    return root / "bad"
+
+
+@pytest.mark.parametrize(
+    ("make_source", "check_name", "problem"),
+    [
+        (lambda root: root / "absent", "source_readable", "does not exist"),
+        (empty_folder, "source_usable", "no images found"),
+        (folder_of_bad_files, "source_usable", "none of the 1 files"),
+    ],
+    ids=["missing", "empty", "every-file-quarantined"],
+)
+def test_a_source_that_stops_ingest_still_leaves_the_data_gate_report(
+    make_source: Callable[[Path], Path], check_name: str, problem: str, tmp_path: Path
+) -> None:
+    layout = Layout(tmp_path / "proj")
+    with pytest.raises(DataError, match=problem):
+        run_ingest(params_for(make_source(tmp_path)), layout)
+    report = json.loads(layout.validation_json.read_text())
+    assert report["success"] is False and layout.validation_html.is_file()
+    [failed] = report["checks"]
+    assert failed["name"] == check_name and problem in failed["observed_value"] and failed["hint"]
