@@ -265,7 +265,9 @@ def recalibrate_batchnorm(ctx: EpochContext, model: nn.Module, images: np.ndarra
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # None = cumulative average over every batch seen
-    model.train()
+    model.eval()  # dropout off: recalibrating must not draw from the global RNG that training's dropout uses
+    for layer in layers:
+        layer.train()
     batch_size = max(ctx.tp.batch_size, 2)
     try:
         for start in range(0, len(chosen), batch_size):
