@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from lensmith.layout import Layout
-from lensmith.params import Params, load_params
+from lensmith.params import load_params
 from lensmith.paramsfile import params_overridden
 from tasks.runners import task_runner_for
 from tasks.stages import stage_task
@@ -37,15 +37,23 @@ FLOW_GRAPH: dict[str, tuple[str, ...]] = {
 }
 
 
-def uses_demo_data(params: Params) -> bool:
-    return Path(params.data.source).as_posix().rstrip("/") == Path(params.demo.out).as_posix().rstrip("/")
+def pipeline_stages(root: Path) -> set[str]:
+    """The stage names the project's dvc.yaml declares (a project made by `lensmith init` has no demo stage)."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return set(FLOW_GRAPH)  # DVC reports a missing or broken dvc.yaml itself, by name, when a stage runs
+    return set(stages)
 
 
-def flow_graph(params: Params) -> dict[str, tuple[str, ...]]:
-    """FLOW_GRAPH for these params: the demo-data stage only when data.source is the demo set."""
-    if uses_demo_data(params):
-        return dict(FLOW_GRAPH)
-    return {s: tuple(u for u in ups if u != "demo_data") for s, ups in FLOW_GRAPH.items() if s != "demo_data"}
+def flow_graph(root: Path) -> dict[str, tuple[str, ...]]:
+    """FLOW_GRAPH restricted to the stages of the project's dvc.yaml: the flow runs what `dvc repro` would, so
+    `dvc status` is clean after it (the demo stage runs, from DVC's run cache after the first time, even when
+    data.source points elsewhere, as long as dvc.yaml declares it)."""
+    present = pipeline_stages(root)
+    return {s: tuple(u for u in ups if u in present) for s, ups in FLOW_GRAPH.items() if s in present}
 
 
 def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
@@ -73,7 +81,7 @@ def training_flow(
     root_path = Path(root).resolve()
     params_path = root_path / params_file if not Path(params_file).is_absolute() else Path(params_file)
     params = load_params(params_path, overrides or [])
-    graph = flow_graph(params)
+    graph = flow_graph(root_path)
     outcomes: dict[str, Any] = {}
     with params_overridden(params_path, overrides or []), task_runner_for(params) as runner:
         futures: dict[str, Any] = {}

@@ -504,12 +504,22 @@ class EvaluationSummary:
         return "\n".join(lines)
 
 
+def whole_data_frame(layout: Layout, test: pd.DataFrame) -> pd.DataFrame:
+    """Every split's rows (what the manifest held): data-dependent settings resolve as they did in validate."""
+    parts = [test]
+    for name in ("train", "val"):
+        path = layout.split_file(name)
+        if path.is_file():
+            parts.append(pd.read_parquet(path))
+    return pd.concat(parts, ignore_index=True)
+
+
 def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
     """Evaluate models/candidate on data/splits/test.parquet and write the reports."""
     frame = read_test_split(layout)
     trained = load_candidate(layout)
     y_true = label_indices(frame["label"].astype(str).tolist(), trained.classes)
-    resolved = resolve(params, frame, trained.classes)
+    resolved = resolve(params, whole_data_frame(layout, frame), trained.classes)
     m.positive_class_indices(trained.classes, resolved.positive_class, resolved.negative_class)
     paths = frame_image_refs(frame, layout.root)
     images = decode_images(paths)

@@ -238,7 +238,7 @@ def plan_for(inspection: Inspection, orientation: str = "fixed") -> InitPlan:
     plan.choose("split.group_column", group, f"the source's {group!r} column" if group else "no batch/lot column: duplicates only")
     frame = inspection.metadata if inspection.metadata is not None else pd.DataFrame()
     slices, _ = slice_columns_of(frame, declared, group)
-    plan.choose("evaluate.slices", slices, "metadata columns with 2-50 values" if slices else "no metadata to slice by")
+    plan.choose("evaluate.slices", slices, "metadata columns with at most 50 values" if slices else "no metadata to slice by")
     negative = negative_class_of(list(counts))
     plan.choose(
         "evaluate.negative_class",

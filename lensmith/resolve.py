@@ -105,13 +105,14 @@ def group_column_of(columns: Sequence[str]) -> str | None:
 
 
 def slice_columns_of(frame: pd.DataFrame, columns: Sequence[str], group_column: str | None) -> tuple[list[str], list[str]]:
-    """(slice columns, skipped columns): metadata columns other than the group column with 2..50 values."""
+    """(slice columns, skipped columns): metadata columns other than the group column with at most 50 values
+    (more is an identifier). Resolve on the whole data (manifest, or all splits), not on one split."""
     chosen, skipped = [], []
     for column in columns:
         if column == group_column:
             continue
         values = frame[column].nunique(dropna=True) if column in frame.columns else 0
-        (chosen if 2 <= values <= MAX_SLICE_VALUES else skipped).append(column)
+        (chosen if values <= MAX_SLICE_VALUES else skipped).append(column)
     return chosen, skipped
 
 
@@ -143,7 +144,7 @@ def resolve(params: Params, frame: pd.DataFrame, labels: Sequence[str]) -> Resol
         if group in declared:
             note += f" except the group column {group!r}"
         if skipped:
-            note += f"; not {', '.join(skipped)} (fewer than 2 or more than {MAX_SLICE_VALUES} values)"
+            note += f"; not {', '.join(skipped)} (more than {MAX_SLICE_VALUES} values: an identifier)"
         reasons["evaluate.slices"] = note if declared else "auto: the source declares no metadata"
     else:
         slices = tuple(params.evaluate.slices)

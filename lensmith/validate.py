@@ -183,8 +183,12 @@ def manifest_checks(
         Check(
             "not_blank",
             "manifest",
-            gxe.ExpectColumnValuesToBeBetween(column="contrast", min_value=params.min_contrast),
-            f"flat images (grey-level std < {params.min_contrast:g}) carry nothing to learn; remove them or lower validate.min_contrast",
+            # a stray blank frame is reported; the gate fails when more than max_bad_fraction of the images are blank
+            gxe.ExpectColumnValuesToBeBetween(
+                column="contrast", min_value=params.min_contrast, mostly=max(1.0 - params.max_bad_fraction, 1e-9)
+            ),
+            f"flat images (grey-level std < {params.min_contrast:g}) carry nothing to learn; remove them or lower "
+            f"validate.min_contrast (the gate fails above validate.max_bad_fraction={params.max_bad_fraction:g} of them)",
         ),
         Check("brightness_in_range", "manifest", gxe.ExpectColumnValuesToBeBetween(column="brightness", min_value=lo, max_value=hi)),
         Check("sharpness_min", "manifest", gxe.ExpectColumnValuesToBeBetween(column="sharpness", min_value=params.min_sharpness)),

@@ -191,7 +191,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
 
 
 def test_run_evaluate_writes_metrics_plots_and_self_contained_html(project: Layout) -> None:
-    summary = ev.run_evaluate(stage_params(), project)
+    summary = ev.run_evaluate(stage_params(slices=["site", "lighting", "camera"]), project)
     metrics = json.loads((project.reports / "metrics.json").read_text())
     assert {"test", "slices", "robustness", "calibration", "throughput", "model"} <= set(metrics)
     for key in ("accuracy", "macro_f1", "weighted_f1", "top_k_accuracy"):
@@ -269,6 +269,14 @@ def standin_splits(layout: Layout) -> None:
 
 
 @pytest.mark.slow
+def test_auto_slices_are_the_metadata_columns_the_data_has(project: Layout) -> None:
+    summary = ev.run_evaluate(stage_params(), project)
+    metrics = json.loads(summary.metrics_path.read_text())
+    assert set(metrics["slices"]) == {"site", "lighting"} and "warnings" not in metrics
+    assert metrics["resolved"]["evaluate.slices"] == ["site", "lighting"]  # batch: the group column
+    assert metrics["resolved"]["evaluate.negative_class"] == "ok"
+
+
 def test_evaluate_a_model_trained_by_lensmith_train_on_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lensmith.demodata import generate_demo_dataset
     from lensmith.ingest import run_ingest

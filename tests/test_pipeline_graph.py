@@ -8,7 +8,6 @@ import yaml
 from dvc.repo import Repo
 
 from flows.training import FLOW_GRAPH, flow_graph, stage_order
-from lensmith.params import Params, load_params
 from lensmith.stages import STAGE_FUNCTIONS, TRAINING_STAGES
 from tasks.dvc_inprocess import runs_lensmith_stage
 
@@ -36,13 +35,10 @@ def test_every_stage_has_an_in_process_function_and_a_cli_command() -> None:
         assert runs_lensmith_stage(spec["cmd"], name), spec["cmd"]
 
 
-def test_flow_drops_demo_stage_for_other_sources() -> None:
-    params = Params.model_validate({"data": {"source": "/srv/images"}})
-    graph = flow_graph(params)
-    assert "demo_data" not in graph
+def test_flow_runs_the_stages_of_the_projects_dvc_yaml(tmp_path: Path) -> None:
+    assert stage_order(flow_graph(ROOT))[0] == "demo_data"  # whatever data.source is: dvc status stays clean
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    del pipeline["stages"]["demo_data"]  # as `lensmith init` writes it
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(pipeline))
+    graph = flow_graph(tmp_path)
     assert stage_order(graph) == ["ingest", "validate", "split", "train", "evaluate", "export", "drift_reference", "gate"]
-
-
-def test_default_params_use_the_demo_stage() -> None:
-    params = load_params(ROOT / "params.yaml")
-    assert stage_order(flow_graph(params))[0] == "demo_data"

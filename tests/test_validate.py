@@ -167,6 +167,7 @@ ROW_CASES: list[tuple[str, Callable[[pd.DataFrame], None], list[int]]] = [
 ]
 ROW_CASE_PARAMS = {
     "max_pixels": 2_000_000, "min_sharpness": 10.0, "fail_on_near_duplicates": True, "brightness_range": (5.0, 250.0),
+    "max_bad_fraction": 0.0,
 }
 
 
@@ -343,6 +344,17 @@ def test_auto_settings_resolve_from_the_manifest_and_are_reported(tmp_path: Path
     assert resolved["evaluate.slices"] == ["site"]  # batch is the group column
     assert resolved["evaluate.negative_class"] == "ok"
     assert "settings resolved from the data" in str(result) and "split.group_column = 'batch'" in str(result)
+
+
+def test_a_stray_blank_image_is_reported_and_many_fail_the_gate(tmp_path: Path) -> None:
+    manifest = good_manifest()
+    manifest.loc[[7], "contrast"] = 0.0
+    result = validate(tmp_path, manifest, max_bad_fraction=0.05)
+    blank = next(c for c in result.checks if c.name == "not_blank")
+    assert result.success and blank.success and blank.unexpected_count == 1 and blank.examples == [manifest.loc[7, "path"]]
+    manifest.loc[range(0, 120, 10), "contrast"] = 0.0  # with row 7: 13 of 120 = 11% > 5%
+    message, report = failed_gate(tmp_path, manifest, max_bad_fraction=0.05)
+    assert "not_blank" in message and check(report, "not_blank")["unexpected_count"] == 13
 
 
 def test_a_plain_folder_needs_no_metadata(tmp_path: Path) -> None:
