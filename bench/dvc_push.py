@@ -1,7 +1,7 @@
 """`dvc push` of many small images to a real S3 server (SeaweedFS on 127.0.0.1): is it slow?
 
 A: 10,000 small JPEGs (ImageFolder, <label>/<file>) tracked as one DVC directory (one S3 object per image);
-B: the same images packed by `lensmith.shards.pack_images` (what `lensmith pack` writes: tar shards of
+B: the same images packed by `lensmith.packing.pack_images` (what `lensmith pack` writes: tar shards of
    1,000 images + shard-index.parquet) tracked as one DVC directory; ingest reads images inside them.
 Both pushed to fresh prefixes of the same server in the same run, rotating A/B; medians reported.
 
@@ -25,7 +25,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from lensmith.shards import pack_images  # noqa: E402
+from lensmith.packing import pack_images  # noqa: E402
 from project import tool_env  # noqa: E402
 from s3server import start_s3_server, stop_s3_server  # noqa: E402
 

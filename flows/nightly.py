@@ -6,7 +6,6 @@ pointers, so `git checkout <tag> && dvc pull` restores its exact data and model.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path

@@ -178,7 +178,7 @@ def pack(
 
     Packing again appends new and changed images as new shards; existing shards are never rewritten.
     """
-    from lensmith.shards import pack_images
+    from lensmith.packing import pack_images
 
     params, _ = _context(params_file, overrides, Path("."))
     summary = pack_images(

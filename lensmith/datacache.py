@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from lensmith.errors import DataError
+from lensmith.errors import DataError, ImageRejected
 from lensmith.fsutil import atomic_path
-from lensmith.imageio import ImageRejected, load_image
+from lensmith.imageio import load_image
 from lensmith.preprocess import Preprocessing
 from lensmith.shards import ImageRef
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_dir
-from lensmith.shards import pack_images
+from lensmith.packing import pack_images
 
 CLASSES: tuple[str, ...] = ("ok", "crack", "scratch", "stain", "pitting")
 TRAINING_SITES: tuple[str, ...] = ("A", "B")

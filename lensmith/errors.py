@@ -23,3 +23,13 @@ class SourceUnavailableError(DataError):
 
 class GateFailedError(LensmithError):
     """A quality gate (data validation, model gate) rejected its input."""
+
+
+class ImageRejected(Exception):
+    """A file cannot be used as an image; `reason` is one of the quarantine reason codes (not a LensmithError:
+    one bad file is quarantined, it does not stop a stage)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

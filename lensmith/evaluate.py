@@ -23,10 +23,10 @@ from PIL import Image
 from torch import nn
 
 from lensmith import metrics as m
-from lensmith.errors import DataError
+from lensmith.errors import DataError, ImageRejected
 from lensmith.fsutil import write_csv_atomic, write_bytes_atomic, write_json_atomic
 from lensmith.htmlreport import HtmlReport, figure_png
-from lensmith.imageio import ImageRejected, load_image
+from lensmith.imageio import load_image
 from lensmith.inference import measure_speed, predict_probabilities, preprocess_uint8
 from lensmith.layout import Layout
 from lensmith.metrics import EvaluationError

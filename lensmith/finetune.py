@@ -27,7 +27,7 @@ from lensmith.errors import DataError
 from lensmith.fsutil import write_json_atomic
 from lensmith.layout import Layout
 from lensmith.params import Params
-from lensmith.shards import MEMBER_COLUMNS
+from lensmith.schema import MEMBER_COLUMNS
 
 
 @dataclass
@@ -190,7 +190,8 @@ def run_finetune(params: Params, layout: Layout, site: str, source: str | None =
     """Fine-tune production on `site`, evaluate on the site and the global test split, gate and register."""
     from lensmith.gate import evaluate_gate, gate_json, production_champion
     from lensmith.modelio import load_trained, portable_state_dict, save_trained, state_dict_sha256
-    from lensmith.registry import Registry, dig
+    from lensmith.jsondoc import dig
+    from lensmith.registry import Registry
 
     ft = params.drift.finetune
     registry = Registry(layout.models)

@@ -18,7 +18,8 @@ from lensmith.fsutil import file_sha256, write_json_atomic
 from lensmith.htmlreport import HtmlReport
 from lensmith.layout import Layout
 from lensmith.params import GateParams, Params
-from lensmith.registry import Registry, RegistryError, dig, export_weights_sha256, read_json_or_none
+from lensmith.jsondoc import dig, read_json_or_none
+from lensmith.registry import Registry, RegistryError, export_weights_sha256
 
 GATE_JSON = "gate.json"
 GATE_HTML = "gate.html"

@@ -11,13 +11,13 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-if TYPE_CHECKING:
-    from lensmith.shards import ImageRef
+from lensmith.errors import ImageRejected
+from lensmith.shards import ImageRef, read_image_bytes
+
 
 # Decompression bombs are checked explicitly against params (data.max_pixels) before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -38,15 +38,6 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
     ZeroDivisionError,
     MemoryError,
 )
-
-
-class ImageRejected(Exception):
-    """The file cannot be used as an image; `reason` is one of the quarantine reason codes."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -162,10 +153,4 @@ def _composite_on_white(rgba: Image.Image) -> Image.Image:
 
 def load_image(source: ImageRef | Path | str, *, max_pixels: int = 40_000_000) -> Image.Image:
     """Read (a file, or a member of a shard) and decode an image (normalised mode, orientation applied)."""
-    from lensmith.shards import read_image_bytes  # shards imports ImageRejected from here
-
     return decode_image(read_image_bytes(source), max_pixels=max_pixels).image
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")

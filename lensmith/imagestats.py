@@ -13,7 +13,6 @@ import numpy as np
 import scipy.fftpack  # noqa: F401 - phash imports it lazily; importing here spares every forked worker
 from PIL import Image
 
-IMAGE_STAT_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "sharpness", "mean_r", "mean_g", "mean_b")
 PHASH_HEX_CHARS = 16  # imagehash.phash with hash_size=8 -> 64 bits
 INT_LEVELS = np.arange(256, dtype=np.int64)
 INT_LEVELS_SQUARED = INT_LEVELS * INT_LEVELS
@@ -50,16 +49,6 @@ def band_mean_std(histogram: list[int]) -> tuple[np.ndarray, np.ndarray]:
     mean = np.array([t / max(k, 1) for t, k in zip(totals, n)])
     std = np.sqrt([exact_variance(t, q, max(k, 1)) for t, q, k in zip(totals, squares, n)])
     return mean, std
-
-
-def channel_means(img: Image.Image) -> tuple[float, float, float]:
-    """Mean of R, G and B (0..255); a grayscale image has three equal means."""
-    if img.mode == "L":
-        mean = float(band_mean_std(img.histogram())[0][0])
-        return mean, mean, mean
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    r, g, b = band_mean_std(rgb.histogram())[0]
-    return float(r), float(g), float(b)
 
 
 def image_stats(img: Image.Image) -> dict[str, float]:

@@ -25,13 +25,14 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from lensmith.errors import DataError
+from lensmith.errors import DataError, ImageRejected
 from lensmith.fsutil import write_csv_atomic, write_parquet_atomic
-from lensmith.imageio import ImageRejected, check_geometry, decode_image
-from lensmith.imagestats import IMAGE_STAT_COLUMNS, image_stats, perceptual_hash
+from lensmith.imageio import check_geometry, decode_image
+from lensmith.imagestats import image_stats, perceptual_hash
 from lensmith.layout import Layout
 from lensmith.params import Params
-from lensmith.shards import MEMBER_COLUMNS, ImageRef, read_image_bytes
+from lensmith.schema import IMAGE_COLUMNS, MANIFEST_COLUMNS, MEMBER_COLUMNS
+from lensmith.shards import ImageRef, read_image_bytes
 from lensmith.sources import (
     Rejection,
     S3Settings,
@@ -45,20 +46,6 @@ from lensmith.sources import (
     sha256_hex,
 )
 
-IMAGE_COLUMNS: tuple[str, ...] = (
-    "sha256",
-    "file_bytes",
-    "format",
-    "width",
-    "height",
-    "mode",
-    "source_mode",
-    "channels",
-    *IMAGE_STAT_COLUMNS,
-    "phash",
-)
-# `file` is the image file, or the shard holding it; MEMBER_COLUMNS say where inside (NA for plain files).
-MANIFEST_COLUMNS: tuple[str, ...] = ("path", "file", "label", *IMAGE_COLUMNS, "mtime_ns", "etag", *MEMBER_COLUMNS)
 QUARANTINE_COLUMNS: tuple[str, ...] = ("path", "reason", "detail")
 MIN_ITEMS_FOR_POOL = 32  # below this, starting processes costs more than it saves
 MAX_CHUNK = 64

@@ -70,4 +70,3 @@ class Layout:
 
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-SPLIT_ADDED_COLUMNS: tuple[str, ...] = ("split", "group")  # what split adds to the manifest's columns

@@ -12,7 +12,7 @@ from typing import Any
 
 from lensmith.fsutil import write_text_atomic
 from lensmith.htmlreport import HtmlReport
-from lensmith.registry import dig
+from lensmith.jsondoc import dig
 
 MODEL_CARD_MD = "MODEL_CARD.md"
 MODEL_CARD_HTML = "MODEL_CARD.html"

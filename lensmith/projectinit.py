@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from lensmith.errors import DataError, LensmithError
+from lensmith.errors import LensmithError
 from lensmith.layout import Layout
 from lensmith.params import DataParams, Params, params_from_dict
 from lensmith.resolve import group_column_of, metadata_columns, negative_class_of, slice_columns_of

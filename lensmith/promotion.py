@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lensmith.layout import Layout
-from lensmith.registry import Registry, RegistryError, gate_allows_promotion, read_json_or_none
+from lensmith.jsondoc import read_json_or_none
+from lensmith.registry import Registry, RegistryError, gate_allows_promotion
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ register never leaves a half version. Nothing in this module writes into an exis
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -28,6 +27,8 @@ from typing import Any
 
 from lensmith.errors import LensmithError
 from lensmith.fsutil import write_json_atomic
+from lensmith.jsondoc import dig, read_json_or_none
+from lensmith.modelcard import write_model_card
 
 ALIASES: tuple[str, ...] = ("production", "previous", "candidate")
 # weights (torch + ONNX variants) and the drift reference built from them
@@ -54,24 +55,6 @@ class VersionInfo:
 
 def version_id(number: int) -> str:
     return f"v{number:04d}"
-
-
-def read_json_or_none(path: Path) -> Any:
-    """Parsed JSON, or None when the file is missing or not valid JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def dig(data: Any, dotted: str) -> Any:
-    """`dig(m, "test.positive_class.recall")`; None when any part is missing."""
-    node = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def headline_metrics(metrics: Any) -> dict[str, float | None]:
@@ -324,8 +307,6 @@ def stage_version(
     parent: str | None,
 ) -> None:
     """Fill `staging` with everything a version holds."""
-    from lensmith.modelcard import write_model_card
-
     # weights from the candidate (model.pt) and the export stage's folder (ONNX files beside export.json)
     folders = [candidate_dir] + ([Path(export_path).parent] if export_path is not None else [])
     for name in MODEL_FILES:

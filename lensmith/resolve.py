@@ -15,9 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from lensmith.ingest import MANIFEST_COLUMNS
-from lensmith.layout import SPLIT_ADDED_COLUMNS
 from lensmith.params import AUTO, Params
+from lensmith.schema import MANIFEST_COLUMNS, SPLIT_ADDED_COLUMNS
 
 # Columns ingest and split write for every image; any other column came from the source's metadata.
 SYSTEM_COLUMNS: frozenset[str] = frozenset((*MANIFEST_COLUMNS, *SPLIT_ADDED_COLUMNS))

@@ -46,12 +46,11 @@ import pandas as pd
 
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path
-from lensmith.layout import SPLIT_ADDED_COLUMNS, SPLIT_NAMES, Layout
+from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.neardup import connected_groups, near_duplicate_groups
 from lensmith.params import Params, SplitParams
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "label")
-ADDED_COLUMNS = SPLIT_ADDED_COLUMNS
 
 
 @dataclass

@@ -11,10 +11,8 @@ import dataclasses
 import hashlib
 import io
 import math
-import os
 import subprocess
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lensmith.imageio import ImageRejected, check_geometry, decode_image
+from lensmith.errors import ImageRejected
+from lensmith.imageio import check_geometry, decode_image
 
 
 def encode(img: Image.Image, fmt: str, **save: object) -> bytes:

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from lensmith.cli import app
 from lensmith.errors import DataError
-from lensmith.ingest import MANIFEST_COLUMNS, run_ingest
+from lensmith.ingest import run_ingest
+from lensmith.schema import MANIFEST_COLUMNS
 from lensmith.imagestats import image_stats, perceptual_hash, phash_distance
 from lensmith.layout import Layout
 from lensmith.params import Params

@@ -17,20 +17,13 @@ from conftest import write_test_image
 from project import REPO, TINY_OVERRIDES, run, tool_env
 from lensmith.cli import app
 from lensmith.datacache import cached_images
-from lensmith.errors import DataError
-from lensmith.imageio import ImageRejected
+from lensmith.errors import DataError, ImageRejected
 from lensmith.ingest import run_ingest
 from lensmith.layout import Layout
 from lensmith.params import Params, apply_overrides, params_from_dict, read_params_yaml
 from lensmith.preprocess import Preprocessing
-from lensmith.shards import (
-    INDEX_FILE,
-    ImageRef,
-    frame_image_refs,
-    pack_images,
-    read_image_bytes,
-    read_shard_index,
-)
+from lensmith.packing import pack_images
+from lensmith.shards import INDEX_FILE, ImageRef, frame_image_refs, read_image_bytes, read_shard_index
 from lensmith.sources import list_shard_folder
 
 EXTENSIONS = [".jpg", ".png"]

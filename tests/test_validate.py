@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lensmith.cli import app
-from lensmith.errors import DataError, GateFailedError
+from lensmith.errors import GateFailedError
 from lensmith.layout import Layout
 from lensmith.params import Params
 from lensmith.validate import ValidationResult, run_validate

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lensmith.errors import DataError
-from lensmith.imageio import ImageRejected, decode_image
-from lensmith.imagestats import IMAGE_STAT_COLUMNS, image_stats
+from lensmith.errors import DataError, ImageRejected
+from lensmith.imageio import decode_image
+from lensmith.imagestats import image_stats
+from lensmith.schema import IMAGE_STAT_COLUMNS
 from lensmith.ingest import DecodeLimits, chunked, decode_limits, pool_context, read_item_bytes, worker_count
 from lensmith.layout import Layout
 from lensmith.params import Params

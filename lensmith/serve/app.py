@@ -33,8 +33,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from lensmith.errors import LensmithError
-from lensmith.imageio import ImageRejected, decode_image
+from lensmith.errors import ImageRejected, LensmithError
+from lensmith.imageio import decode_image
 from lensmith.imagestats import image_stats
 from lensmith.onnxmodel import softmax
 from lensmith.params import ServeParams
