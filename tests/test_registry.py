@@ -179,12 +179,12 @@ def test_unknown_versions_and_unset_aliases_are_clear_errors(registry: Registry,
 
 
 def test_a_failure_mid_register_leaves_no_half_version(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lensmith.modelcard
+    import lensmith.registry
 
     def broken_card(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(lensmith.modelcard, "write_model_card", broken_card)
+    monkeypatch.setattr(lensmith.registry, "write_model_card", broken_card)
     with pytest.raises(OSError, match="disk full"):
         register(registry, tmp_path, 0)
     assert list(registry.versions_dir.iterdir()) == []  # neither a version nor a staging folder
