@@ -103,7 +103,7 @@ def training_flow(
         "reports": {
             "validation": str(layout.validation_html),
             "evaluation": str(layout.reports / "evaluation.html"),
-            "metrics": str(layout.reports / "metrics.json"),
-            "gate": str(layout.reports / "gate.json"),
+            "metrics": str(layout.metrics_json),
+            "gate": str(layout.gate_json),
         },
     }

@@ -45,7 +45,7 @@ THUMBNAIL_PX = 150
 
 
 def metrics_path(layout: Layout) -> Path:
-    return layout.reports / "metrics.json"
+    return layout.metrics_json
 
 
 def html_path(layout: Layout) -> Path:

@@ -32,7 +32,7 @@ from torch import nn
 import lensmith
 from lensmith.errors import DataError, GateFailedError, LensmithError
 from lensmith.fsutil import atomic_dir, write_json_atomic
-from lensmith.layout import Layout
+from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE, Layout
 from lensmith.modelio import TrainedModel, load_candidate
 from lensmith.onnxmodel import META_CLASSES, META_PREPROCESSING, META_VERSION, OnnxModel, open_session
 from lensmith.params import ExportParams, Params
@@ -41,10 +41,6 @@ from lensmith.split import read_split_frame
 
 log = logging.getLogger("lensmith.export")
 
-ONNX_FILE = "model.onnx"
-OPTIMIZED_FILE = "model.opt.onnx"
-INT8_FILE = "model.int8.onnx"
-EXPORT_JSON = "export.json"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 SPEED_BATCHES = (1, 32)
@@ -412,7 +408,7 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         fp32 = OnnxModel.load(fp32_path, ["CPUExecutionProvider"])
         fp32_logits = onnx_logits(fp32, test.images)
         fp32_parity = parity(reference, fp32_logits)
-        check_parity(fp32_parity, ep, "model.onnx")
+        check_parity(fp32_parity, ep, ONNX_FILE)
 
         opt_path = save_optimized(fp32_path, work / OPTIMIZED_FILE)
         opt = OnnxModel.load(opt_path, ["CPUExecutionProvider"])

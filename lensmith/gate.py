@@ -16,15 +16,11 @@ from typing import Any
 from lensmith.errors import GateFailedError
 from lensmith.fsutil import file_sha256, write_json_atomic
 from lensmith.htmlreport import HtmlReport
-from lensmith.layout import Layout
+from lensmith.layout import EXPORT_JSON, GATE_HTML, GATE_JSON, METRICS_JSON, Layout
 from lensmith.params import GateParams, Params
 from lensmith.jsondoc import dig, read_json_or_none
 from lensmith.registry import Registry, RegistryError, export_weights_sha256
 
-GATE_JSON = "gate.json"
-GATE_HTML = "gate.html"
-METRICS_JSON = "metrics.json"
-EXPORT_JSON = "export.json"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# File names the stages, the registry and the service agree on (a registry version holds the same names).
+ONNX_FILE = "model.onnx"
+OPTIMIZED_FILE = "model.opt.onnx"
+INT8_FILE = "model.int8.onnx"
+EXPORT_JSON = "export.json"
+METRICS_JSON = "metrics.json"
+GATE_JSON = "gate.json"
+GATE_HTML = "gate.html"
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -62,6 +72,24 @@ class Layout:
     @property
     def validation_html(self) -> Path:
         return self.reports / "validation.html"
+
+    @property
+    def metrics_json(self) -> Path:
+        """The evaluate stage's test metrics."""
+        return self.reports / METRICS_JSON
+
+    @property
+    def gate_json(self) -> Path:
+        return self.reports / GATE_JSON
+
+    @property
+    def gate_html(self) -> Path:
+        return self.reports / GATE_HTML
+
+    @property
+    def export_json(self) -> Path:
+        """The export stage's report beside its ONNX files (reports/export.json holds the same figures for DVC)."""
+        return self.exported / EXPORT_JSON
 
     @property
     def labels_lock(self) -> Path:

@@ -60,11 +60,11 @@ def register_candidate(layout: Layout, registry: Registry) -> tuple[str, bool]:
     existing = version_with_weights(registry, weights) if weights else None
     if existing is not None:
         return existing, False
-    export_json = layout.exported / "export.json"
+    export_json = layout.export_json
     version = registry.register(
         layout.candidate,
-        metrics_path=layout.reports / "metrics.json",
-        gate_path=layout.reports / "gate.json",
+        metrics_path=layout.metrics_json,
+        gate_path=layout.gate_json,
         export_path=export_json if export_json.is_file() else None,
     )
     return version, True
@@ -72,9 +72,9 @@ def register_candidate(layout: Layout, registry: Registry) -> tuple[str, bool]:
 
 def promote_if_passed(layout: Layout, *, promote: bool = True) -> PromotionDecision:
     """Register the gated candidate and make it production when the gate passed; keep production otherwise."""
-    gate = read_json_or_none(layout.reports / "gate.json")
+    gate = read_json_or_none(layout.gate_json)
     if not isinstance(gate, dict):
-        raise RegistryError(f"no gate decision at {layout.reports / 'gate.json'}: run `lensmith gate` (or the pipeline) first")
+        raise RegistryError(f"no gate decision at {layout.gate_json}: run `lensmith gate` (or the pipeline) first")
     reasons = [str(r) for r in gate.get("reasons", []) or []]
     registry = Registry(layout.models)
     production = registry.aliases()["production"]

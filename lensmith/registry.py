@@ -28,12 +28,13 @@ from typing import Any
 from lensmith.errors import LensmithError
 from lensmith.fsutil import write_json_atomic
 from lensmith.jsondoc import dig, read_json_or_none
+from lensmith.layout import EXPORT_JSON, GATE_JSON, INT8_FILE, METRICS_JSON, ONNX_FILE, OPTIMIZED_FILE
 from lensmith.modelcard import write_model_card
 
 ALIASES: tuple[str, ...] = ("production", "previous", "candidate")
 # weights (torch + ONNX variants) and the drift reference built from them
 MODEL_FILES: tuple[str, ...] = (
-    "model.pt", "model.onnx", "model.opt.onnx", "model.int8.onnx", "drift_reference.parquet", "drift_reference.json",
+    "model.pt", ONNX_FILE, OPTIMIZED_FILE, INT8_FILE, "drift_reference.parquet", "drift_reference.json",
 )
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 REGISTRY_DIR = "registry"
@@ -152,12 +153,12 @@ class Registry:
         for version in self.version_ids():
             folder = self.versions_dir / version
             meta = read_json_or_none(folder / "meta.json") or {}
-            gate = read_json_or_none(folder / "gate.json")
+            gate = read_json_or_none(folder / GATE_JSON)
             infos.append(
                 VersionInfo(
                     version=version,
                     created=meta.get("created"),
-                    metrics=headline_metrics(read_json_or_none(folder / "metrics.json")),
+                    metrics=headline_metrics(read_json_or_none(folder / METRICS_JSON)),
                     aliases=by_version.get(version, []),
                     parent=meta.get("parent_version"),
                     gate_decision=gate.get("decision") if isinstance(gate, dict) else None,
@@ -173,8 +174,8 @@ class Registry:
             "aliases": self._aliases_by_version().get(folder.name, []),
             "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
             "meta": read_json_or_none(folder / "meta.json"),
-            "metrics": read_json_or_none(folder / "metrics.json"),
-            "gate": read_json_or_none(folder / "gate.json"),
+            "metrics": read_json_or_none(folder / METRICS_JSON),
+            "gate": read_json_or_none(folder / GATE_JSON),
         }
 
     # ---- changing --------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ class Registry:
         """Make `version` production (the old production becomes previous); refuses versions the gate rejected."""
         with self._locked():
             folder = self.resolve(version)
-            gate = read_json_or_none(folder / "gate.json")
+            gate = read_json_or_none(folder / GATE_JSON)
             if gate is None:
                 raise RegistryError(f"refusing to promote {folder.name}: it has no gate.json (it was never gated)")
             if not gate_allows_promotion(gate):
@@ -313,19 +314,19 @@ def stage_version(
         source = next((folder / name for folder in folders if (folder / name).is_file()), None)
         if source is not None:
             shutil.copyfile(source, staging / name)
-    shutil.copyfile(metrics_path, staging / "metrics.json")
+    shutil.copyfile(metrics_path, staging / METRICS_JSON)
     if gate_path is not None:
-        shutil.copyfile(gate_path, staging / "gate.json")
-    if export_path is None and (candidate_dir / "export.json").is_file():
-        export_path = candidate_dir / "export.json"  # the export stage writes its report beside the ONNX files
+        shutil.copyfile(gate_path, staging / GATE_JSON)
+    if export_path is None and (candidate_dir / EXPORT_JSON).is_file():
+        export_path = candidate_dir / EXPORT_JSON  # the export stage writes its report beside the ONNX files
     if export_path is not None:
-        shutil.copyfile(export_path, staging / "export.json")
-    metrics = read_json_or_none(staging / "metrics.json")
-    gate = read_json_or_none(staging / "gate.json")
+        shutil.copyfile(export_path, staging / EXPORT_JSON)
+    metrics = read_json_or_none(staging / METRICS_JSON)
+    gate = read_json_or_none(staging / GATE_JSON)
     candidate_meta = read_json_or_none(candidate_dir / "meta.json") or {}
     meta = version_meta(candidate_meta, metrics, version, parent, gate)
     write_json_atomic(staging / "meta.json", meta)
-    write_model_card(staging, meta=meta, metrics=metrics, gate=gate, export=read_json_or_none(staging / "export.json"))
+    write_model_card(staging, meta=meta, metrics=metrics, gate=gate, export=read_json_or_none(staging / EXPORT_JSON))
 
 
 def publish_version(staging: Path, target: Path) -> None:

@@ -56,7 +56,7 @@ def publish_training(layout: Layout) -> None:
 
 
 def publish_evaluation(layout: Layout) -> None:
-    metrics = _read_json(layout.reports / "metrics.json")
+    metrics = _read_json(layout.metrics_json)
     if not metrics:
         return
     test = metrics.get("test", {})
@@ -91,7 +91,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def publish_gate(layout: Layout) -> None:
-    gate = _read_json(layout.reports / "gate.json")
+    gate = _read_json(layout.gate_json)
     if gate is None:
         return
     lines = [f"## Gate: {'PASSED' if gate.get('passed') else 'REJECTED'} (decision: {gate.get('decision')})",

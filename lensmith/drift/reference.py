@@ -29,14 +29,13 @@ from lensmith.errors import DataError
 from lensmith.fsutil import file_sha256, write_json_atomic, write_parquet_atomic
 from lensmith.imageio import load_image
 from lensmith.imagestats import image_stats
-from lensmith.layout import Layout
+from lensmith.layout import ONNX_FILE, Layout
 from lensmith.params import Params
 from lensmith.shards import ImageRef, frame_image_refs, image_sha256
 from lensmith.split import read_split_frame
 
 REFERENCE_PARQUET = "drift_reference.parquet"
 REFERENCE_JSON = "drift_reference.json"
-ONNX_FILE = "model.onnx"
 REFERENCE_FORMAT = 1
 
 

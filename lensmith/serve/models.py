@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Protocol
 
 from lensmith.errors import LensmithError
+from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
 from lensmith.onnxmodel import CPU, OnnxModel
 
 log = logging.getLogger("lensmith.serve")
 
-ONNX_FILE = "model.onnx"
-OPTIMIZED_FILE = "model.opt.onnx"
-INT8_FILE = "model.int8.onnx"
-EXPORT_JSON = "export.json"
 
 
 class ModelSource(Protocol):
