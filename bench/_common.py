@@ -17,7 +17,7 @@ from lensmith.datacache import cached_images  # noqa: E402
 from lensmith.layout import Layout  # noqa: E402
 from lensmith.modelio import load_trained  # noqa: E402
 from lensmith.shards import frame_image_refs  # noqa: E402
-from lensmith.train import image_hashes  # noqa: E402
+from lensmith.splitdata import image_hashes  # noqa: E402
 
 
 def ensure_demo_data(out: Path, per_class: int = 500, image_size: int = 128, seed: int = 0) -> Path:

@@ -27,7 +27,8 @@ from torch import nn
 import _common  # noqa: F401  (puts the repository on sys.path)
 from lensmith.models import build_model, preprocessing_for, set_backbone_trainable
 from lensmith.params import AugmentParams, TrainParams
-from lensmith.train import EpochContext, SplitData, batch_order, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from lensmith.splitdata import SplitData
+from lensmith.train import EpochContext, batch_order, build_optimizer, build_scheduler, evaluate, train_one_epoch
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 

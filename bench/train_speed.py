@@ -26,7 +26,8 @@ from _common import demo_metadata, ensure_demo_data, limit_per_class  # noqa: I0
 from lensmith.datacache import cached_images
 from lensmith.models import build_model, preprocessing_for
 from lensmith.params import TrainParams
-from lensmith.train import EpochContext, SplitData, batch_order, gather, model_input
+from lensmith.splitdata import SplitData
+from lensmith.train import EpochContext, batch_order, gather, model_input
 from lensmith.augment import augment_batch
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import lensmith
-from lensmith.errors import DataError, GateFailedError, LensmithError
+from lensmith.errors import GateFailedError, LensmithError
 from lensmith.fsutil import atomic_dir, write_json_atomic
 from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE, Layout
 from lensmith.modelio import TrainedModel, load_candidate
@@ -38,6 +38,7 @@ from lensmith.onnxmodel import META_CLASSES, META_PREPROCESSING, META_VERSION, O
 from lensmith.params import ExportParams, Params
 from lensmith.preprocess import Preprocessing
 from lensmith.split import read_split_frame
+from lensmith.splitdata import MODEL_LABELS, SplitData, load_split_data
 
 log = logging.getLogger("lensmith.export")
 
@@ -143,33 +144,18 @@ def save_optimized(source: Path, target: Path) -> Path:
 # ---- data -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SplitImages:
-    images: np.ndarray  # N x C x H x W uint8 at the model's input size (the shared preprocessing's step 1)
-    labels: np.ndarray  # N class indices
+def load_split_images(layout: Layout, name: str, classes: Sequence[str], preprocessing: Preprocessing) -> SplitData:
+    """The split at the model's input size, in memory (parity and calibration read it many times)."""
+    data = load_split_data(layout, read_split_frame(layout, name), classes, name, preprocessing, MODEL_LABELS)
+    return SplitData(np.array(data.images), data.labels, data.files)
 
 
-def load_split_images(layout: Layout, name: str, classes: Sequence[str], preprocessing: Preprocessing) -> SplitImages:
-    from lensmith.datacache import cached_images
-    from lensmith.shards import frame_image_refs
-    from lensmith.train import image_hashes
-
-    frame = read_split_frame(layout, name)
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(frame["label"].astype(str)) - set(index))
-    if unknown:
-        raise DataError(f"the {name} split has labels the model does not know: {unknown}; retrain first")
-    refs = frame_image_refs(frame, layout.root)
-    images = cached_images(refs, image_hashes(frame, refs), preprocessing, layout.cache_dir, desc=f"caching {name}")
-    return SplitImages(np.array(images), frame["label"].astype(str).map(index).to_numpy(dtype=np.int64))
-
-
-def take(data: SplitImages, limit: int, seed: int) -> SplitImages:
+def take(data: SplitData, limit: int, seed: int) -> SplitData:
     """At most `limit` images (0 = all), chosen with a fixed seed."""
     if limit <= 0 or limit >= len(data.labels):
         return data
     pick = np.sort(np.random.default_rng(seed).choice(len(data.labels), size=limit, replace=False))
-    return SplitImages(data.images[pick], data.labels[pick])
+    return SplitData(data.images[pick], data.labels[pick], [data.files[i] for i in pick])
 
 
 def batches(n: int, size: int) -> Iterator[slice]:

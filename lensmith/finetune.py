@@ -157,7 +157,7 @@ def finetune_model(trained: Any, train: Any, val: Any, params: Params) -> tuple[
 
 
 def split_data(layout: Layout, frame: pd.DataFrame, classes: list[str], name: str, preprocessing: Any) -> Any:
-    from lensmith.train import load_split_data
+    from lensmith.splitdata import load_split_data
 
     return load_split_data(layout, frame, classes, name, preprocessing)
 

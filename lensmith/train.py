@@ -27,7 +27,6 @@ from tqdm import tqdm
 import lensmith
 from lensmith import distributed as ddp
 from lensmith.augment import augment_batch
-from lensmith.datacache import cached_images
 from lensmith.errors import DataError, LensmithError
 from lensmith.fsutil import file_sha256, write_bytes_atomic
 from lensmith.layout import Layout
@@ -36,8 +35,8 @@ from lensmith.models import build_model, preprocessing_for, set_backbone_trainab
 from lensmith.params import Params, TrainParams
 from lensmith.preprocess import Preprocessing
 from lensmith.resolve import resolve
-from lensmith.shards import ImageRef, frame_image_refs, image_sha256
 from lensmith.split import read_split_frame
+from lensmith.splitdata import SplitData, load_split_data
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "training_curves.png"
@@ -55,13 +54,6 @@ class CheckpointError(TrainingError):
 # ---------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class SplitData:
-    images: np.ndarray  # N x C x H x W uint8 (read-only memmap)
-    labels: np.ndarray  # N int64 class indices
-    files: list[ImageRef]
-
-
 def read_split(layout: Layout, name: str) -> pd.DataFrame:
     return read_split_frame(layout, name, needed_for="training needs images in train and val")
 
@@ -73,30 +65,6 @@ def class_names(train: pd.DataFrame) -> list[str]:
             f"the train split holds a single class ({classes[0]!r}); a classifier needs at least 2 labelled classes"
         )
     return classes
-
-
-def label_indices(frame: pd.DataFrame, classes: list[str], split_name: str) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    labels = frame["label"].astype(str)
-    unknown = sorted(set(labels) - set(index))
-    if unknown:
-        raise DataError(f"the {split_name} split has labels absent from the train split: {unknown}; re-run the split")
-    return labels.map(index).to_numpy(dtype=np.int64)
-
-
-def image_hashes(frame: pd.DataFrame, refs: list[ImageRef]) -> list[str]:
-    if "sha256" in frame.columns and frame["sha256"].notna().all():
-        return frame["sha256"].astype(str).tolist()
-    return [image_sha256(ref) for ref in refs]
-
-
-def load_split_data(
-    layout: Layout, frame: pd.DataFrame, classes: list[str], name: str, preprocessing: Preprocessing
-) -> SplitData:
-    refs = frame_image_refs(frame, layout.root)
-    labels = label_indices(frame, classes, name)
-    images = cached_images(refs, image_hashes(frame, refs), preprocessing, layout.cache_dir, desc=f"caching {name}")
-    return SplitData(images=images, labels=labels, files=refs)
 
 
 def data_hash(layout: Layout) -> dict[str, str]:

@@ -31,8 +31,9 @@ from lensmith.imageio import load_image
 from lensmith.imagestats import image_stats
 from lensmith.layout import ONNX_FILE, Layout
 from lensmith.params import Params
-from lensmith.shards import ImageRef, frame_image_refs, image_sha256
+from lensmith.shards import ImageRef, frame_image_refs
 from lensmith.split import read_split_frame
+from lensmith.splitdata import image_hashes
 
 REFERENCE_PARQUET = "drift_reference.parquet"
 REFERENCE_JSON = "drift_reference.json"
@@ -82,12 +83,6 @@ def read_split_rows(layout: Layout, name: str, limit: int, seed: int) -> pd.Data
     return frame.reset_index(drop=True)
 
 
-def image_sha256s(frame: pd.DataFrame, refs: list[ImageRef]) -> list[str]:
-    if "sha256" in frame.columns and frame["sha256"].notna().all():
-        return frame["sha256"].astype(str).tolist()
-    return [image_sha256(ref) for ref in refs]
-
-
 def stats_frame(frame: pd.DataFrame, refs: list[ImageRef]) -> pd.DataFrame:
     """Image statistics per row: the manifest's columns when the split carries them, else measured now."""
     if set(STAT_COLUMNS) <= set(frame.columns) and frame[list(STAT_COLUMNS)].notna().all().all():
@@ -105,7 +100,7 @@ def split_reference_rows(
     """(rows without embedding columns, raw embeddings) for one split."""
     frame = read_split_rows(layout, name, limit, seed)
     refs = frame_image_refs(frame, layout.root)
-    images = cached_images(refs, image_sha256s(frame, refs), model.preprocessing, layout.cache_dir, desc=f"caching {name}")
+    images = cached_images(refs, image_hashes(frame, refs), model.preprocessing, layout.cache_dir, desc=f"caching {name}")
     outputs = model.run_all(images, batch_size)
     rows = pd.DataFrame({"split": name, "path": frame.get("path", frame["file"]).astype(str), "label": frame["label"].astype(str)})
     rows = pd.concat([rows, stats_frame(frame, refs)], axis=1)
