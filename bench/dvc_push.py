@@ -23,11 +23,11 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))
 
 from lensmith.packing import pack_images  # noqa: E402
-from project import tool_env  # noqa: E402
-from s3server import start_s3_server, stop_s3_server  # noqa: E402
+from lensmith.testing.project import tool_env  # noqa: E402
+from lensmith.testing.s3server import start_s3_server, stop_s3_server  # noqa: E402
 
 LABELS = ("crack", "ok", "scratch", "stain")
 

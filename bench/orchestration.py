@@ -24,10 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from lensmith.stages import TRAINING_STAGES  # noqa: E402
-from project import make_project, tool_env  # noqa: E402
+from lensmith.testing.project import make_project, tool_env  # noqa: E402
 
 
 def fresh_project(base: Path, name: str, overrides: list[str]) -> Path:

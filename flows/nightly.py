@@ -17,22 +17,17 @@ from prefect.logging import get_run_logger
 
 from flows.training import training_flow
 from lensmith.params import load_params
+from tasks.pipeline import git_versioned_outputs
 from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_run
 
-RECORDED_PATHS = [
-    "dvc.lock",
-    "params.yaml",
-    "reports/validation.json",
-    "reports/leakage.json",
-    "reports/metrics.json",
-    "reports/gate.json",
-    "reports/export.json",
-    "reports/train/metrics.json",
-    "reports/plots",
-    "reports/train/plots",
-    "models/registry/aliases.json",
-    "models/registry/versions.dvc",
-]
+# Besides the git-tracked outputs of dvc.yaml's stages (metrics, plots: `cache: false`)
+RUN_RECORD = ["dvc.lock", "params.yaml", "models/registry/aliases.json", "models/registry/versions.dvc", "models/registry/.gitignore"]
+
+
+def recorded_paths(root: Path) -> list[str]:
+    """What a nightly run commits: dvc.lock, params, what git versions of the stages' outputs, the registry
+    pointers."""
+    return list(dict.fromkeys(RUN_RECORD[:2] + git_versioned_outputs(root) + RUN_RECORD[2:]))
 
 
 @task(name="dvc-pull", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
@@ -63,7 +58,7 @@ def track_registry_task(root: Path) -> None:
 
 @task(name="record-run", cache_policy=NO_CACHE)
 def record_task(root: Path, message: str, tag: str | None) -> str | None:
-    return git_commit_run(root, RECORDED_PATHS, message, tag)
+    return git_commit_run(root, recorded_paths(root), message, tag)
 
 
 @flow(name="lensmith-nightly", log_prints=True)

@@ -1,6 +1,7 @@
 """The training flow: the stages of dvc.yaml as Prefect tasks, in the same graph.
 
-Each task reproduces its DVC stage: DVC decides whether it is stale and records dvc.lock, the stage function runs
+The graph is DVC's own graph of the project's dvc.yaml (tasks/pipeline.py), so the flow runs what `dvc repro`
+would, a project's own stages included. Each task reproduces its DVC stage: DVC decides whether it is stale and records dvc.lock, the stage function runs
 in this process (tasks/dvc_inprocess.py; `orchestration.executor: dvc-subprocess` runs `dvc repro --single-item
 STAGE` instead). So after a flow run `dvc status` is clean and `dvc repro` has nothing to do, and a flow run after
 `dvc repro` skips every stage.
@@ -20,41 +21,9 @@ from prefect.logging import get_run_logger
 from lensmith.layout import Layout
 from lensmith.params import load_params
 from lensmith.paramsfile import params_overridden
+from tasks.pipeline import flow_graph
 from tasks.runners import task_runner_for
 from tasks.stages import stage_task
-
-# The flow's declared DAG (stage -> upstream stages). tests/test_pipeline_graph.py checks it against dvc.yaml.
-FLOW_GRAPH: dict[str, tuple[str, ...]] = {
-    "demo_data": (),
-    "ingest": ("demo_data",),
-    "validate": ("ingest",),
-    "split": ("ingest", "validate"),
-    "train": ("split",),
-    "evaluate": ("split", "train"),
-    "export": ("split", "train"),
-    "drift_reference": ("split", "export"),
-    "gate": ("train", "evaluate", "export"),
-}
-
-
-def pipeline_stages(root: Path) -> set[str]:
-    """The stage names the project's dvc.yaml declares (a project made by `lensmith init` has no demo stage)."""
-    import yaml
-
-    try:
-        stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return set(FLOW_GRAPH)  # DVC reports a missing or broken dvc.yaml itself, by name, when a stage runs
-    return set(stages)
-
-
-def flow_graph(root: Path) -> dict[str, tuple[str, ...]]:
-    """FLOW_GRAPH restricted to the stages of the project's dvc.yaml: the flow runs what `dvc repro` would, so
-    `dvc status` is clean after it (the demo stage runs, from DVC's run cache after the first time, even when
-    data.source points elsewhere, as long as dvc.yaml declares it)."""
-    present = pipeline_stages(root)
-    return {s: tuple(u for u in ups if u in present) for s, ups in FLOW_GRAPH.items() if s in present}
-
 
 def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
     return list(TopologicalSorter(graph).static_order())
@@ -91,7 +60,8 @@ def training_flow(
             futures[stage] = runner.submit(stage_task(stage, params), parameters, wait_for=upstream)
         for stage, future in futures.items():
             outcomes[stage] = future.result()
-    promotion = promote_task(root_path) if promote else None
+    # a project whose dvc.yaml has no gate stage has no decision to register
+    promotion = promote_task(root_path) if promote and "gate" in graph else None
     if promotion is not None:
         logger.info("registry: %s", promotion["note"])
     ran = [s for s, o in outcomes.items() if o.ran]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 
 from lensmith.errors import LensmithError
+from lensmith.stages import STAGES, Stage, StageOption
 
 for _switch, _value in {
     "DVC_NO_ANALYTICS": "1",
@@ -83,29 +85,49 @@ def _context(params_file: Path, overrides: list[str] | None, root: Path):  # noq
     return load_params(params_file, overrides or []), Layout(root.resolve())
 
 
-@app.command("demo-data")
-@user_errors
-def demo_data(
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: demo.out from params)")] = None,
-    site: Annotated[Optional[str], typer.Option(help="A, B or C; default: the training sites A and B")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: demo.seed)")] = None,
-    per_class: Annotated[Optional[int], typer.Option(help="Images per class (default: demo.per_class)")] = None,
-    params_file: ParamsOpt = Path("params.yaml"),
-    overrides: SetOpt = None,
-) -> None:
-    """Generate the embedded, seeded tile-inspection demo set (ImageFolder tree + metadata.csv), offline."""
-    from lensmith.demodata import generate_demo_dataset
+def _option_words(option: StageOption, value: Any) -> list[str]:
+    """How `value` of `option` is written on a command line (to relaunch the same command)."""
+    if option.type is bool:
+        return [option.flag] if value else []
+    return [] if value is None else [option.flag, str(value)]
 
-    params, _ = _context(params_file, overrides, Path("."))
-    summary = generate_demo_dataset(
-        Path(out or (f"{params.demo.out}_site_{site.lower()}" if site else params.demo.out)),
-        sites=[site] if site else None,
-        seed=params.demo.seed if seed is None else seed,
-        per_class=per_class or params.demo.per_class,
-        image_size=params.demo.image_size,
-        shards=params.demo.shards,
-    )
-    typer.echo(str(summary))
+
+def _stage_command(stage: Stage) -> Callable[..., None]:
+    """`lensmith <stage>`: the common options (--params, --set, --root) plus the stage's own, from the stage table."""
+
+    def command(params_file: Path, overrides: list[str] | None, root: Path, **options: Any) -> None:
+        params, layout = _context(params_file, overrides, root)
+        if stage.relaunch is not None:
+            args = ["--params", str(params_file), "--root", str(root), *[w for o in overrides or [] for w in ("--set", o)]]
+            args += [w for o in stage.options for w in _option_words(o, options[o.name])]
+            relaunched = stage.relaunch(params, args)
+            if relaunched is not None:
+                typer.echo(f"{stage.command}: relaunching as {' '.join(relaunched[:3])} ...")
+                raise typer.Exit(subprocess.run(relaunched, check=False).returncode)
+        typer.echo(str(stage.run(params, layout, **options)))
+
+    own = [
+        inspect.Parameter(
+            o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+            annotation=Annotated[o.type if o.type is bool else Optional[o.type], typer.Option(o.flag, help=o.help)],
+        )
+        for o in stage.options
+    ]
+    common = [
+        inspect.Parameter("params_file", inspect.Parameter.KEYWORD_ONLY, default=Path("params.yaml"), annotation=ParamsOpt),
+        inspect.Parameter("overrides", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SetOpt),
+        inspect.Parameter("root", inspect.Parameter.KEYWORD_ONLY, default=Path("."), annotation=RootOpt),
+    ]
+    wrapped = user_errors(command)
+    wrapped.__signature__ = inspect.Signature(own + common)  # type: ignore[attr-defined]
+    wrapped.__annotations__ = {p.name: p.annotation for p in own + common}
+    wrapped.__doc__ = stage.help
+    wrapped.__name__ = stage.name
+    return wrapped
+
+
+for _stage in STAGES:
+    app.command(_stage.command)(_stage_command(_stage))
 
 
 @app.command("sample-data")
@@ -185,67 +207,6 @@ def pack(
         src, dest, extensions=params.data.image_extensions, shard_images=shard_images, shard_bytes=shard_mb * 1024 * 1024
     )
     typer.echo(str(summary))
-
-
-@app.command()
-@user_errors
-def ingest(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
-    """Read data.source (folder, CSV manifest or s3://) into data/manifest.parquet; bad files go to data/quarantine.csv."""
-    from lensmith.ingest import run_ingest
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_ingest(params, layout)))
-
-
-@app.command()
-@user_errors
-def validate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
-    """The data gate (Great Expectations): writes reports/validation.{json,html}; exit 1 when it fails."""
-    from lensmith.validate import run_validate
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_validate(params, layout)))
-
-
-@app.command()
-@user_errors
-def split(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
-    """Stratified, group-aware, stable train/val/test split into data/splits/; checks leakage between splits."""
-    from lensmith.stages import run_stage
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_stage("split", params, layout)))
-
-
-@app.command()
-@user_errors
-def train(
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from models/candidate/checkpoint.pt")] = False,
-    params_file: ParamsOpt = Path("params.yaml"),
-    overrides: SetOpt = None,
-    root: RootOpt = Path("."),
-) -> None:
-    """Transfer-learning training into models/candidate/ (checkpoint every epoch, dvclive metrics)."""
-    from lensmith.distributed import needs_torchrun, torchrun_command
-    from lensmith.train import run_train
-
-    params, layout = _context(params_file, overrides, root)
-    if needs_torchrun(params.train.processes):
-        args = ["train", "--params", str(params_file), "--root", str(root), *(["--resume"] if resume else [])]
-        args += [a for o in overrides or [] for a in ("--set", o)]
-        typer.echo(f"train.processes={params.train.processes}: relaunching under torchrun (DistributedDataParallel)")
-        raise typer.Exit(subprocess.run(torchrun_command(params.train.processes, args), check=False).returncode)
-    typer.echo(str(run_train(params, layout, resume=resume)))
-
-
-@app.command()
-@user_errors
-def evaluate(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
-    """Test-split metrics, per-slice fairness, robustness and calibration: reports/metrics.json + evaluation.html."""
-    from lensmith.evaluate import run_evaluate
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_evaluate(params, layout)))
 
 
 def _check_prefect_api(on_unreachable: str) -> None:
@@ -340,23 +301,6 @@ def schedule(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(
     serve_deployments(params, root, str(params_file))
 
 
-@app.command()
-@user_errors
-def gate(
-    report_only: Annotated[
-        bool, typer.Option("--report-only", help="Exit 0 on reject (the decision is in reports/gate.json); the DVC stage uses this")
-    ] = False,
-    params_file: ParamsOpt = Path("params.yaml"),
-    overrides: SetOpt = None,
-    root: RootOpt = Path("."),
-) -> None:
-    """Champion/challenger gate + absolute floors: writes reports/gate.{json,html}; exit 1 on reject."""
-    from lensmith.gate import run_gate
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_gate(params, layout, raise_on_reject=not report_only)))
-
-
 models_app = typer.Typer(help="The model registry: list, show, promote and roll back versions.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
@@ -424,16 +368,6 @@ def models_promote(version: Annotated[str, typer.Argument(help="Version id (v000
 def models_rollback(root: RootOpt = Path(".")) -> None:
     """Make the previous production version production again."""
     typer.echo(f"production -> {_registry(root).rollback()} (rolled back)")
-
-
-@app.command()
-@user_errors
-def export(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
-    """ONNX export with the parity gate, ORT EXTENDED graph and accuracy-gated int8: models/candidate/, reports/export.json."""
-    from lensmith.export import run_export
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_export(params, layout)))
 
 
 @app.command()
@@ -538,16 +472,6 @@ def drift(
 
     params, layout = _context(params_file, overrides, root)
     typer.echo(str(run_drift(params, layout, current, since=since, model=model)))
-
-
-@app.command("drift-reference")
-@user_errors
-def drift_reference(params_file: ParamsOpt = Path("params.yaml"), overrides: SetOpt = None, root: RootOpt = Path(".")) -> None:
-    """Build models/candidate/drift_reference.{parquet,json} from the train/val splits and the exported model.onnx."""
-    from lensmith.drift.reference import build_reference
-
-    params, layout = _context(params_file, overrides, root)
-    typer.echo(f"drift reference -> {build_reference(params, layout, layout.candidate)}")
 
 
 @app.command()

@@ -208,7 +208,17 @@ def improvement_check(metrics: Any, champion: Any, gate: GateParams) -> Check:
     return check if check.value is None else replace(check, detail=f"production {champ:.4f} + {gate.min_improvement}")
 
 
+def regression_check(name: str, champion_value: Any, value: Any, measure: str, missing: str, gate: GateParams) -> Check:
+    """The candidate's `measure` may fall at most gate.max_regression below production's (champion - candidate);
+    either value missing fails with `missing` as the detail."""
+    if not isinstance(champion_value, (int, float)) or not isinstance(value, (int, float)):
+        return Check(name, None, gate.max_regression, "<=", False, "champion", missing)
+    check = metric_check(name, float(champion_value) - float(value), gate.max_regression, "<=", "champion")
+    return replace(check, detail=f"{measure} {champion_value:.4f} -> {value:.4f}")
+
+
 def recall_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> list[Check]:
+    """Recall drop per class of the production model."""
     checks = []
     champ_classes, our_classes = dig(champion, "test.per_class"), dig(metrics, "test.per_class")
     champ_classes = champ_classes if isinstance(champ_classes, dict) else {}
@@ -217,13 +227,8 @@ def recall_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> l
         champ_recall = cell.get("recall") if isinstance(cell, dict) else None
         ours = our_classes.get(label)
         recall = ours.get("recall") if isinstance(ours, dict) else None
-        name = f"champion.recall_regression[{label}]"
-        if not isinstance(champ_recall, (int, float)) or not isinstance(recall, (int, float)):
-            missing = f"recall of class {label!r} is missing"
-            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", missing))
-            continue
-        check = metric_check(name, float(champ_recall) - float(recall), gate.max_regression, "<=", "champion")
-        checks.append(replace(check, detail=f"recall {champ_recall:.4f} -> {recall:.4f}"))
+        name, missing = f"champion.recall_regression[{label}]", f"recall of class {label!r} is missing"
+        checks.append(regression_check(name, champ_recall, recall, "recall", missing, gate))
     return checks
 
 
@@ -235,13 +240,8 @@ def slice_regression_checks(metrics: Any, champion: Any, gate: GateParams) -> li
         if not (slice_is_gated(ours[key], gate.min_slice_n) and slice_is_gated(theirs[key], gate.min_slice_n)):
             continue
         acc, champ_acc = ours[key].get("accuracy"), theirs[key].get("accuracy")
-        name = f"champion.slice_regression[{key}]"
-        if not isinstance(acc, (int, float)) or not isinstance(champ_acc, (int, float)):
-            missing = f"accuracy of slice {key} is missing"
-            checks.append(Check(name, None, gate.max_regression, "<=", False, "champion", missing))
-            continue
-        check = metric_check(name, float(champ_acc) - float(acc), gate.max_regression, "<=", "champion")
-        checks.append(replace(check, detail=f"accuracy {champ_acc:.4f} -> {acc:.4f}"))
+        name, missing = f"champion.slice_regression[{key}]", f"accuracy of slice {key} is missing"
+        checks.append(regression_check(name, champ_acc, acc, "accuracy", missing, gate))
     return checks
 
 

@@ -9,7 +9,6 @@ The source is never written to.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from lensmith.errors import DataError, ImageRejected
 from lensmith.fsutil import write_csv_atomic, write_parquet_atomic
 from lensmith.imageio import check_geometry, decode_image
 from lensmith.imagestats import image_stats, perceptual_hash
+from lensmith.labelslock import allowed_labels
 from lensmith.layout import Layout
 from lensmith.params import Params
 from lensmith.schema import IMAGE_COLUMNS, MANIFEST_COLUMNS, MEMBER_COLUMNS
@@ -267,16 +267,8 @@ def expected_labels(params: Params, layout: Layout) -> tuple[set[str] | None, st
     """The allowed label set and where it came from: params validate.labels, else the pinned labels.lock.json."""
     if params.validate.labels:
         return set(params.validate.labels), "params validate.labels"
-    lock = layout.labels_lock
-    if not lock.is_file():
-        return None, ""
-    try:
-        labels = json.loads(lock.read_text(encoding="utf-8"))["labels"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{lock} must be JSON like {{\"labels\": [...]}}: {exc}") from None
-    if not isinstance(labels, list):
-        raise DataError(f"{lock}: 'labels' must be a list of label names")
-    return {str(label) for label in labels}, str(lock)
+    allowed = allowed_labels(layout.labels_lock)
+    return (None, "") if allowed is None else (allowed, str(layout.labels_lock))
 
 
 def split_unknown_labels(

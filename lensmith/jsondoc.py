@@ -1,4 +1,5 @@
-"""Reading the pipeline's JSON reports (metrics.json, gate.json, meta.json, export.json) defensively."""
+"""Reading the pipeline's JSON reports (metrics.json, gate.json, meta.json, export.json) defensively, and small
+helpers for the documents once read."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def dig(data: Any, dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys: `{"a": {"b": 1}, "c": 2}` -> `{"a.b": 1, "c": 2}`.
+
+    Lists and other values are kept as they are; keys are prefixed with `prefix`."""
+    flat: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -12,7 +12,7 @@ from typing import Any
 
 from lensmith.fsutil import write_text_atomic
 from lensmith.htmlreport import HtmlReport
-from lensmith.jsondoc import dig
+from lensmith.jsondoc import dig, flatten
 
 MODEL_CARD_MD = "MODEL_CARD.md"
 MODEL_CARD_HTML = "MODEL_CARD.html"
@@ -200,19 +200,8 @@ def gate_section(gate: Any) -> CardSection:
 def training_params_section(meta: dict[str, Any]) -> CardSection:
     params = meta.get("params")
     train = params.get("train") if isinstance(params, dict) and "train" in params else params
-    flat = _flatten(train) if isinstance(train, dict) else {"params": train}
+    flat = flatten(train) if isinstance(train, dict) else {"params": train}
     return CardSection("Training parameters", key_values=flat)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def card_sections(meta: dict[str, Any], metrics: Any, gate: Any, export: Any) -> list[CardSection]:

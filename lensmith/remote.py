@@ -1,7 +1,7 @@
 """Run one stage against a project stored at an fsspec URI (`s3://bucket/project`, `file:///...`).
 
-What lets a worker on another machine run a task without a shared disk: the stage's deps (from
-dvc.yaml, with its `${...}` params templating resolved) are read from the URI into a local scratch
+What lets a worker on another machine run a task without a shared disk: the stage's deps (dvc.yaml
+as DVC resolves it against the params: `tasks.pipeline.stage_io`) are read from the URI into a local scratch
 project, the stage runs there in-process (`lensmith.stages.run_stage`), and its outs, metrics and
 plots are written back to the URI, each file atomically: uploaded to a temporary key, its size checked,
 then moved onto its final key (readers see the old object or the new one, never a partial one).
@@ -14,23 +14,19 @@ credentials from the AWS environment or profile.
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from lensmith.errors import LensmithError
 from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.params import Params
+from lensmith.stages import stage_named
 
-DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
 CODE_PREFIXES: tuple[str, ...] = ("lensmith/",)
-IMAGE_STAGES = frozenset({"train", "evaluate", "export"})  # read the images the splits list
-_TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
 
 
 class RemoteStageError(LensmithError):
@@ -54,49 +50,6 @@ class RemoteStageResult:
 
     def __str__(self) -> str:
         return f"{self.stage} at {self.project_uri}: read {len(self.downloaded)} file(s), wrote {len(self.uploaded)}; {self.summary}"
-
-
-# ---- dvc.yaml ----------------------------------------------------------------------------------------------
-
-
-def resolve_template(text: str, values: dict[str, Any]) -> str:
-    """DVC's `${section.key}` interpolation against params."""
-
-    def lookup(match: re.Match[str]) -> str:
-        node: Any = values
-        for part in match.group(1).split("."):
-            if not isinstance(node, dict) or part not in node:
-                raise RemoteStageError(f"dvc.yaml refers to ${{{match.group(1)}}}, which params do not define")
-            node = node[part]
-        return str(node)
-
-    return _TEMPLATE.sub(lookup, text)
-
-
-def _entry_paths(entries: list[Any]) -> list[tuple[str, dict[str, Any]]]:
-    """dvc.yaml out entries are `path` or `{path: {options}}`."""
-    pairs = []
-    for entry in entries or []:
-        if isinstance(entry, str):
-            pairs.append((entry, {}))
-        else:
-            pairs.extend((path, options or {}) for path, options in entry.items())
-    return pairs
-
-
-def stage_io(stage: str, params: Params, dvc_yaml: Path = DVC_YAML) -> StageIO:
-    """The stage's deps and everything it writes, as project-relative paths."""
-    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
-    if stage not in stages:
-        raise RemoteStageError(f"unknown stage {stage!r}; dvc.yaml declares: {', '.join(stages)}")
-    spec, values = stages[stage], params.model_dump(mode="json")
-    deps = [resolve_template(d, values) for d in spec.get("deps", [])]
-    written = [(resolve_template(p, values), o) for key in ("outs", "metrics", "plots") for p, o in _entry_paths(spec.get(key, []))]
-    return StageIO(
-        deps=deps,
-        outs=[p for p, _ in written],
-        persist=[p for p, o in written if o.get("persist")],
-    )
 
 
 def is_code(path: str) -> bool:
@@ -194,18 +147,18 @@ def fetch_inputs(fs: Any, base: str, io: StageIO, stage: str, scratch: Path, pro
         if not got and not is_code(rel) and rel not in io.persist:
             raise RemoteStageError(f"stage {stage!r} needs {rel}, which is not at {project_uri}/{rel}")
         downloaded += got
-    if stage in IMAGE_STAGES:
+    if stage_named(stage).reads_images:
         for rel in split_images(Layout(scratch)):
             if not (scratch / rel).is_file():
                 downloaded += download(fs, base, rel, scratch)
     return downloaded
 
 
-def run_stage_at(stage: str, project_uri: str, params: Params, scratch: Path, dvc_yaml: Path = DVC_YAML) -> RemoteStageResult:
-    """Read the stage's inputs from `project_uri`, run it in `scratch`, write its outputs back to `project_uri`."""
+def run_stage_at(stage: str, project_uri: str, params: Params, scratch: Path, io: StageIO) -> RemoteStageResult:
+    """Read the stage's inputs (`io`, from `tasks.pipeline.stage_io`) from `project_uri`, run it in `scratch`,
+    write its outputs back to `project_uri`."""
     from lensmith.stages import run_stage
 
-    io = stage_io(stage, params, dvc_yaml)
     fs, base = open_project(project_uri, params)
     scratch.mkdir(parents=True, exist_ok=True)
     downloaded = fetch_inputs(fs, base, io, stage, scratch, project_uri)

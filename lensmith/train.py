@@ -29,7 +29,7 @@ from lensmith import distributed as ddp
 from lensmith.augment import augment_batch
 from lensmith.errors import DataError, LensmithError
 from lensmith.fsutil import file_sha256, write_bytes_atomic
-from lensmith.layout import Layout
+from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.modelio import portable_state_dict, save_trained, state_dict_sha256
 from lensmith.models import build_model, preprocessing_for, set_backbone_trainable
 from lensmith.params import Params, TrainParams
@@ -70,7 +70,7 @@ def class_names(train: pd.DataFrame) -> list[str]:
 def data_hash(layout: Layout) -> dict[str, str]:
     """sha256 of the manifest and every split file (what the model was trained from), plus a combined one."""
     hashes = {}
-    for path in [layout.manifest, *(layout.split_file(n) for n in ("train", "val", "test"))]:
+    for path in [layout.manifest, *(layout.split_file(n) for n in SPLIT_NAMES)]:
         if path.is_file():
             hashes[str(path.relative_to(layout.root))] = file_sha256(path)
     combined = hashlib.sha256("".join(f"{k}={v}\n" for k, v in sorted(hashes.items())).encode()).hexdigest()

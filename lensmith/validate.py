@@ -8,16 +8,14 @@ Both entry points write a JSON and a self-contained HTML report, then raise `Gat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from lensmith.errors import DataError, GateFailedError
-from lensmith.fsutil import write_json_atomic
+from lensmith.labelslock import pin_labels, pinned_labels
 from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.neardup import hamming_distance, near_duplicate_groups
 from lensmith.params import Params, SplitParams, ValidateParams
@@ -69,20 +67,8 @@ def expected_labels(params: ValidateParams, layout: Layout, manifest_labels: Seq
         return sorted(params.labels), "validate.labels in params.yaml"
     lock = layout.labels_lock
     if lock.exists():
-        return read_label_lock(lock), f"{lock.name} (pinned on an earlier run)"
-    labels = sorted({str(label) for label in manifest_labels})
-    write_json_atomic(lock, {"labels": labels, "pinned_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    return labels, f"{lock.name} (pinned now from the manifest)"
-
-
-def read_label_lock(lock: Path) -> list[str]:
-    try:
-        labels = json.loads(lock.read_text(encoding="utf-8"))["labels"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{lock} is not a label lock ({{\"labels\": [...]}}): {exc}; delete it to re-pin") from None
-    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-        raise DataError(f"{lock}: 'labels' must be a list of strings; delete it to re-pin")
-    return sorted(labels)
+        return pinned_labels(lock), f"{lock.name} (pinned on an earlier run)"
+    return pin_labels(lock, manifest_labels), f"{lock.name} (pinned now from the manifest)"
 
 
 # ---------------------------------------------------------------- derived frames

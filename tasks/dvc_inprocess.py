@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lensmith.stages import STAGE_TABLE
 from tasks.dvc_runner import StageFailedError, StageOutcome
 
 if TYPE_CHECKING:
@@ -26,18 +27,11 @@ if TYPE_CHECKING:
 _DVC_LOCK = threading.Lock()
 
 
-# dvc.yaml's stock command per stage where it has arguments; every other stage's is `lensmith <stage-name>`
-STOCK_ARGUMENTS: dict[str, tuple[str, ...]] = {"gate": ("--report-only",)}
-
-
-def stock_command(stage: str) -> list[str]:
-    """The words of dvc.yaml's stock command for `stage` (`drift_reference` -> `lensmith drift-reference`)."""
-    return ["lensmith", stage.replace("_", "-"), *STOCK_ARGUMENTS.get(stage, ())]
-
-
 def runs_lensmith_stage(cmd: str | list[str] | None, stage: str) -> bool:
-    """Whether dvc.yaml's `cmd` is exactly the stock command (only then is the stage function equivalent)."""
-    return isinstance(cmd, str) and shlex.split(cmd) == stock_command(stage)
+    """Whether dvc.yaml's `cmd` is exactly the stage table's stock command (only then is the stage function
+    equivalent); False for a stage the table does not know (a project's own stage runs its command as written)."""
+    entry = STAGE_TABLE.get(stage)
+    return entry is not None and isinstance(cmd, str) and shlex.split(cmd) == entry.stock_command()
 
 
 @contextlib.contextmanager

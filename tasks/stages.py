@@ -11,31 +11,23 @@ from prefect.logging import get_run_logger
 
 from lensmith.layout import Layout
 from lensmith.params import Params
-from lensmith.stages import run_stage
+from lensmith.stages import STAGE_TABLE, run_stage
 from tasks.artifacts import publish_stage_artifacts
 from tasks.dvc_inprocess import reproduce_in_process
 from tasks.dvc_runner import StageOutcome, repro_stage
 
-# Stages that mostly wait on storage (local disk, S3) get retries with backoff; compute stages do not.
-IO_STAGES = frozenset({"demo_data", "ingest"})
-
-
-def _trains_under_torchrun(params: Params) -> bool:
-    """Multi-process training relaunches `lensmith train` under torchrun: it cannot run in this process."""
-    if params.train.processes <= 1:
-        return False  # without importing torch (lensmith.distributed does): a no-op flow run never needs it
-    from lensmith.distributed import needs_torchrun
-
-    return needs_torchrun(params.train.processes)
-
 
 def _outcome(stage: str, params: Params, layout: Layout) -> StageOutcome:
+    """Run the stage: in this process when the stage table knows it and DVC (or nothing) decides; as dvc.yaml's
+    command through `dvc repro` for a project's own stage, a relaunching stage, or executor dvc-subprocess."""
+    entry = STAGE_TABLE.get(stage)
+    in_process = entry is not None and not entry.relaunches(params)
     executor = params.orchestration.executor
-    if executor == "direct":
+    if executor == "direct" and in_process:
         start = time.perf_counter()
         summary = run_stage(stage, params, layout)
         return StageOutcome(stage, True, time.perf_counter() - start, str(summary))
-    if executor == "dvc" and not (stage == "train" and _trains_under_torchrun(params)):
+    if executor == "dvc" and in_process:
         outcome = reproduce_in_process(layout.root, stage, lambda: run_stage(stage, params, layout))
         if outcome is not None:
             return outcome
@@ -56,7 +48,8 @@ def _run(stage: str, params: Params, root: Path) -> StageOutcome:
 def stage_task(stage: str, params: Params):  # noqa: ANN201 - a Prefect Task
     """The Prefect task for `stage`, with retries for I/O stages and the stage timeout from params."""
     orch = params.orchestration
-    retries = orch.io_retries if stage in IO_STAGES else 0
+    entry = STAGE_TABLE.get(stage)
+    retries = orch.io_retries if entry is not None and entry.io_bound else 0
     return task(
         _run,
         name=stage,

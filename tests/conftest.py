@@ -18,7 +18,7 @@ for _switch, _value in {
 }.items():
     os.environ[_switch] = _value
 
-from s3server import S3Server, start_s3_server, stop_s3_server  # noqa: E402  (tests/ is on sys.path)
+from lensmith.testing.s3server import S3Server, start_s3_server, stop_s3_server  # noqa: E402
 
 
 @pytest.fixture(scope="session")

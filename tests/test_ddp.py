@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lensmith.distributed import SINGLE_PROCESS, DistContext, rank_batches
-from project import run, tool_env
+from lensmith.testing.project import run, tool_env
 from test_task_runner import split_project
 
 # Enough val images that one point means something (~1 image in 100), pretrained backbone, 2 epochs at 64 px.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from project import run
+from lensmith.testing.project import run
 from tasks.dvc_inprocess import reproduce_in_process, runs_lensmith_stage
 from tasks.dvc_runner import StageFailedError
 

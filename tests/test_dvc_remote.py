@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lensmith.procutil import free_port
-from project import make_project, run, tool_env
+from lensmith.testing.project import make_project, run, tool_env
 from tasks.vcs import RemoteError, dvc_transfer
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]

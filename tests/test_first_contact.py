@@ -24,7 +24,7 @@ import pytest
 
 from lensmith.procutil import free_port
 from lensmith.sampledata import FASHION_MNIST_DIR, write_sample_set
-from project import make_project, run, tool_env
+from lensmith.testing.project import make_project, run, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 

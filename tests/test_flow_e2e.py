@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from project import make_project, run
+from lensmith.testing.project import make_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def test_set_override_reruns_only_downstream_and_restores_params(project: Path) 
 
 def test_unreachable_prefect_server_is_a_clear_error(project: Path) -> None:
     from lensmith.procutil import free_port
-    from project import tool_env
+    from lensmith.testing.project import tool_env
 
     env = tool_env({"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"})
     proc = run(lensmith_cmd("run"), project, env=env, check=False)
@@ -86,7 +86,7 @@ def test_stage_killed_mid_run_is_redone_alone_and_leaves_no_half_written_output(
     import subprocess
     import time
 
-    from project import tool_env
+    from lensmith.testing.project import tool_env
 
     import yaml
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import write_test_image
-from s3server import S3Server
+from lensmith.testing.s3server import S3Server
 from typer.testing import CliRunner
 
 from lensmith.cli import app

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from project import make_project, run, tool_env
+from lensmith.testing.project import make_project, run, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 

@@ -140,7 +140,7 @@ def test_an_exit_without_close_still_writes_the_pending_records(tmp_path: Path) 
 
     code = (
         "import sys; from lensmith.serve.predlog import PredictionLog; "
-        f"log = PredictionLog(sys.argv[1], 1 << 20, interval_s=10.0); "
+        "log = PredictionLog(sys.argv[1], 1 << 20, interval_s=10.0); "
         "log.append([{'id': str(i)} for i in range(50)])"  # exits at once: no close(), writer still waiting
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)

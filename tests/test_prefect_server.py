@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from prefect_server import PrefectServer, prefect_server  # noqa: F401  (fixture)
-from project import REPO, make_project, run
+from lensmith.testing.project import REPO, make_project, run
 
 pytestmark = pytest.mark.slow
 

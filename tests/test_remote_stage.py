@@ -10,29 +10,25 @@ import pytest
 
 from lensmith.layout import Layout
 from lensmith.params import load_params
-from lensmith.remote import RemoteStageError, run_stage_at, stage_io
+from lensmith.remote import RemoteStageError, run_stage_at
 from lensmith.stages import run_stage
-from project import REPO
+from lensmith.testing.project import REPO
+from tasks.pipeline import stage_io
 from test_task_runner import split_project
 
 UP_TO_VALIDATE = ("demo_data", "ingest", "validate")
 SPLIT_INPUTS = ("data/manifest.parquet", "reports/validation.json")
 
 
-def test_stage_io_resolves_dvc_templating() -> None:
-    params = load_params(REPO / "params.yaml", ["data.source=/mnt/images", "demo.out=data/raw/other"])
-    ingest = stage_io("ingest", params)
-    assert "/mnt/images" in ingest.deps and "data/manifest.parquet" in ingest.outs
-    assert stage_io("demo_data", params).outs == ["data/raw/other"]
-    split = stage_io("split", params)
-    assert split.persist == ["data/splits"] and "reports/leakage.json" in split.outs
+def split_io(params):  # noqa: ANN001, ANN201
+    return stage_io("split", params, REPO / "dvc.yaml")
 
 
 def test_missing_input_at_uri_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "store").mkdir()
     params = load_params(REPO / "params.yaml")
     with pytest.raises(RemoteStageError, match="needs data/manifest.parquet"):
-        run_stage_at("split", (tmp_path / "store").as_uri(), params, tmp_path / "scratch")
+        run_stage_at("split", (tmp_path / "store").as_uri(), params, tmp_path / "scratch", split_io(params))
 
 
 def split_outputs_equal(remote: dict[str, bytes], local: Layout) -> None:
@@ -52,7 +48,7 @@ def test_split_stage_on_s3_equals_local_run(tmp_path: Path, aws_env) -> None:  #
     for rel in SPLIT_INPUTS:
         client.upload_file(str(root / rel), bucket, f"proj/{rel}")
 
-    result = run_stage_at("split", f"s3://{bucket}/proj", params, tmp_path / "scratch")
+    result = run_stage_at("split", f"s3://{bucket}/proj", params, tmp_path / "scratch", split_io(params))
     run_stage("split", params, Layout(root))  # the same stage on local disk
 
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="proj/")["Contents"])
@@ -65,6 +61,6 @@ def test_split_stage_on_s3_equals_local_run(tmp_path: Path, aws_env) -> None:  #
         assert written[f"data/splits/{name}.parquet"] == Layout(root).split_file(name).read_bytes()
 
     # a second run reads the persisted splits back from S3 (stable assignment) and rewrites the same bytes
-    again = run_stage_at("split", f"s3://{bucket}/proj", params, tmp_path / "scratch2")
+    again = run_stage_at("split", f"s3://{bucket}/proj", params, tmp_path / "scratch2", split_io(params))
     assert "data/splits/train.parquet" in again.downloaded
     assert client.get_object(Bucket=bucket, Key="proj/data/splits/train.parquet")["Body"].read() == written["data/splits/train.parquet"]

@@ -422,17 +422,17 @@ def test_openapi_documents_the_predict_body_and_its_bearer_token(layout: Layout)
 
 
 def test_small_images_are_decoded_inline_and_large_ones_in_the_thread_pool(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lensmith.serve import app as app_module
+    from lensmith.serve import predict as predict_module
 
     prepared_in_pool = []
-    real = app_module.run_in_threadpool
+    real = predict_module.run_in_threadpool
 
     async def spy(fn, *args, **kwargs):  # noqa: ANN001, ANN202
-        if fn is app_module.prepare:
+        if fn is predict_module.prepare:
             prepared_in_pool.append(len(args[0]))
         return await real(fn, *args, **kwargs)
 
-    monkeypatch.setattr(app_module, "run_in_threadpool", spy)
+    monkeypatch.setattr(predict_module, "run_in_threadpool", spy)
     big = jpeg_bytes(3, size=(400, 300))  # 120,000 pixels > INLINE_MAX_PIXELS
 
     async def go(s: Running):

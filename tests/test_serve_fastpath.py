@@ -18,9 +18,9 @@ from starlette.formparsers import MultiPartParser
 
 from lensmith.params import ServeParams
 from lensmith.preprocess import Preprocessing
-from lensmith.serve.app import inference_layout
 from lensmith.serve.batching import BatcherStopped, MicroBatcher
 from lensmith.serve.multipart import MalformedMultipart, Part, boundary_of, header_params, parse_form_data
+from lensmith.serve.service import inference_layout
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -235,7 +235,7 @@ def test_normalize_is_bit_identical_to_the_reference_formula() -> None:
 
 
 def test_a_container_cpu_quota_caps_the_runners(tmp_path) -> None:  # noqa: ANN001
-    from lensmith.serve.app import cgroup_cpu_limit
+    from lensmith.procutil import cgroup_cpu_limit
 
     v2 = tmp_path / "cpu.max"
     v2.write_text("150000 100000\n")

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import write_test_image
-from project import REPO, TINY_OVERRIDES, run, tool_env
+from lensmith.testing.project import REPO, TINY_OVERRIDES, run, tool_env
 from lensmith.cli import app
 from lensmith.datacache import cached_images
 from lensmith.errors import DataError, ImageRejected

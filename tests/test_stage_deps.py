@@ -59,16 +59,15 @@ def import_closure(start: set[str]) -> set[Path]:
 
 
 def stage_entry_modules() -> dict[str, set[str]]:
-    """stage -> the lensmith modules its function in lensmith/stages.py imports."""
+    """stage -> the lensmith modules its function in lensmith/stages.py imports (read from the stage table's
+    `Stage(name=..., run=<function>)` rows)."""
     tree = ast.parse((PACKAGE / "stages.py").read_text(encoding="utf-8"))
     functions = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
-    table = next(
-        node.value for node in ast.walk(tree)
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "STAGE_FUNCTIONS"
-    )
     entries = {}
-    for key, value in zip(table.keys, table.values):  # type: ignore[attr-defined]
-        entries[key.value] = imported_modules(functions[value.id], "lensmith.stages")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Stage":
+            fields = {k.arg: k.value for k in node.keywords}
+            entries[fields["name"].value] = imported_modules(functions[fields["run"].id], "lensmith.stages")  # type: ignore[attr-defined]
     return entries
 
 

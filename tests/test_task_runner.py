@@ -11,7 +11,7 @@ from lensmith.errors import LensmithError
 from lensmith.layout import Layout
 from lensmith.params import apply_overrides, load_params, params_from_dict, read_params_yaml
 from lensmith.stages import run_stage
-from project import REPO, TINY_OVERRIDES
+from lensmith.testing.project import REPO, TINY_OVERRIDES
 
 SWEEP_CONFIGS = [{"train.lr": 0.001}, {"train.lr": 0.003}]
 # Smaller than the tiny project: two 1-epoch configs, no robustness suite, so each task is a few seconds.

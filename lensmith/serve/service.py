@@ -1,0 +1,160 @@
+"""The service's state: the model holder, the micro-batcher and its inference runs, the prediction log, the
+review queue, the recent predictions kept for feedback, the metrics, and the token and model checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.security import HTTPAuthorizationCredentials
+
+from lensmith.errors import LensmithError
+from lensmith.onnxmodel import softmax
+from lensmith.params import ServeParams
+from lensmith.procutil import available_cores
+from lensmith.serve.apierrors import ApiError
+from lensmith.serve.batching import MicroBatcher
+from lensmith.serve.metrics import Metrics
+from lensmith.serve.models import ModelHolder, ModelSource, ServedModel
+from lensmith.serve.predlog import PredictionLog
+from lensmith.serve.review import ReviewQueue
+from lensmith.serve.security import token_matches
+
+log = logging.getLogger("lensmith.serve")
+
+RECENT_BYTES_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass
+class Remembered:
+    prediction: dict[str, Any]
+    image: bytes
+    ext: str
+    classes: list[str]
+
+
+class RecentPredictions:
+    """The last N predictions (with their image bytes) so feedback can queue the image; bounded in bytes too."""
+
+    def __init__(self, limit: int, byte_limit: int = RECENT_BYTES_LIMIT) -> None:
+        self.limit, self.byte_limit = limit, byte_limit
+        self._items: OrderedDict[str, Remembered] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, key: str, item: Remembered) -> None:
+        with self._lock:
+            self._items[key] = item
+            self._bytes += len(item.image)
+            while self._items and (len(self._items) > self.limit or self._bytes > self.byte_limit):
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old.image)
+
+    def get(self, key: str) -> Remembered | None:
+        with self._lock:
+            return self._items.get(key)
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What the inference thread hands back per image: a fresh prediction id and the top-k classes."""
+
+    id: str
+    top_k: list[dict[str, Any]]  # [{"label", "probability"}], most probable first
+
+
+def inference_layout(params: ServeParams, cores: int | None = None) -> tuple[int, int]:
+    """(batches run at once, ONNX Runtime intra-op threads per run) for serve.runners, serve.threads and
+    serve.providers.
+
+    On CPU, threads=0 means single-threaded runs: a multi-threaded run waits at every operator for its
+    slowest thread, and with the event loop and the request threads taking turns on the same cores that
+    wait is long (on 2 cores under load, 2-thread runs were slower than 1-thread ones); single-threaded
+    runs side by side keep the cores busy and barely depend on the batch size. runners=0 then runs one
+    more batch than there are cores: while a runner's answers go out and its clients' next requests come
+    in through the event loop, its core would idle; the spare run takes it (bench/serve.py, 2 cores, 16
+    clients, one 3-round trial: 2 runs 0.72x of the raw session, 3 runs 0.77x, 4 runs 0.78x; a later one:
+    3 runs 0.84x, 4 runs 0.74x). threads=N runs cores // N batches of N threads. GPU providers: one run at
+    a time. A runners value > 0 is taken as it is."""
+    cores = cores or available_cores()
+    if params.providers[:1] != ["CPUExecutionProvider"]:
+        return params.runners or 1, params.threads
+    if params.threads == 0:
+        return params.runners or cores + 1, 1
+    return params.runners or max(1, cores // params.threads), params.threads
+
+
+class Service:
+    def __init__(self, params: ServeParams, root: Path, source: ModelSource, token: str | None) -> None:
+        self.params = params
+        self.token = token
+        runners, threads = inference_layout(params)
+        self.holder = ModelHolder(source, list(params.providers), params.variant, threads)
+        self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners)
+        self.predlog = PredictionLog(root / params.log_dir, params.log_rotate_bytes)
+        self.queue = ReviewQueue(root / params.review_dir)
+        self.recent = RecentPredictions(params.feedback_window)
+        self.metrics = Metrics()
+        self.batcher.on_batch = self._observe_batch
+
+    def _observe_batch(self, images: int, seconds: float) -> None:
+        self.metrics.batch.observe(images)
+        self.metrics.inference.observe(seconds)
+
+    def _run(self, model: ServedModel, batch: np.ndarray) -> list[RunOutput]:
+        """On an inference thread, for a whole N x H x W x C uint8 batch at once: normalisation, session run,
+        softmax, top-k and ids (the event loop then only assembles dicts: no numpy, no urandom per request)."""
+        x = model.onnx.preprocessing.normalize(batch.transpose(0, 3, 1, 2))  # the shared preprocessing, batched
+        probabilities = softmax(model.onnx.logits(x))
+        classes = model.onnx.classes
+        k = min(self.params.top_k, len(classes))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(probabilities, order, axis=1)
+        ids = os.urandom(16 * len(batch)).hex()
+        return [
+            RunOutput(ids[32 * i : 32 * (i + 1)], [{"label": classes[c], "probability": p} for c, p in zip(cs, ps)])
+            for i, (cs, ps) in enumerate(zip(order.tolist(), top.tolist()))
+        ]
+
+    def reload(self, force: bool) -> bool:
+        try:
+            changed = self.holder.reload(force)
+        except LensmithError:
+            self.metrics.reloads.labels("failed").inc()
+            raise
+        if changed and self.holder.current is not None:
+            self.metrics.reloads.labels("loaded").inc()
+            self.metrics.set_model(self.holder.current)
+        return changed
+
+    async def poll_for_new_models(self) -> None:
+        while True:
+            await asyncio.sleep(self.params.reload_poll_s)
+            try:
+                await asyncio.to_thread(self.reload, False)
+            except LensmithError as exc:
+                log.error("hot reload failed, still serving the previous model: %s", exc)
+            except Exception:
+                log.exception("hot reload crashed, still serving the previous model")
+
+    def require_model(self) -> ServedModel:
+        """The model being served; a 503 while none is loaded."""
+        model = self.holder.current
+        if model is None:
+            raise ApiError(503, "no_model", f"no model is loaded ({self.holder.last_error or 'not loaded yet'})")
+        return model
+
+    def require_token(self, credentials: HTTPAuthorizationCredentials | str | None) -> None:
+        """`credentials`: FastAPI's HTTPBearer result, or the bearer token itself."""
+        if self.token is None:
+            raise ApiError(403, "disabled", "this endpoint is disabled: the server has no LENSMITH_API_TOKEN set")
+        presented = credentials.credentials if isinstance(credentials, HTTPAuthorizationCredentials) else credentials
+        if not token_matches(presented, self.token):
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token")

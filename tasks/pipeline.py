@@ -1,0 +1,93 @@
+"""The pipeline as DVC resolves it (`${...}` templating, foreach, the graph from deps and outs): the flow's graph,
+each stage's inputs and outputs for a remote worker, and the git-tracked outputs a nightly run records.
+
+No second parser of dvc.yaml: everything here comes from DVC's own index of the project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lensmith.errors import LensmithError
+from lensmith.params import Params
+from lensmith.remote import StageIO
+
+
+class PipelineError(LensmithError):
+    """dvc.yaml (or the params it refers to) cannot be resolved into a stage graph."""
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    name: str
+    upstream: tuple[str, ...]  # stages whose outputs this stage depends on
+    io: StageIO
+    git_tracked: tuple[str, ...]  # outputs with `cache: false` (metrics, plots): versioned by git, not DVC
+
+
+def resolved_pipeline(root: Path) -> dict[str, ResolvedStage]:
+    """Every stage of `root`'s dvc.yaml, resolved by DVC (project-relative paths), in dvc.yaml order."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with contextlib.chdir(root), Repo(str(root), uninitialized=True) as repo:
+            index = repo.index
+            stages = list(index.stages)
+            upstream: dict[str, list[str]] = {stage.addressing: [] for stage in stages}
+            for stage, dependency in index.graph.edges:
+                upstream[stage.addressing].append(dependency.addressing)
+            resolved = {}
+            for stage in stages:
+                outs = [str(out.def_path) for out in stage.outs]
+                resolved[stage.addressing] = ResolvedStage(
+                    name=stage.addressing,
+                    upstream=tuple(sorted(upstream[stage.addressing])),
+                    io=StageIO(
+                        # params are the params object's, not a file the stage reads
+                        deps=[str(dep.def_path) for dep in stage.deps if not isinstance(dep, ParamsDependency)],
+                        outs=outs,
+                        persist=[str(out.def_path) for out in stage.outs if out.persist],
+                    ),
+                    git_tracked=tuple(str(out.def_path) for out in stage.outs if not out.use_cache),
+                )
+    except DvcException as exc:
+        raise PipelineError(f"{root / 'dvc.yaml'}: {exc}") from None
+    if not resolved:
+        raise PipelineError(f"{root / 'dvc.yaml'} declares no stages")
+    return resolved
+
+
+def flow_graph(root: Path) -> dict[str, tuple[str, ...]]:
+    """stage -> upstream stages, from DVC's graph of the project's dvc.yaml: the flow runs what `dvc repro` would
+    (a project made by `lensmith init` has no demo stage; a project's own stages run too)."""
+    return {name: stage.upstream for name, stage in resolved_pipeline(root).items()}
+
+
+def git_versioned_outputs(root: Path) -> list[str]:
+    """What git versions of the stages' outputs: metrics and plots with `cache: false`, and the .gitignore files
+    DVC writes beside the outputs it caches; in dvc.yaml order."""
+    paths: list[str] = []
+    for stage in resolved_pipeline(root).values():
+        cached = [out for out in stage.io.outs if out not in stage.git_tracked]
+        paths += [(Path(out).parent / ".gitignore").as_posix() for out in cached] + list(stage.git_tracked)
+    return list(dict.fromkeys(paths))
+
+
+def stage_io(stage: str, params: Params, dvc_yaml: Path) -> StageIO:
+    """`stage`'s deps and everything it writes, as DVC resolves `dvc_yaml` against `params` (not a params file:
+    a remote worker holds the params object, overrides included)."""
+    with tempfile.TemporaryDirectory(prefix="lensmith-pipeline-") as scratch:
+        root = Path(scratch)
+        (root / "dvc.yaml").write_bytes(dvc_yaml.read_bytes())
+        (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        pipeline = resolved_pipeline(root)
+    if stage not in pipeline:
+        raise PipelineError(f"unknown stage {stage!r}; {dvc_yaml} declares: {', '.join(pipeline)}")
+    return pipeline[stage].io
