@@ -102,8 +102,8 @@ def _stage_command(stage: Stage) -> Callable[..., None]:
             args += [w for o in stage.options for w in _option_words(o, options[o.name])]
             relaunched = stage.relaunch(params, args)
             if relaunched is not None:
-                typer.echo(f"{stage.command}: relaunching as {' '.join(relaunched[:3])} ...")
-                raise typer.Exit(subprocess.run(relaunched, check=False).returncode)
+                typer.echo(relaunched.reason)
+                raise typer.Exit(subprocess.run(relaunched.command, check=False).returncode)
         typer.echo(str(stage.run(params, layout, **options)))
 
     own = [

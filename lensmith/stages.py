@@ -40,6 +40,14 @@ class StageOption:
 
 
 @dataclass(frozen=True)
+class Relaunch:
+    """Run this command instead of the stage function in this process, and why."""
+
+    command: list[str]
+    reason: str
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str  # the dvc.yaml stage name
     run: Callable[..., Any]  # (params, layout, **options) -> a summary printed by the CLI and logged by the flow
@@ -50,7 +58,7 @@ class Stage:
     io_bound: bool = False  # mostly waits on storage (local disk, S3): the flow retries it with backoff
     publishes: Callable[[Layout], list[Artifact]] | None = None  # what the flow shows from the stage's outputs
     # The command to run instead of this process (e.g. training under torchrun), given params and the CLI's arguments
-    relaunch: Callable[[Params, list[str]], list[str] | None] | None = None
+    relaunch: Callable[[Params, list[str]], Relaunch | None] | None = None
 
     @property
     def command(self) -> str:
@@ -122,13 +130,17 @@ def _train(params: Params, layout: Layout, resume: bool = False) -> Any:
     return run_train(params, layout, resume=resume)
 
 
-def _train_relaunch(params: Params, cli_args: list[str]) -> list[str] | None:
+def _train_relaunch(params: Params, cli_args: list[str]) -> Relaunch | None:
     """train.processes > 1 outside torchrun: `lensmith train` again under torchrun (DistributedDataParallel)."""
-    if params.train.processes <= 1:
+    processes = params.train.processes
+    if processes <= 1:
         return None  # without importing torch (lensmith.distributed does): a no-op flow run never needs it
     from lensmith.distributed import needs_torchrun, torchrun_command
 
-    return torchrun_command(params.train.processes, ["train", *cli_args]) if needs_torchrun(params.train.processes) else None
+    if not needs_torchrun(processes):
+        return None
+    reason = f"train.processes={processes}: relaunching under torchrun (DistributedDataParallel)"
+    return Relaunch(torchrun_command(processes, ["train", *cli_args]), reason)
 
 
 def _evaluate(params: Params, layout: Layout) -> Any:
