@@ -58,7 +58,7 @@ def resolved_pipeline(root: Path) -> dict[str, ResolvedStage]:
                     git_tracked=tuple(str(out.def_path) for out in stage.outs if not out.use_cache),
                 )
     except DvcException as exc:
-        raise PipelineError(f"{root / 'dvc.yaml'}: {exc}") from None
+        raise PipelineError(f"the pipeline of {root} cannot be read (dvc.yaml, dvc.lock and the params they use): {exc}") from None
     if not resolved:
         raise PipelineError(f"{root / 'dvc.yaml'} declares no stages")
     return resolved

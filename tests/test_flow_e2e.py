@@ -74,7 +74,9 @@ def test_corrupt_dvc_lock_is_a_clear_error_and_nothing_is_lost(project: Path) ->
     try:
         proc = run(lensmith_cmd("run"), project, check=False)
         assert proc.returncode == 1
-        assert "dvc.lock" in proc.stderr and "stage 'demo_data' failed" in proc.stderr
+        # DVC reads the lock while resolving the flow's graph: the run stops before any stage, naming the file
+        assert "cannot be read" in proc.stderr and "'dvc.lock'" in proc.stderr and "corrupted" in proc.stderr
+        assert "Traceback" not in proc.stderr
         assert (project / "models" / "candidate" / "model.pt").exists()
     finally:
         lock.write_bytes(original)
