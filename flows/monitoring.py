@@ -20,6 +20,7 @@ from prefect.logging import get_run_logger
 from lensmith.drift.current import LOG_SOURCE
 from lensmith.layout import Layout
 from lensmith.params import Params, load_params
+from lensmith.projectpin import pinned_project
 
 NIGHTLY_FLOW_NAME = "lensmith-nightly"
 
@@ -83,7 +84,9 @@ def post_webhook(url: str, payload: dict[str, Any], timeout_s: float) -> str | N
 @flow(name="lensmith-monitoring", log_prints=True)
 def monitoring_flow(root: str = ".", params_file: str = "params.yaml", current: str | None = None, since: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    params: Params = load_params(Path(root) / params_file)
+    root_path, params_path = pinned_project(root, params_file)  # a run's parameters cannot pick another project
+    root = str(root_path)
+    params: Params = load_params(params_path)
     source = current or params.drift.current or LOG_SOURCE
     report = drift_task(root, params_file, source, since)
     decision = report["decision"]
