@@ -103,7 +103,8 @@ def stale_gate_problem(gate: Any, production: str | None) -> str | None:
     against = f"production {champion}" if champion else "no production model (floors only)"
     return (
         f"its gate decision compared it against {against}, but production is now {production or 'unset'}; "
-        "rerun the gate (`lensmith gate`, or the pipeline) so the candidate is compared against the current production"
+        "rerun the gate so the candidate is compared against the current production (`lensmith gate`, or "
+        "`dvc repro --force gate`: a promotion does not make the gate stage stale)"
     )
 
 

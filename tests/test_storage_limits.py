@@ -261,3 +261,26 @@ def test_the_collector_exports_kept_removed_dropped_and_errors(tmp_path: Path, m
     assert 'lensmith_review_queue_removed_items_total{reason="age"} 1.0' in text
     assert 'lensmith_review_queue_dropped_items_total{reason="write_error"} 0.0' in text
     log.close()
+
+
+def test_an_image_whose_item_could_not_be_queued_is_not_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lensmith.serve.review as review
+
+    def full(path: Path, line: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(review, "append_line", full)
+    assert add_offer(ReviewQueue(tmp_path), 1) is None
+    assert list((tmp_path / IMAGES_DIR).iterdir()) == []
+
+
+def test_a_failing_retention_pass_never_writes_records_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unlistable(directory: Path, pattern: str) -> list:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(predlog, "stored_files", unlistable)
+    log = PredictionLog(tmp_path, rotate_bytes=1 << 20, retention=Retention(max_bytes=10))
+    log.append(records("a", 3))
+    assert log.flush(timeout=10)
+    log.close()
+    assert [r["id"] for r in read_log(tmp_path)] == ["a-0", "a-1", "a-2"]

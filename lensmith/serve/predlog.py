@@ -114,9 +114,16 @@ class PredictionLog:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
-        """Delete the files retention no longer keeps (never the one being written); measure what is kept.
-        Called with _lock held."""
+        """Retention, called with _lock held. Its failures are logged, never raised: the records are written
+        by then (or about to be), and a raise would have them written twice by the retry."""
         self._next_retention = time.monotonic() + RETENTION_INTERVAL_S
+        try:
+            self._delete_old_files()
+        except OSError as exc:
+            self._write_failures.log(logging.WARNING, "prediction log: retention in %s failed (%s)", self.directory, exc)
+
+    def _delete_old_files(self) -> None:
+        """Delete the files retention no longer keeps (never the one being written); measure what is kept."""
         files = stored_files(self.directory, f"{PREFIX}*.jsonl")
         current = Path(self._handle.name) if self._handle is not None else None
         doomed = files_to_delete(files, self.retention, time.time(), keep=[current] if current else [])

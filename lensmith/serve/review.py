@@ -197,8 +197,14 @@ class ReviewQueue:
         item = new_item(sha256, ext, reason, prediction, feedback_label)
         line = json.dumps(item, separators=(",", ":")) + "\n"
         with self._locked():
-            image_written = write_new_file(self.image_path(sha256, ext), image)
-            append_line(self.directory / QUEUE_FILE, line)
+            image_path = self.image_path(sha256, ext)
+            image_written = write_new_file(image_path, image)
+            try:
+                append_line(self.directory / QUEUE_FILE, line)
+            except OSError:
+                if image_written:  # no item refers to it: retention would never remove it
+                    image_path.unlink(missing_ok=True)
+                raise
             self._grew(len(line.encode()) + (len(image) if image_written else 0))
             if self._prune_due():
                 self._prune_quietly(time.time())
@@ -215,7 +221,10 @@ class ReviewQueue:
             with self._stats_lock:
                 self._dropped["write_error"] += 1
             self._count_write_error(exc)
-            self._warnings.log(logging.WARNING, "review queue: could not store an item in %s (%s); item dropped, the prediction is answered", self.directory, exc)
+            self._warnings.log(
+                logging.WARNING, "review queue: could not store an item in %s (%s); item dropped, the prediction is answered",
+                self.directory, exc,
+            )
             return None
 
     def prune(self, now: float | None = None) -> dict[str, int]:
