@@ -85,11 +85,16 @@ class LogRead:
 
 
 def read_log_records(directory: Path, since: datetime) -> LogRead:
-    """Records at or after `since` from every log file; a half-written or corrupt line is counted, not fatal."""
+    """Records at or after `since` from every log file; a half-written or corrupt line is counted, not fatal.
+    A file the service's retention deletes while this reads is skipped."""
     records, bad, files = [], 0, 0
     for path in sorted(Path(directory).glob(f"{LOG_PREFIX}*.jsonl")):
+        try:
+            fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue
         files += 1
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with fh:
             for line in fh:
                 if not line.strip():
                     continue
