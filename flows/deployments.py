@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from prefect.schedules import Cron
 from flows.monitoring import monitoring_flow
 from flows.nightly import nightly_flow
 from lensmith.params import Params
+from lensmith.projectpin import ROOT_ENV
 
 
 def deployments(params: Params, root: Path, params_file: str = "params.yaml") -> list[Any]:
@@ -35,5 +37,9 @@ def deployments(params: Params, root: Path, params_file: str = "params.yaml") ->
 
 
 def serve_deployments(params: Params, root: Path, params_file: str = "params.yaml") -> None:
-    """Register both deployments on the configured Prefect API and run their scheduled runs (until interrupted)."""
+    """Register both deployments on the configured Prefect API and run their scheduled runs (until interrupted).
+
+    The runs execute in this process, pinned to `root` (LENSMITH_ROOT): a run started through the API with another
+    `root` parameter is refused before it does anything (lensmith/projectpin.py)."""
+    os.environ[ROOT_ENV] = str(root.resolve())
     serve(*deployments(params, root, params_file), pause_on_shutdown=False)

@@ -2,8 +2,9 @@
 
 monitoring_flow: run `lensmith drift` on drift.current (default: the prediction log over drift.since),
 publish the decision as a markdown artifact, and when it says retrain: start the nightly deployment
-with run_deployment (timeout=0: fire and forget), log an alert, and post it to drift.webhook_url
-when one is set (a failing webhook is logged, never fatal).
+with run_deployment (timeout=0: fire and forget), log an alert, and post it to the webhook whose URL is in
+the environment variable named by drift.webhook_url_env (default LENSMITH_DRIFT_WEBHOOK_URL) when it is set
+(the URL is a secret: never in params.yaml, logged as scheme://host only; a failing webhook is logged, never fatal).
 flows/deployments.py serves it as its own deployment on the drift.cron schedule.
 """
 
@@ -18,8 +19,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from lensmith.drift.current import LOG_SOURCE
+from lensmith.drift.webhook import post_webhook, redact_url, webhook_url
 from lensmith.layout import Layout
 from lensmith.params import Params, load_params
+from lensmith.projectpin import pinned_project
 
 NIGHTLY_FLOW_NAME = "lensmith-nightly"
 
@@ -68,22 +71,12 @@ def start_retraining_task(deployment_name: str, root: str, params_file: str) -> 
     return str(run.name)
 
 
-def post_webhook(url: str, payload: dict[str, Any], timeout_s: float) -> str | None:
-    """POST the alert as JSON; returns an error message instead of raising."""
-    import httpx
-
-    try:
-        response = httpx.post(url, json=payload, timeout=timeout_s)
-        response.raise_for_status()
-    except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 @flow(name="lensmith-monitoring", log_prints=True)
 def monitoring_flow(root: str = ".", params_file: str = "params.yaml", current: str | None = None, since: str | None = None) -> dict[str, Any]:
     logger = get_run_logger()
-    params: Params = load_params(Path(root) / params_file)
+    root_path, params_path = pinned_project(root, params_file)  # a run's parameters cannot pick another project
+    root = str(root_path)
+    params: Params = load_params(params_path)
     source = current or params.drift.current or LOG_SOURCE
     report = drift_task(root, params_file, source, since)
     decision = report["decision"]
@@ -96,9 +89,10 @@ def monitoring_flow(root: str = ".", params_file: str = "params.yaml", current: 
     markdown = alert_markdown(report, flow_run)
     create_markdown_artifact(key="drift", markdown=markdown, description="Drift check and retraining decision")
     webhook_error = None
-    if decision["retrain"] and params.drift.webhook_url:
+    url = webhook_url(params.drift)
+    if decision["retrain"] and url:
         payload = {"event": "lensmith.drift.retrain", "reason": decision["reason"], "flow_run": flow_run, "report": report}
-        webhook_error = post_webhook(params.drift.webhook_url, payload, params.drift.webhook_timeout_s)
+        webhook_error = post_webhook(url, payload, params.drift.webhook_timeout_s)
         if webhook_error:
-            logger.error("drift alert webhook failed (the alert is still recorded here): %s", webhook_error)
+            logger.error("drift alert webhook to %s failed (the alert is still recorded here): %s", redact_url(url), webhook_error)
     return {"decision": decision, "retraining_run": flow_run, "webhook_error": webhook_error, "drifted_share": report["drifted_share"]}

@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 
 from flows.training import training_flow
 from lensmith.params import load_params
+from lensmith.projectpin import pinned_project
 from tasks.pipeline import git_versioned_outputs
 from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_run
 
@@ -66,8 +67,8 @@ def nightly_flow(root: str = ".", params_file: str = "params.yaml") -> dict[str,
     """Nightly retraining with a champion/challenger gate; a no-op when nothing changed."""
     logger = get_run_logger()
     start = time.perf_counter()
-    root_path = Path(root).resolve()
-    params = load_params(root_path / params_file)
+    root_path, params_path = pinned_project(root, params_file)  # a run's parameters cannot pick another project
+    params = load_params(params_path)
     nightly = params.nightly
     pulled = pull_task(root_path)
     logger.info("pull: %s", pulled.detail)

@@ -358,11 +358,23 @@ def models_register(
 
 @models_app.command("promote")
 @user_errors
-def models_promote(version: Annotated[str, typer.Argument(help="Version id (v0003) or alias")], root: RootOpt = Path(".")) -> None:
-    """Make VERSION production (refused when its gate rejected it); the old production becomes previous."""
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version id (v0003) or alias")],
+    allow_stale_gate: Annotated[
+        bool,
+        typer.Option(
+            "--allow-stale-gate",
+            help="Promote even though its gate compared it against another production than the current one "
+            "(e.g. going back to an older version further than `rollback` does)",
+        ),
+    ] = False,
+    root: RootOpt = Path("."),
+) -> None:
+    """Make VERSION production (refused when its gate rejected it, or compared it against another production:
+    rerun the gate); the old production becomes previous."""
     registry = _registry(root)
     resolved = registry.version_of(version)
-    registry.promote(resolved)
+    registry.promote(resolved, allow_stale_gate=allow_stale_gate)
     typer.echo(f"production -> {resolved}")
 
 

@@ -605,7 +605,7 @@ def generate_demo_dataset(
     jobs = plan_jobs(seed, chosen, per_class)
     workers = min(resolve_workers(workers), max(len(jobs) // 8, 1))
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, fsync_files=False) as tmp:  # generated images: regenerated, not fsynced one by one
         if shards:
             with tempfile.TemporaryDirectory(prefix=f".{out.name}.images.", dir=out.parent) as images:
                 metadata = write_image_folder(Path(images), seed, image_size, jobs, workers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -128,11 +129,27 @@ def read_item_bytes(item: SourceItem, limits: DecodeLimits, s3: S3Settings) -> b
     if item.in_shard:
         return read_shard_member(item)
     try:
-        return item.local_file.read_bytes()
+        return read_regular_file(item.local_file, limits.max_file_bytes)
     except FileNotFoundError:
         raise ImageRejected("missing_file", f"{item.local_file} disappeared during ingest") from None
     except OSError as exc:
         raise ImageRejected("unreadable_file", f"{item.local_file}: {exc}") from None
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, checked on the open file itself: a FIFO, device or
+    socket swapped in after listing is refused without blocking, and a file that grew is not read past the limit."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageRejected("not_a_file", f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ImageRejected("file_too_large", f"{path} holds more than data.max_file_bytes={max_bytes} bytes")
+    return data
 
 
 def read_shard_member(item: SourceItem) -> bytes:

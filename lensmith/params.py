@@ -6,6 +6,7 @@ A wrong key, type or value raises `ParamsError` (CLI exit code 2) naming the key
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lensmith.errors import ParamsError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 AUTO = "auto"  # a data-dependent setting resolved from the data (lensmith.resolve)
 Auto = Literal["auto"]
 
@@ -493,7 +495,32 @@ class ServeParams(Section):
     log_rotate_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Size in bytes at which the prediction log starts a new file (default 16 MiB)"
     )
+    log_max_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Most bytes of prediction log kept: the least recently written files are deleted beyond it "
+        "(never the file being written; keep it a few times log_rotate_bytes); 0 = no size limit (default 1 GiB)",
+    )
+    log_max_age_days: float = Field(
+        90.0, ge=0.0,
+        description="Prediction log files last written longer ago are deleted; keep it longer than drift.since, "
+        "whose window drift monitoring reads from the log; 0 = kept forever",
+    )
+    log_max_backlog: int = Field(
+        20_000, ge=1,
+        description="Most prediction records held in memory while the log cannot be written (disk full); newer "
+        "ones are dropped and counted (lensmith_prediction_log_dropped_records_total), predictions are still answered",
+    )
     review_dir: str = Field("serving/review", description="Review queue on disk (relative to root)")
+    review_max_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Most bytes the review queue keeps (its queue.jsonl and images): the oldest items are removed "
+        "beyond it; feedback items with a human label are kept until `review import` took them in; 0 = no size limit (default 1 GiB)",
+    )
+    review_max_age_days: float = Field(
+        30.0, ge=0.0,
+        description="Review items older than this are removed (feedback items with a human label only after "
+        "`review import` took them in): export, label and import more often than this; 0 = kept forever",
+    )
     feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
     access_log: bool = Field(
         False,
@@ -544,12 +571,34 @@ class DriftParams(Section):
     cron: str = Field("0 6 * * *", description="When the monitoring deployment runs")
     timezone: str = Field("UTC", description="IANA timezone of the monitoring cron")
     deployment_name: str = Field("drift-monitoring", description="Prefect deployment name of the drift monitoring flow")
-    webhook_url: str | None = Field(None, description="Optional URL that receives a JSON alert on trigger")
+    webhook_url_env: str | None = Field(
+        "LENSMITH_DRIFT_WEBHOOK_URL",
+        description="Environment variable holding the URL that receives a JSON alert on trigger (a secret: never in "
+        "params.yaml; unset or empty variable = no webhook); null = no webhook",
+    )
     webhook_timeout_s: float = Field(
         5.0, gt=0.0, description="Seconds to wait for the webhook; a failed call is logged, the alert and the retraining run stand"
     )
     seed: int = Field(0, description="Seed of the reference sample, the embedding PCA and the window sample, for repeatable drift reports")
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _webhook_url_not_in_params(cls, data: Any) -> Any:
+        """The webhook URL is a secret: never a value here (it would land in meta.json and the reports).
+        The errors never echo the value: it may be that secret."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "webhook_url" in data and data.pop("webhook_url") is not None:
+            raise ValueError(
+                "drift.webhook_url is no longer read from params.yaml (the URL is a secret): put it in the environment "
+                "variable named by drift.webhook_url_env (default LENSMITH_DRIFT_WEBHOOK_URL) and delete the key"
+            )
+        name = data.get("webhook_url_env")
+        if name is not None and not (isinstance(name, str) and ENV_NAME.fullmatch(name)):
+            raise ValueError("drift.webhook_url_env must name an environment variable (letters, digits, _), not hold the URL")
+        return data
 
     @field_validator("since")
     @classmethod

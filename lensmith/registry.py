@@ -3,16 +3,21 @@
 models/registry/
   versions/v0001/  model.pt, model.onnx, model.int8.onnx (when exported), export.json, meta.json,
                    metrics.json, gate.json, MODEL_CARD.md, MODEL_CARD.html   (files read-only)
-  aliases.json     {"production": ..., "previous": ..., "candidate": ...}   (written atomically)
+  aliases.json     {"production": ..., "previous": ..., "candidate": ...}   (written atomically, fsynced)
   .lock            fcntl lock held around every change (register, promote, rollback)
 
-A version is built in a hidden temporary folder and renamed into place, so a failed or killed
-register never leaves a half version. Nothing in this module writes into an existing version.
+A version is built in a hidden temporary folder, fsynced and renamed into place, so a failed or killed
+register (or a power loss) never leaves a half version. Nothing in this module writes into an existing version.
+A missing aliases.json is a registry with no aliases yet; an unreadable or corrupt one is an error
+(never read as "no production": the gate would then compare against nothing and serving would stop).
+A gate decision is only good for the production it was compared against (gate.json `champion_version`):
+`promote` refuses it once production has moved (rerun the gate).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lensmith.errors import LensmithError
-from lensmith.fsutil import write_json_atomic
+from lensmith.fsutil import fsync_dir, fsync_tree, write_json_atomic
 from lensmith.jsondoc import dig, read_json_or_none
 from lensmith.layout import EXPORT_JSON, GATE_JSON, INT8_FILE, METRICS_JSON, ONNX_FILE, OPTIMIZED_FILE
 from lensmith.modelcard import write_model_card
@@ -38,6 +43,10 @@ MODEL_FILES: tuple[str, ...] = (
 )
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 REGISTRY_DIR = "registry"
+ALIASES_FIX = (
+    "restore it from version control (`git checkout -- models/registry/aliases.json` or `dvc checkout`), or rewrite it as "
+    '{"production": "v0003", "previous": null, "candidate": null} with versions listed under versions/'
+)
 
 
 class RegistryError(LensmithError):
@@ -80,6 +89,53 @@ def gate_allows_promotion(gate: Any) -> bool:
     return isinstance(gate, dict) and gate.get("passed") is True and gate.get("decision", "promote") == "promote"
 
 
+def gate_champion(gate: Any) -> str | None:
+    """The production version a gate decision compared against (None: floors only, there was no production)."""
+    champion = gate.get("champion_version") if isinstance(gate, dict) else None
+    return str(champion) if champion else None
+
+
+def stale_gate_problem(gate: Any, production: str | None) -> str | None:
+    """Why a gate decision no longer holds (production moved since the gate ran), or None while it holds."""
+    champion = gate_champion(gate)
+    if champion == production:
+        return None
+    against = f"production {champion}" if champion else "no production model (floors only)"
+    return (
+        f"its gate decision compared it against {against}, but production is now {production or 'unset'}; "
+        "rerun the gate so the candidate is compared against the current production (`lensmith gate`, or "
+        "`dvc repro --force gate`: a promotion does not make the gate stage stale)"
+    )
+
+
+def is_alias_value(value: Any) -> bool:
+    """None (unset) or a version id."""
+    return value is None or (isinstance(value, str) and VERSION_PATTERN.match(value) is not None)
+
+
+def read_aliases(path: Path) -> dict[str, str | None]:
+    """The aliases stored in aliases.json; all unset when the file does not exist yet (a new registry).
+
+    An unreadable file, invalid JSON, or a value that is not a version id raises RegistryError naming the
+    file and the fix: a corrupt file must never read as "no production"."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return dict.fromkeys(ALIASES)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"cannot read the registry aliases {path} ({exc}); {ALIASES_FIX}") from None
+    try:
+        stored = json.loads(text)
+    except ValueError as exc:
+        raise RegistryError(f"the registry aliases {path} are corrupt (not valid JSON: {exc}); {ALIASES_FIX}") from None
+    if not isinstance(stored, dict):
+        raise RegistryError(f"the registry aliases {path} are corrupt (not a JSON object); {ALIASES_FIX}")
+    bad = {name: stored[name] for name in ALIASES if not is_alias_value(stored.get(name))}
+    if bad:
+        raise RegistryError(f"the registry aliases {path} are corrupt (not version ids: {bad}); {ALIASES_FIX}")
+    return {name: stored.get(name) for name in ALIASES}
+
+
 def make_read_only(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
@@ -106,9 +162,8 @@ class Registry:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def aliases(self) -> dict[str, str | None]:
-        stored = read_json_or_none(self.aliases_path)
-        stored = stored if isinstance(stored, dict) else {}
-        return {name: stored.get(name) for name in ALIASES}
+        """production/previous/candidate -> version id or None; RegistryError when aliases.json is corrupt."""
+        return read_aliases(self.aliases_path)
 
     def _write_aliases(self, aliases: dict[str, str | None]) -> None:
         write_json_atomic(self.aliases_path, {name: aliases.get(name) for name in ALIASES})
@@ -204,7 +259,9 @@ class Registry:
             try:
                 stage_version(staging, version, candidate_dir, metrics_path, gate_path, export_path, aliases["production"])
                 make_read_only(staging)
+                fsync_tree(staging)  # the files reach the disk before the folder's new name does
                 publish_version(staging, self.versions_dir / version)
+                fsync_dir(self.versions_dir)
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
@@ -223,8 +280,9 @@ class Registry:
         existing = self.version_ids()
         return version_id(int(existing[-1][1:]) + 1 if existing else 1)
 
-    def promote(self, version: str) -> None:
-        """Make `version` production (the old production becomes previous); refuses versions the gate rejected."""
+    def promote(self, version: str, *, allow_stale_gate: bool = False) -> None:
+        """Make `version` production (the old production becomes previous); refuses versions the gate rejected
+        and, unless `allow_stale_gate`, gate decisions made against another production than the current one."""
         with self._locked():
             folder = self.resolve(version)
             gate = read_json_or_none(folder / GATE_JSON)
@@ -238,6 +296,9 @@ class Registry:
             aliases = self.aliases()
             if aliases["production"] == folder.name:
                 return
+            stale = stale_gate_problem(gate, aliases["production"])
+            if stale and not allow_stale_gate:
+                raise RegistryError(f"refusing to promote {folder.name}: {stale}")
             aliases["previous"] = aliases["production"]
             aliases["production"] = folder.name
             self._write_aliases(aliases)

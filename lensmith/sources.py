@@ -93,18 +93,21 @@ def local_source_path(source: str, layout: Layout) -> Path:
     return path if path.is_absolute() else layout.root / path
 
 
-def list_source(data: DataParams, layout: Layout) -> SourceListing:
-    """Dispatch on `data.source`: s3:// URI, CSV manifest file, shard folder or ImageFolder directory."""
+def list_source(data: DataParams, layout: Layout, *, root_label: str | None = None) -> SourceListing:
+    """Dispatch on `data.source`: s3:// URI, CSV manifest file, shard folder or ImageFolder directory.
+
+    Images at the source root have no <class>/ folder: rejected as `no_label`, or listed with `root_label`
+    (drift windows list them unlabelled, "") after the same symlink, file-type and key checks as any other."""
     extensions = set(data.image_extensions)
     if is_s3_uri(data.source):
-        return list_s3_folder(data.source, extensions, s3_settings(data), layout, data.max_file_bytes)
+        return list_s3_folder(data.source, extensions, s3_settings(data), layout, data.max_file_bytes, root_label)
     root = local_source_path(data.source, layout)
     if not root.exists():
         raise SourceUnavailableError(f"data.source {data.source!r} does not exist (looked at {root})")
     if root.is_dir() and is_shard_folder(root):
-        return list_shard_folder(root, extensions)
+        return list_shard_folder(root, extensions, root_label)
     if root.is_dir():
-        return list_image_folder(root, extensions)
+        return list_image_folder(root, extensions, root_label)
     if root.is_file() and root.suffix.lower() == ".csv":
         return list_csv_manifest(root, extensions)
     raise DataError(
@@ -170,8 +173,9 @@ def posix_relative(raw: str) -> str:
 # ------------------------------------------------------------------------------------------- ImageFolder
 
 
-def list_image_folder(root: Path, extensions: set[str]) -> SourceListing:
-    """`<root>/<class>/<...>/<file>`: the label is the first directory under the root."""
+def list_image_folder(root: Path, extensions: set[str], root_label: str | None = None) -> SourceListing:
+    """`<root>/<class>/<...>/<file>`: the label is the first directory under the root (`root_label` for files
+    at the root; None rejects them)."""
     listing = SourceListing(description=str(root))
     real_root = root.resolve()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -191,14 +195,14 @@ def list_image_folder(root: Path, extensions: set[str]) -> SourceListing:
                 continue
             identity = PurePosixPath(*rel_dir, name).as_posix()
             file = here / name
-            if not rel_dir:
+            if not rel_dir and root_label is None:
                 listing.rejections.append(Rejection(identity, "no_label", "image at the source root, not in a <class>/ folder"))
                 continue
             detail = symlink_escape_detail(file, real_root) if file.is_symlink() else None
             if detail:
                 listing.rejections.append(Rejection(identity, "symlink_outside_source", detail))
                 continue
-            outcome = local_item(identity, rel_dir[0], file)
+            outcome = local_item(identity, rel_dir[0] if rel_dir else str(root_label), file)
             listing.add(outcome)
     metadata_file = root / METADATA_FILE
     if metadata_file.is_file():
@@ -209,7 +213,7 @@ def list_image_folder(root: Path, extensions: set[str]) -> SourceListing:
 # ------------------------------------------------------------------------------------------- shard folder
 
 
-def list_shard_folder(root: Path, extensions: set[str]) -> SourceListing:
+def list_shard_folder(root: Path, extensions: set[str], root_label: str | None = None) -> SourceListing:
     """Members of the shards in `root` (lensmith.shards), with the same rules as an ImageFolder: the label
     is the first directory of the member path; hidden members are skipped; nothing is read but the index.
     Loose image files in `root` (e.g. written by `lensmith review import`) are listed too, as files."""
@@ -218,7 +222,9 @@ def list_shard_folder(root: Path, extensions: set[str]) -> SourceListing:
     shard_sizes: dict[str, int | None] = {}
     seen: set[str] = set()
     for path, shard, offset, size, sha in index[["path", "shard", "offset", "size", "sha256"]].itertuples(index=False):
-        outcome = shard_member_item(root, str(path), str(shard), int(offset), int(size), str(sha), extensions, shard_sizes)
+        outcome = shard_member_item(
+            root, str(path), str(shard), int(offset), int(size), str(sha), extensions, shard_sizes, root_label
+        )
         if outcome is None:
             continue
         if isinstance(outcome, SourceItem) and outcome.path in seen:
@@ -226,7 +232,7 @@ def list_shard_folder(root: Path, extensions: set[str]) -> SourceListing:
         listing.add(outcome)
         if isinstance(outcome, SourceItem):
             seen.add(outcome.path)
-    add_loose_files(listing, list_image_folder(root, extensions), seen)
+    add_loose_files(listing, list_image_folder(root, extensions, root_label), seen)
     return listing
 
 
@@ -243,7 +249,8 @@ def add_loose_files(listing: SourceListing, loose: SourceListing, members: set[s
 
 
 def shard_member_item(
-    root: Path, path: str, shard: str, offset: int, size: int, sha: str, extensions: set[str], shard_sizes: dict[str, int | None]
+    root: Path, path: str, shard: str, offset: int, size: int, sha: str, extensions: set[str],
+    shard_sizes: dict[str, int | None], root_label: str | None = None,
 ) -> SourceItem | Rejection | None:
     """The member as an item, why it is unusable, or None for a hidden member (skipped, as in a folder)."""
     detail = unsafe_member_detail(path) or unsafe_member_detail(shard)
@@ -254,7 +261,7 @@ def shard_member_item(
     if not has_image_extension(path, extensions):
         return Rejection(path, "unsupported_extension", f"extension not in data.image_extensions {sorted(extensions)}")
     parts = path.split("/")
-    if len(parts) < 2:
+    if len(parts) < 2 and root_label is None:
         return Rejection(path, "no_label", f"member of {shard} at the shard root, not in a <class>/ folder")
     if shard not in shard_sizes:
         file = root / shard
@@ -266,7 +273,8 @@ def shard_member_item(
         return Rejection(
             path, "truncated_shard", f"{root / shard} is {available} bytes; member {path} needs bytes {offset}..{offset + size}"
         )
-    return SourceItem(path=path, label=parts[0], local_file=root / shard, size=size, offset=offset, sha256=sha)
+    label = parts[0] if len(parts) >= 2 else str(root_label)
+    return SourceItem(path=path, label=label, local_file=root / shard, size=size, offset=offset, sha256=sha)
 
 
 def unsafe_member_detail(path: str) -> str | None:
@@ -402,7 +410,8 @@ def unsafe_key_detail(rel: str) -> str | None:
 
 
 def list_s3_folder(
-    uri: str, extensions: set[str], settings: S3Settings, layout: Layout, max_file_bytes: int
+    uri: str, extensions: set[str], settings: S3Settings, layout: Layout, max_file_bytes: int,
+    root_label: str | None = None,
 ) -> SourceListing:
     """ImageFolder layout under an S3 prefix (+ optional metadata.csv); nothing is downloaded but metadata."""
     bucket, prefix = parse_s3_uri(uri)
@@ -420,7 +429,7 @@ def list_s3_folder(
                 parts = rel.split("/")
                 if is_hidden(parts) or not has_image_extension(rel, extensions):
                     continue
-                outcome = s3_item(bucket, key, rel, obj, layout)
+                outcome = s3_item(bucket, key, rel, obj, layout, root_label)
                 listing.add(outcome)
         if metadata_key is not None:
             body = client.get_object(Bucket=bucket, Key=metadata_key)["Body"].read()
@@ -433,17 +442,19 @@ def list_s3_folder(
     return listing
 
 
-def s3_item(bucket: str, key: str, rel: str, obj: dict[str, Any], layout: Layout) -> SourceItem | Rejection:
+def s3_item(
+    bucket: str, key: str, rel: str, obj: dict[str, Any], layout: Layout, root_label: str | None = None
+) -> SourceItem | Rejection:
     identity = f"s3://{bucket}/{key}"
     detail = unsafe_key_detail(rel)
     if detail:
         return Rejection(identity, "path_escapes_root", detail)
     parts = rel.split("/")
-    if len(parts) < 2:
+    if len(parts) < 2 and root_label is None:
         return Rejection(identity, "no_label", "object at the prefix root, not in a <class>/ folder")
     return SourceItem(
         path=identity,
-        label=parts[0],
+        label=parts[0] if len(parts) >= 2 else str(root_label),
         local_file=s3_mirror_file(layout, bucket, key),
         size=int(obj.get("Size", 0)),
         bucket=bucket,

@@ -189,6 +189,22 @@ def test_unlabelled_flat_folder_is_accepted(work: Layout) -> None:
     assert result.report["labels"] == {"present": False} and result.report["current"]["n_images"] > 0
 
 
+def test_hostile_files_at_the_window_root_are_quarantined_not_read(work: Layout) -> None:
+    """Root-level files get ingest's checks too: a symlink to /dev/zero and a FIFO neither hang nor read forever."""
+    import os
+
+    flat = work.root / "flat"
+    flat.mkdir()
+    for file in sorted((work.root / "data/raw/demo/ok").glob("*.jpg"))[:8]:
+        shutil.copy(file, flat / file.name)
+    (flat / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(flat / "pipe.png")
+    result = run_drift(drift_params(), work, "flat")
+    assert result.report["current"]["n_images"] == 8
+    quarantine = pd.read_csv(result.report["current"]["quarantine"])
+    assert set(quarantine["path"]) == {"zero.png", "pipe.png"}
+
+
 def test_a_large_window_is_measured_on_a_seeded_sample_and_says_so(work: Layout) -> None:
     listed = len(list((work.root / "data/raw/demo").rglob("*.jpg")))
     first = run_drift(drift_params(max_window_images=20), work, "data/raw/demo").report

@@ -26,7 +26,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = {
         "train": {"model": "mobilenet_v3_small", "image_size": 32, "pretrained": False},
         "drift": {"model": "candidate", "min_window": 5, "embedding_dims": 4, "share_threshold": 0.3,
-                  "webhook_url": "http://127.0.0.1:9/unreachable", "webhook_timeout_s": 1.0},
+                  "webhook_url_env": "LENSMITH_TEST_DRIFT_WEBHOOK", "webhook_timeout_s": 1.0},
     }
     params_from_dict(raw)
     (layout.root / "params.yaml").write_text(json.dumps(raw))
@@ -53,6 +53,7 @@ def test_trigger_starts_nightly_without_waiting_and_records_an_alert(project: Pa
         return Run()
 
     monkeypatch.setattr(prefect.deployments, "run_deployment", fake_run_deployment)
+    monkeypatch.setenv("LENSMITH_TEST_DRIFT_WEBHOOK", "http://127.0.0.1:9/unreachable/s3cr3t-token")
     result = monitoring_flow(root=str(project), params_file="params.yaml", current="dark")
     assert result["decision"]["retrain"] is True
     assert calls == [
@@ -61,6 +62,7 @@ def test_trigger_starts_nightly_without_waiting_and_records_an_alert(project: Pa
     ]
     assert result["retraining_run"] == "fake-nightly-run"
     assert result["webhook_error"], "the unreachable webhook is reported, not raised"
+    assert "s3cr3t-token" not in json.dumps(result, default=str), "the webhook URL is a secret: scheme://host only"
 
 
 def test_no_drift_starts_nothing(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

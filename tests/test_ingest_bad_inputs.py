@@ -298,3 +298,25 @@ def test_a_source_that_stops_ingest_still_leaves_the_data_gate_report(
     assert report["success"] is False and layout.validation_html.is_file()
     [failed] = report["checks"]
     assert failed["name"] == check_name and problem in failed["observed_value"] and failed["hint"]
+
+
+def test_a_fifo_or_device_is_refused_without_blocking_and_growth_is_bounded(tmp_path: Path) -> None:
+    """The reader checks the open file itself: a FIFO swapped in after listing does not hang, /dev/zero is not
+    read without bound, and a file larger than data.max_file_bytes is not read past the limit."""
+    from lensmith.errors import ImageRejected
+    from lensmith.ingest import read_regular_file
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageRejected) as fifo_error:
+        read_regular_file(fifo, 1024)
+    assert fifo_error.value.reason == "not_a_file"
+    with pytest.raises(ImageRejected) as device_error:
+        read_regular_file(Path("/dev/zero"), 1024)
+    assert device_error.value.reason == "not_a_file"
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 4096)
+    with pytest.raises(ImageRejected) as size_error:
+        read_regular_file(big, 1024)
+    assert size_error.value.reason == "file_too_large"
+    assert read_regular_file(big, 4096) == b"\0" * 4096

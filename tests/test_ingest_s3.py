@@ -107,3 +107,20 @@ def test_unreachable_endpoint_fails_fast_and_clearly(tmp_path: Path, monkeypatch
     message = str(caught.value)
     assert message.startswith(f"cannot reach S3 endpoint {endpoint} for s3://tiles/prefix/")
     assert "\n" not in message
+
+
+def test_a_drift_window_lists_and_reads_a_flat_prefix(aws_env: S3Server, tiny_image_folder: Path, tmp_path: Path) -> None:
+    """Objects right under the prefix (no <class>/ folder) are an unlabelled window, read like any other object."""
+    from lensmith.drift.current import decoded_chunks, list_window
+    from lensmith.preprocess import Preprocessing
+
+    bucket = aws_env.make_bucket("flatwindow")
+    client = aws_env.client()
+    for file in sorted(tiny_image_folder.rglob("*.png"))[:4]:
+        client.upload_file(str(file), bucket, f"window/{file.parent.name}-{file.name}")
+    params = s3_params(f"s3://{bucket}/window", aws_env.endpoint_url)
+    listing = list_window(params.data.source, params, Layout(tmp_path))
+    assert len(listing.items) == 4 and not listing.rejections
+    assert {item.label for item in listing.items} == {""} and all(not item.key.endswith("/") for item in listing.items)
+    chunks = list(decoded_chunks(listing.items, params, Preprocessing(image_size=32, resize=36), workers=1))
+    assert sum(len(c.rows) for c in chunks) == 4 and not [r for c in chunks for r in c.rejections]

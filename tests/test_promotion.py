@@ -20,8 +20,9 @@ CLASSES = ["crack", "ok", "scratch"]
 
 
 def gated_candidate(root: Path, *, weights: bytes, passed: bool) -> Layout:
-    """models/candidate + reports/{metrics,gate}.json as the pipeline leaves them."""
+    """models/candidate + reports/{metrics,gate}.json as the pipeline leaves them (gated against the current production)."""
     layout = Layout(root)
+    production = Registry(layout.models).aliases()["production"]
     if layout.candidate.exists():
         shutil.rmtree(layout.candidate)
     layout.candidate.mkdir(parents=True)
@@ -30,7 +31,7 @@ def gated_candidate(root: Path, *, weights: bytes, passed: bool) -> Layout:
     sha = hashlib.sha256(weights).hexdigest()
     (layout.candidate / "meta.json").write_text(json.dumps({"arch": "efficientnet_lite0", "classes": CLASSES, "weights_sha256": sha}))
     (layout.reports / "metrics.json").write_text(json.dumps(metrics_doc()))
-    (layout.reports / "gate.json").write_text(json.dumps(gate_doc(passed, sha)))
+    (layout.reports / "gate.json").write_text(json.dumps(gate_doc(passed, sha, production)))
     return layout
 
 

@@ -39,20 +39,23 @@ def metrics_doc(macro_f1: float = 0.9) -> dict[str, Any]:
     }
 
 
-def gate_doc(passed: bool, weights: str | None = None) -> dict[str, Any]:
+def gate_doc(passed: bool, weights: str | None = None, champion: str | None = None) -> dict[str, Any]:
+    """A gate decision as `lensmith gate` writes it; `champion`: the production it compared against."""
     return {
         "passed": passed,
         "decision": "promote" if passed else "reject",
         "reasons": [] if passed else ["floor.min_positive_recall: 0.5000 is not >= 0.8000"],
-        "champion_version": None,
+        "champion_version": champion,
         "warnings": [],
         "candidate": {"weights_sha256": weights},
         "checks": [],
     }
 
 
-def make_candidate(root: Path, *, seed: int = 0, passed: bool | None = True, macro_f1: float = 0.9) -> dict[str, Path | None]:
-    """A candidate folder + metrics.json (+ gate.json unless passed is None) under `root`."""
+def make_candidate(
+    root: Path, *, seed: int = 0, passed: bool | None = True, macro_f1: float = 0.9, champion: str | None = None
+) -> dict[str, Path | None]:
+    """A candidate folder + metrics.json (+ gate.json, gated against `champion`, unless passed is None) under `root`."""
     candidate = root / f"candidate{seed}"
     candidate.mkdir(parents=True)
     weights = f"weights-{seed}".encode()
@@ -75,12 +78,13 @@ def make_candidate(root: Path, *, seed: int = 0, passed: bool | None = True, mac
     gate = None
     if passed is not None:
         gate = root / f"gate{seed}.json"
-        gate.write_text(json.dumps(gate_doc(passed, sha)))
+        gate.write_text(json.dumps(gate_doc(passed, sha, champion)))
     return {"candidate": candidate, "metrics": metrics, "gate": gate}
 
 
 def register(registry: Registry, root: Path, seed: int, passed: bool | None = True) -> str:
-    c = make_candidate(root, seed=seed, passed=passed)
+    """Register a candidate gated against the current production (as the pipeline does: gate, then register)."""
+    c = make_candidate(root, seed=seed, passed=passed, champion=registry.aliases()["production"])
     return registry.register(c["candidate"], metrics_path=c["metrics"], gate_path=c["gate"])  # type: ignore[arg-type]
 
 
@@ -133,8 +137,9 @@ def test_versions_are_sortable_and_parent_is_production(registry: Registry, tmp_
 
 
 def test_promote_moves_production_to_previous_and_rollback_is_fast(registry: Registry, tmp_path: Path) -> None:
-    v1, v2 = register(registry, tmp_path, 0), register(registry, tmp_path, 1)
+    v1 = register(registry, tmp_path, 0)
     registry.promote(v1)
+    v2 = register(registry, tmp_path, 1)
     registry.promote(v2)
     assert registry.aliases()["production"] == v2 and registry.aliases()["previous"] == v1
     start = time.perf_counter()
@@ -277,8 +282,9 @@ def cli(*args: str) -> Any:
 
 def test_cli_list_show_promote_rollback(registry: Registry, tmp_path: Path) -> None:
     root = str(tmp_path)
-    v1, v2 = register(registry, tmp_path, 0), register(registry, tmp_path, 1)
+    v1 = register(registry, tmp_path, 0)
     assert cli("models", "promote", v1, "--root", root).exit_code == 0
+    v2 = register(registry, tmp_path, 1)
     result = cli("models", "promote", v2, "--root", root)
     assert result.exit_code == 0 and "production -> v0002" in result.output
     listing = cli("models", "list", "--root", root)

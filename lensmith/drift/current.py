@@ -38,8 +38,6 @@ from lensmith.sources import (
     is_s3_uri,
     list_source,
     local_source_path,
-    parse_s3_uri,
-    s3_mirror_file,
     s3_settings,
 )
 
@@ -87,11 +85,16 @@ class LogRead:
 
 
 def read_log_records(directory: Path, since: datetime) -> LogRead:
-    """Records at or after `since` from every log file; a half-written or corrupt line is counted, not fatal."""
+    """Records at or after `since` from every log file; a half-written or corrupt line is counted, not fatal.
+    A file the service's retention deletes while this reads is skipped."""
     records, bad, files = [], 0, 0
     for path in sorted(Path(directory).glob(f"{LOG_PREFIX}*.jsonl")):
+        try:
+            fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            continue
         files += 1
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with fh:
             for line in fh:
                 if not line.strip():
                     continue
@@ -180,24 +183,8 @@ def log_row(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def list_window(source: str, params: Params, layout: Layout) -> SourceListing:
-    """Images under `source` via the ingest listing; images at the root are kept, unlabelled."""
-    listing = list_source(params.data.model_copy(update={"source": source}), layout)
-    kept: list[Rejection] = []
-    for rejection in listing.rejections:
-        if rejection.reason == "no_label":
-            listing.items.append(unlabelled_item(rejection.path, source, layout))
-        else:
-            kept.append(rejection)
-    listing.rejections = kept
-    return listing
-
-
-def unlabelled_item(identity: str, source: str, layout: Layout) -> SourceItem:
-    if is_s3_uri(identity):
-        bucket, key = parse_s3_uri(identity)
-        return SourceItem(path=identity, label="", local_file=s3_mirror_file(layout, bucket, key), size=0, bucket=bucket, key=key)
-    file = local_source_path(source, layout) / identity
-    return SourceItem(path=identity, label="", local_file=file, size=file.stat().st_size)
+    """Images under `source` via the ingest listing and its checks; images at the root are kept, unlabelled."""
+    return list_source(params.data.model_copy(update={"source": source}), layout, root_label="")
 
 
 @dataclass

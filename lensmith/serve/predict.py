@@ -145,7 +145,7 @@ def build_predictions(
 def queue_low_confidence(service: Service, predictions: list[dict[str, Any]], decoded: list[DecodedUpload]) -> None:
     for prediction, upload in zip(predictions, decoded):
         if prediction["needs_review"]:
-            service.queue.add(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason="low_confidence", prediction=prediction)
+            service.queue.offer(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason="low_confidence", prediction=prediction)
             service.metrics.review.labels("low_confidence").inc()
 
 

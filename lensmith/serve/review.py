@@ -2,27 +2,56 @@
 
 On disk, under serve.review_dir:
   images/<sha256>.<ext>   each queued image once, content-addressed, never overwritten
-  queue.jsonl             one appended line per item (low confidence or feedback), never rewritten
+  queue.jsonl             one appended line per item (low confidence or feedback); only retention rewrites it
   imports/<stamp>.json    what each `review import` did
+  .lock                   fcntl lock held by every add and retention pass (several server processes may share the queue)
+
+Retention (serve.review_max_age_days, serve.review_max_bytes; 0 = no limit): items older than the age limit
+are removed, then the oldest items until the queue (queue.jsonl + the images still referenced) fits in the
+size limit; an image goes when no remaining item references it. A size-triggered pass frees down to
+PRUNE_TO of the limit so it does not rerun on every add. Never removed: feedback items carrying a human label
+(`feedback_label` a class, not "wrong") until a `review import` took their image in (imports/*.json); they
+count toward the size, so a queue full of them stops keeping low-confidence items. Items exported for
+labelling may be removed before their labels come back: run export -> label -> import more often than
+review_max_age_days; an import reports such items as `image_pruned` conflicts. Retention runs inside `add`
+(in the service's thread pool) on the first add, at most once a minute after that, and whenever the queue
+has grown past the size limit.
+
+The service queues its own low-confidence items with `offer`: an item that cannot be stored (disk full,
+permissions) is dropped, counted (`stats()`, /metrics) and logged at most once a minute, and the prediction
+is answered anyway. `add` (feedback) raises the OSError.
 
 `export_queue` writes the queue as review.csv (fill in `corrected_label`) plus a Label Studio import
 (labelstudio_tasks.json with the model's prediction pre-filled, labelstudio_config.xml).
 `import_corrections` reads that CSV or a Label Studio JSON export and copies each corrected image into
 the raw data as a NEW file, `<source>/<label>/reviewed-<stamp>/<sha256>.<ext>` (the label is the first
 folder, as ingest expects); it never overwrites and reports every conflict instead of guessing.
+
+A corrected label becomes a folder name, so it must be one safe path segment (`label_problem`): no `/`
+or `\\`, no `..`, no leading dot, no NUL or other control characters, not empty, at most
+MAX_LABEL_CHARS characters; and the file it leads to must resolve inside the data folder (a symlinked
+label folder pointing elsewhere is refused too). A bad label stops the import before anything is
+written, naming the row (CSV line or Label Studio task) it came from; `--allow-new-labels` only skips
+the check against the known classes, never this one.
 """
 
 from __future__ import annotations
 
+import calendar
 import csv
+import errno
+import fcntl
 import json
+import logging
 import os
 import tempfile
 import threading
 import time
+import unicodedata
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +59,18 @@ from xml.sax.saxutils import quoteattr
 
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from lensmith.jsondoc import read_json_or_none
+from lensmith.serve.storage import RateLimitedLog, Retention, StoreStats
+
+log = logging.getLogger("lensmith.serve")
 
 QUEUE_FILE = "queue.jsonl"
 IMAGES_DIR = "images"
 IMPORTS_DIR = "imports"
+LOCK_FILE = ".lock"
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+PRUNE_INTERVAL_S = 60.0  # retention passes between size-triggered ones
+PRUNE_TO = 0.9  # a size-triggered pass frees down to this share of review_max_bytes
 REVIEWED_PREFIX = "reviewed-"
 CSV_COLUMNS = (
     "item_id",
@@ -47,6 +84,34 @@ CSV_COLUMNS = (
     "time",
     "corrected_label",
 )
+
+
+MAX_LABEL_CHARS = 128
+MAX_NAME_BYTES = 255  # a file name's limit on common filesystems
+
+
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be used as one folder name under the data source, or None when it can."""
+    if not label:
+        return "it is empty"
+    if label != label.strip():
+        return "it starts or ends with whitespace"
+    if len(label) > MAX_LABEL_CHARS or len(label.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"it is longer than {MAX_LABEL_CHARS} characters"
+    if "/" in label or "\\" in label:
+        return "it contains a path separator (/ or \\)"
+    if ".." in label:
+        return "it contains '..'"
+    if label.startswith("."):
+        return "it starts with a dot"
+    if any(unicodedata.category(ch) == "Cc" for ch in label):
+        return "it contains a control character (NUL, newline, tab, ...)"
+    return None
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with symlinks and `..` resolved, lies inside `folder` (resolved too)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def write_new_file(target: Path, data: bytes) -> bool:
@@ -66,43 +131,284 @@ def write_new_file(target: Path, data: bytes) -> bool:
         os.unlink(tmp_name)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line; a failed (or short) write is cut back off, so the file never ends in half a line."""
+    data = line.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write", str(path))
+        except OSError:
+            with suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def new_item(sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None) -> dict[str, Any]:
+    return {
+        "item_id": uuid.uuid4().hex,
+        "time": time.strftime(TIME_FORMAT, time.gmtime()),
+        "reason": reason,
+        "image": f"{IMAGES_DIR}/{sha256}.{ext}",
+        "image_sha256": sha256,
+        "prediction_id": prediction.get("id"),
+        "predicted_label": prediction.get("label"),
+        "confidence": prediction.get("confidence"),
+        "model_version": prediction.get("model_version"),
+        "feedback_label": feedback_label,
+    }
+
+
 class ReviewQueue:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, retention: Retention = Retention()) -> None:
         self.directory = Path(directory)
-        self._lock = threading.Lock()
+        self.retention = retention
+        self._lock = threading.Lock()  # this process's adds and retention passes (.lock orders processes)
+        self._next_prune = 0.0  # monotonic time of the next periodic retention pass
+        self._estimated_bytes: int | None = None  # queue size measured by the last pass plus adds since; None: not measured
+        self._stats_lock = threading.Lock()
+        self._kept_items = 0
+        self._kept_bytes = 0
+        self._removed = {"age": 0, "size": 0, "invalid": 0}
+        self._dropped = {"write_error": 0}
+        self._write_errors: dict[str, int] = {}
+        self._warnings = RateLimitedLog(log)
 
     def image_path(self, sha256: str, ext: str) -> Path:
         return self.directory / IMAGES_DIR / f"{sha256}.{ext}"
 
-    def add(self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None) -> str:
-        """Queue one image; returns the new item id."""
-        write_new_file(self.image_path(sha256, ext), image)
-        item = {
-            "item_id": uuid.uuid4().hex,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "reason": reason,
-            "image": f"{IMAGES_DIR}/{sha256}.{ext}",
-            "image_sha256": sha256,
-            "prediction_id": prediction.get("id"),
-            "predicted_label": prediction.get("label"),
-            "confidence": prediction.get("confidence"),
-            "model_version": prediction.get("model_version"),
-            "feedback_label": feedback_label,
-        }
-        line = json.dumps(item, separators=(",", ":")) + "\n"
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         with self._lock:
             self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.directory / QUEUE_FILE, "a", encoding="utf-8") as fh:
-                fh.write(line)
+            with open(self.directory / LOCK_FILE, "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def add(self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None) -> str:
+        """Queue one image; returns the new item id. Raises OSError when it cannot be stored (disk full, ...)."""
+        item = new_item(sha256, ext, reason, prediction, feedback_label)
+        line = json.dumps(item, separators=(",", ":")) + "\n"
+        with self._locked():
+            image_path = self.image_path(sha256, ext)
+            image_written = write_new_file(image_path, image)
+            try:
+                append_line(self.directory / QUEUE_FILE, line)
+            except OSError:
+                if image_written:  # no item refers to it: retention would never remove it
+                    image_path.unlink(missing_ok=True)
+                raise
+            self._grew(len(line.encode()) + (len(image) if image_written else 0))
+            if self._prune_due():
+                self._prune_quietly(time.time())
         return item["item_id"]
 
+    def offer(
+        self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None
+    ) -> str | None:
+        """`add`, for items nobody waits for (low confidence): the item id, or None when it could not be stored;
+        the failure is counted and logged at most once a minute, never raised."""
+        try:
+            return self.add(image=image, sha256=sha256, ext=ext, reason=reason, prediction=prediction, feedback_label=feedback_label)
+        except OSError as exc:
+            with self._stats_lock:
+                self._dropped["write_error"] += 1
+            self._count_write_error(exc)
+            self._warnings.log(
+                logging.WARNING, "review queue: could not store an item in %s (%s); item dropped, the prediction is answered",
+                self.directory, exc,
+            )
+            return None
 
-def read_queue(directory: Path) -> list[dict[str, Any]]:
+    def prune(self, now: float | None = None) -> dict[str, int]:
+        """Apply retention now; the number of items removed per reason (age, size, invalid)."""
+        with self._locked():
+            return self._prune(time.time() if now is None else now)
+
+    def stats(self) -> StoreStats:
+        """Items and bytes kept (as of the last retention pass, plus adds since), removals, drops, failed writes."""
+        with self._stats_lock:
+            return StoreStats(
+                self._kept_items, self._kept_bytes, dict(self._removed), dict(self._dropped), dict(self._write_errors)
+            )
+
+    # ---- retention (called with the locks held) ---------------------------------------------------------
+
+    def _grew(self, size: int) -> None:
+        with self._stats_lock:
+            self._kept_items += 1
+            self._kept_bytes += size
+        if self._estimated_bytes is not None:
+            self._estimated_bytes += size
+
+    def _prune_due(self) -> bool:
+        if self._estimated_bytes is None or time.monotonic() >= self._next_prune:
+            return True
+        return self.retention.too_big(self._estimated_bytes)
+
+    def _prune_quietly(self, now: float) -> None:
+        """A retention pass inside `add`: the item is stored already, so a failed pass is logged, not raised."""
+        try:
+            self._prune(now)
+        except OSError as exc:
+            self._count_write_error(exc)
+            self._warnings.log(logging.WARNING, "review queue: retention in %s failed (%s); retried later", self.directory, exc)
+
+    def _prune(self, now: float) -> dict[str, int]:
+        self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+        entries = read_entries(self.directory)
+        plan = plan_pruning(entries, self.retention, now)
+        if plan:
+            self._remove(entries, plan)
+        removed = Counter(plan.values())
+        kept_size = kept_bytes(entries, plan)
+        self._estimated_bytes = kept_size
+        with self._stats_lock:
+            self._kept_items = len(entries) - len(plan)
+            self._kept_bytes = kept_size
+            for reason, n in removed.items():
+                self._removed[reason] = self._removed.get(reason, 0) + n
+        return dict(removed)
+
+    def _remove(self, entries: list[QueueEntry], plan: dict[int, str]) -> None:
+        """Delete the images only removed entries use, then rewrite queue.jsonl without those entries (images
+        first: on a full disk that frees the room the rewrite needs)."""
+        kept = [e for i, e in enumerate(entries) if i not in plan]
+        in_use = {e.image for e in kept}
+        images = self.directory / IMAGES_DIR
+        for image in sorted({entries[i].image for i in plan if entries[i].image} - in_use):
+            path = self.directory / image
+            if inside(path, images):
+                path.unlink(missing_ok=True)
+        write_text_atomic(self.directory / QUEUE_FILE, "".join(e.line for e in kept))
+
+    def _count_write_error(self, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, "other")
+        with self._stats_lock:
+            self._write_errors[name] = self._write_errors.get(name, 0) + 1
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One line of queue.jsonl as retention sees it."""
+
+    line: str  # with its newline
+    item: dict[str, Any] | None  # None: not a queue item (a line cut short by a crash)
+    image_bytes: int = 0  # its image file's size (0: missing)
+    protected: bool = False  # never removed by retention
+
+    @property
+    def image(self) -> str | None:
+        return str(self.item["image"]) if self.item else None
+
+    @property
+    def created(self) -> float | None:
+        """The item's time as a Unix timestamp (None when unreadable: then it never ages out)."""
+        try:
+            return float(calendar.timegm(time.strptime(str(self.item["time"]), TIME_FORMAT))) if self.item else None
+        except (KeyError, ValueError):
+            return None
+
+
+def queue_lines(directory: Path) -> list[tuple[str, dict[str, Any] | None]]:
+    """(line, item) for each line of queue.jsonl, oldest first; item None for a line that is not a queue item."""
     path = Path(directory) / QUEUE_FILE
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return [(line if line.endswith("\n") else line + "\n", parse_item(line)) for line in fh if line.strip()]
+
+
+def parse_item(line: str) -> dict[str, Any] | None:
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return None
+    return item if isinstance(item, dict) and {"item_id", "image", "image_sha256"} <= set(item) else None
+
+
+def imported_images(directory: Path) -> set[str]:
+    """sha256 of every queued image a `review import` put into the data (or found there already)."""
+    found: set[str] = set()
+    for path in (Path(directory) / IMPORTS_DIR).glob("import-*.json"):
+        report = read_json_or_none(path)
+        if isinstance(report, dict):
+            for entry in [*(report.get("imported") or []), *(report.get("skipped") or [])]:
+                if isinstance(entry, dict) and entry.get("image_sha256"):
+                    found.add(str(entry["image_sha256"]))
+    return found
+
+
+def is_protected(item: dict[str, Any], imported: set[str]) -> bool:
+    """A feedback item with a human label (a class, not "wrong") whose image no import has taken in yet."""
+    labelled = item.get("reason") == "feedback" and item.get("feedback_label") not in (None, "", "wrong")
+    return labelled and item.get("image_sha256") not in imported
+
+
+def read_entries(directory: Path) -> list[QueueEntry]:
+    """queue.jsonl with each item's image size and protection, oldest first."""
+    directory = Path(directory)
+    imported = imported_images(directory)
+    sizes: dict[str, int] = {}
+    entries = []
+    for line, item in queue_lines(directory):
+        if item is None:
+            entries.append(QueueEntry(line, None))
+            continue
+        image = str(item["image"])
+        if image not in sizes:
+            with suppress(OSError):
+                sizes[image] = (directory / image).stat().st_size
+        entries.append(QueueEntry(line, item, sizes.get(image, 0), is_protected(item, imported)))
+    return entries
+
+
+def kept_bytes(entries: list[QueueEntry], removed: dict[int, str]) -> int:
+    """Bytes of the entries not in `removed`: their lines plus each image they use, once."""
+    kept = [e for i, e in enumerate(entries) if i not in removed]
+    images = {e.image: e.image_bytes for e in kept if e.image}
+    return sum(len(e.line.encode()) for e in kept) + sum(images.values())
+
+
+def plan_pruning(entries: list[QueueEntry], retention: Retention, now: float) -> dict[int, str]:
+    """Index -> reason ("invalid", "age", "size") of each entry retention removes; `entries` oldest first.
+
+    Unreadable lines go; unprotected items older than max_age go; then, when the rest exceeds max_bytes,
+    the oldest unprotected items until it fits in PRUNE_TO of max_bytes."""
+    plan: dict[int, str] = {}
+    for i, entry in enumerate(entries):
+        if entry.item is None:
+            plan[i] = "invalid"
+        elif not entry.protected and entry.created is not None and retention.too_old(entry.created, now):
+            plan[i] = "age"
+    total = kept_bytes(entries, plan)
+    if not retention.too_big(total):
+        return plan
+    target = int(retention.max_bytes * PRUNE_TO)
+    users = Counter(e.image for i, e in enumerate(entries) if i not in plan)
+    for i, entry in enumerate(entries):
+        if total <= target:
+            break
+        if i in plan or entry.protected:
+            continue
+        plan[i] = "size"
+        total -= len(entry.line.encode())
+        users[entry.image] -= 1
+        if users[entry.image] == 0:
+            total -= entry.image_bytes
+    return plan
+
+
+def read_queue(directory: Path) -> list[dict[str, Any]]:
+    """Every queue item, oldest first (lines cut short by a crash are skipped)."""
+    return [item for _, item in queue_lines(directory) if item is not None]
 
 
 # ---- export ---------------------------------------------------------------------------------------------
@@ -182,10 +488,10 @@ def read_corrections(path: Path) -> dict[str, list[str]]:
             raise DataError(f"{path} is not valid JSON ({exc})") from None
         if not isinstance(tasks, list):
             raise DataError(f"{path} is not a Label Studio export (expected a JSON list of tasks)")
-        for task in tasks:
+        for number, task in enumerate(tasks, start=1):
             item_id, label = labelstudio_choice(task)
             if item_id and label:
-                found[item_id].append(label)
+                found[str(item_id)].append(checked_label(label, f"{path}: task {number} (item {item_id})"))
         return dict(found)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -193,9 +499,21 @@ def read_corrections(path: Path) -> dict[str, list[str]]:
             raise DataError(f"{path} needs the columns item_id and corrected_label (as written by `lensmith review export`)")
         for row in reader:
             label = (row.get("corrected_label") or "").strip()
-            if row.get("item_id") and label:
-                found[row["item_id"].strip()].append(label)
+            item_id = (row.get("item_id") or "").strip()
+            if item_id and label:
+                found[item_id].append(checked_label(label, f"{path}: line {reader.line_num} (item {item_id})"))
     return dict(found)
+
+
+def checked_label(label: str, where: str) -> str:
+    """`label` when it is a safe folder name; DataError naming `where` (the row) and the rule otherwise."""
+    problem = label_problem(label)
+    if problem is not None:
+        raise DataError(
+            f"{where}: corrected label {label!r} cannot be used as a folder name: {problem}; "
+            "a label is a single folder name (no /, \\, '..', leading dot or control characters); nothing was imported"
+        )
+    return label
 
 
 def labelstudio_choice(task: Any) -> tuple[str | None, str | None]:
@@ -209,7 +527,7 @@ def labelstudio_choice(task: Any) -> tuple[str | None, str | None]:
         for result in annotation.get("result") or []:
             choices = (result.get("value") or {}).get("choices") or []
             if choices:
-                return item_id, str(choices[0])
+                return item_id, str(choices[0]).strip()
     return item_id, None
 
 
@@ -247,6 +565,9 @@ def import_corrections(
     """Merge corrected labels into `source` as new files; `known_labels` is sha256 -> labels already in the data."""
     if not source.is_dir():
         raise DataError(f"data source {source} is not a local folder; review import writes into an image folder")
+    for item_id, labels in corrections.items():  # before anything is written
+        for label in labels:
+            checked_label(label, f"item {item_id}")
     items = {item["item_id"]: item for item in read_queue(review_dir)}
     existing: dict[str, set[str]] = defaultdict(set)
     for sha, labels in [*(known_labels or {}).items(), *reviewed_labels(source).items()]:
@@ -284,6 +605,12 @@ def import_corrections(
             continue
         image = Path(review_dir) / item["image"]
         target = source / label / f"{REVIEWED_PREFIX}{stamp}" / image.name
+        if not inside(image, Path(review_dir) / IMAGES_DIR) or not inside(target, source):
+            report.conflicts.append({**entry, "reason": "outside_folder", "detail": f"{image} or {target} leaves its folder; nothing written"})
+            continue
+        if not image.is_file():
+            report.conflicts.append({**entry, "reason": "image_pruned", "detail": f"{image} was removed by the queue's retention; nothing written"})
+            continue
         if not write_new_file(target, image.read_bytes()):
             report.conflicts.append({**entry, "reason": "target_exists", "detail": f"{target} exists; nothing overwritten"})
             continue

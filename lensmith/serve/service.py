@@ -26,6 +26,7 @@ from lensmith.serve.models import ModelHolder, ModelSource, ServedModel
 from lensmith.serve.predlog import PredictionLog
 from lensmith.serve.review import ReviewQueue
 from lensmith.serve.security import token_matches
+from lensmith.serve.storage import StorageCollector, log_retention, review_retention
 
 log = logging.getLogger("lensmith.serve")
 
@@ -98,10 +99,13 @@ class Service:
         runners, threads = inference_layout(params)
         self.holder = ModelHolder(source, list(params.providers), params.variant, threads)
         self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners)
-        self.predlog = PredictionLog(root / params.log_dir, params.log_rotate_bytes)
-        self.queue = ReviewQueue(root / params.review_dir)
+        self.predlog = PredictionLog(
+            root / params.log_dir, params.log_rotate_bytes, retention=log_retention(params), max_backlog=params.log_max_backlog
+        )
+        self.queue = ReviewQueue(root / params.review_dir, review_retention(params))
         self.recent = RecentPredictions(params.feedback_window)
         self.metrics = Metrics()
+        self.metrics.registry.register(StorageCollector(self.predlog, self.queue))
         self.batcher.on_batch = self._observe_batch
 
     def _observe_batch(self, images: int, seconds: float) -> None:
