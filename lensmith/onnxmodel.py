@@ -31,6 +31,7 @@ META_PREFIX = "lensmith."
 META_CLASSES = "lensmith.classes"
 META_PREPROCESSING = "lensmith.preprocessing"
 META_VERSION = "lensmith.model_version"
+META_DECISION = "lensmith.decision"  # JSON of lensmith.operating.DecisionRule (export chooses it on validation)
 
 
 class OnnxModelError(LensmithError):

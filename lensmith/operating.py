@@ -171,3 +171,54 @@ def figures_at(point: OperatingPoint, is_defect: np.ndarray, scores: np.ndarray)
         "false_alarms": false_alarms,
         "expected_cost": point.cost_ratio * missed + false_alarms,
     }
+
+
+# ---- the rule a model travels with ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """How a served prediction becomes a decision. kind "threshold": defect | ok | review from the defect score
+    (the probability of the positive classes) at the operating point; kind "argmax": the most probable class, or
+    review below `min_confidence`."""
+
+    kind: Literal["threshold", "argmax"]
+    classes: tuple[str, ...]
+    negative_class: str | None = None
+    positive_classes: tuple[str, ...] = ()
+    point: OperatingPoint | None = None
+    min_confidence: float | None = None
+
+    def decide(self, probabilities: np.ndarray) -> str:
+        """One image's class probabilities -> its decision."""
+        if self.kind == "threshold" and self.point is not None:
+            return self.point.decide(self.defect_score(probabilities))
+        best = int(np.argmax(probabilities))
+        if self.min_confidence is not None and float(probabilities[best]) < self.min_confidence:
+            return "review"
+        return self.classes[best]
+
+    def defect_score(self, probabilities: np.ndarray) -> float:
+        """P(any positive class): 1 - P(negative class) when every other class is a defect."""
+        return float(sum(float(probabilities[self.classes.index(c)]) for c in self.positive_classes))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "classes": list(self.classes), "negative_class": self.negative_class,
+            "positive_classes": list(self.positive_classes), "min_confidence": self.min_confidence,
+            "operating_point": None if self.point is None else self.point.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DecisionRule:
+        point = data.get("operating_point")
+        return cls(
+            kind=data["kind"], classes=tuple(data["classes"]), negative_class=data.get("negative_class"),
+            positive_classes=tuple(data.get("positive_classes") or ()),
+            point=None if point is None else OperatingPoint.from_dict(point),
+            min_confidence=data.get("min_confidence"),
+        )
+
+
+def argmax_rule(classes: tuple[str, ...], min_confidence: float | None) -> DecisionRule:
+    return DecisionRule("argmax", classes, min_confidence=min_confidence)
