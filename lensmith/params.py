@@ -473,7 +473,27 @@ class GateParams(Section):
     int8_max_drop: float | None = Field(
         None, ge=0.0, le=1.0, description="int8 accuracy drop limit when int8 is served; null = the limit in reports/export.json"
     )
-    require_same_test_split: bool = Field(False, description="Reject when the champion was scored on another test split")
+    require_same_test_split: bool = Field(
+        False,
+        description="Reject when production could not be re-scored on today's test split and its stored metrics come "
+        "from another one",
+    )
+    min_false_negative_reduction: float = Field(
+        0.0, ge=-1.0, le=1.0,
+        description="The candidate's missed-defect rate must be at most production's x (1 - this), each at its own "
+        "operating point on today's test split (0.3 = miss 30% fewer; 0 = no more; negative = may miss more)",
+    )
+    max_false_positive_increase: float = Field(
+        0.05, ge=0.0,
+        description="The candidate's false-alarm rate may be at most production's x (1 + this), each at its own "
+        "operating point (relative: production with no false alarms allows none)",
+    )
+    min_images_per_s: float | None = Field(
+        None, gt=0.0, description="Throughput floor of the served model at evaluate.batch_size (ONNX Runtime, this machine); null = none"
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0.0, description="Ceiling of the served model's batch-1 p95 latency in ms (one unit at a time); null = none"
+    )
 
 
 class ExportParams(Section):
