@@ -100,3 +100,12 @@ def test_a_throughput_floor_is_a_gate_check(project: Layout) -> None:
     result = run_gate(params, project, raise_on_reject=False)
     assert not result.passed
     assert {"floor.min_images_per_s", "floor.max_latency_ms"} <= {c.name for c in result.checks if not c.passed}
+
+
+def test_the_rule_travels_with_the_registered_version(project: Layout) -> None:
+    """meta.json and the model card of a registry version carry the rule its ONNX files decide with."""
+    folder = Registry(project.models).resolve("production")
+    rule = json.loads((project.exported / "export.json").read_text())["decision"]["rule"]
+    assert json.loads((folder / "meta.json").read_text())["decision"] == rule
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "## Decision rule" in card
