@@ -53,7 +53,7 @@ from lensmith.imageio import decode_image  # noqa: E402
 from lensmith.onnxmodel import OnnxModel  # noqa: E402
 from lensmith.params import Params  # noqa: E402
 from lensmith.procutil import free_port  # noqa: E402
-from lensmith.serve.models import onnx_file_for  # noqa: E402
+from lensmith.onnxmodel import onnx_file_for  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

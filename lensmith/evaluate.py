@@ -1,11 +1,13 @@
-"""The evaluate stage: the candidate model on the test split.
+"""The evaluate stage: the model that is served (the exported ONNX variant the service loads, through ONNX
+Runtime with the serving preprocessing) on the test split, decided at its operating point.
 
 Writes reports/metrics.json (DVC metrics), reports/plots/{confusion,pr_curve,roc}.csv (DVC plots),
 PNG figures beside them, and a self-contained reports/evaluation.html (the plots and the HTML are
 rendered by `lensmith.evaluation.report`).
 
 `evaluate_model` is the pure core (model + preprocessing + decoded images + labels + metadata ->
-`Evaluation`); `run_evaluate` is the file wiring around it.
+`Evaluation`; the model is an ONNX model or a torch module); `run_evaluate` is the file wiring around it. FGSM needs
+gradients, so that attack alone runs on the PyTorch weights of the same candidate.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from lensmith.inference import measure_speed, predict_probabilities, preprocess_
 from lensmith.layout import Layout
 from lensmith.metrics import EvaluationError
 from lensmith.modelio import load_candidate
+from lensmith.onnxmodel import CPU, OnnxModel, onnx_file_for
+from lensmith.operating import DecisionRule, argmax_rule, figures_at
 from lensmith.params import EvaluateParams, Params
 from lensmith.preprocess import Preprocessing
 from lensmith.resolve import Resolved, resolve
@@ -201,8 +205,28 @@ def fgsm_block(
     return {"epsilon": float(epsilon), "epsilon_units": "pixel_0_1", "accuracy": acc, "relative_drop": float(drop)}
 
 
+def decision_block(
+    rule: DecisionRule, y_true: np.ndarray, probs: np.ndarray, metadata: pd.DataFrame, slice_columns: Sequence[str]
+) -> dict[str, Any]:
+    """The test split at the model's operating point: the figures a plant reads (overall and per slice value)."""
+    block: dict[str, Any] = {"rule": rule.as_dict()}
+    if rule.kind != "threshold" or rule.point is None:
+        decisions = [rule.decide(p) for p in probs]
+        block["review_rate"] = float(np.mean([d == "review" for d in decisions])) if decisions else 0.0
+        return block
+    positives = [rule.classes.index(c) for c in rule.positive_classes]
+    is_defect, scores = m.is_positive(y_true, positives), m.positive_scores(probs, positives)
+    block["test"] = figures_at(rule.point, is_defect, scores)
+    block["slices"] = {
+        column: {str(value): figures_at(rule.point, is_defect[rows], scores[rows])
+                 for value, rows in metadata.groupby(column, sort=True).indices.items()}
+        for column in slice_columns if column in metadata.columns
+    }
+    return block
+
+
 def evaluate_model(
-    model: nn.Module,
+    model: Any,
     preprocessing: Preprocessing,
     classes: Sequence[str],
     images: Sequence[np.ndarray],
@@ -212,15 +236,21 @@ def evaluate_model(
     *,
     speed_budget_s: float = SPEED_BUDGET_S,
     resolved: Resolved | None = None,
+    rule: DecisionRule | None = None,
+    gradient_model: nn.Module | None = None,
 ) -> Evaluation:
     """All metrics of one model on decoded test images (uint8 HxWxC) with true class indices.
 
-    `resolved`: the data-dependent settings (negative class, slices); None = resolved here from `metadata`."""
+    `resolved`: the data-dependent settings (negative class, slices); None = resolved here from `metadata`.
+    `rule`: the operating point to report at (None = argmax). `gradient_model`: torch weights for the FGSM attack
+    (the model itself when it is a torch module)."""
     classes = list(classes)
     if resolved is None:
         resolved = resolve(Params(evaluate=params), metadata, classes)
     positive = m.positive_class_indices(classes, resolved.positive_class, resolved.negative_class)
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
+        gradient_model = gradient_model or model
     probs = predict_probabilities(model, preprocessing, images, params.batch_size)
     y_pred = probs.argmax(axis=1)
     test = test_metrics(y_true, probs, classes, params.top_k, positive)
@@ -233,8 +263,8 @@ def evaluate_model(
         ),
     )
     robustness["fgsm"] = (
-        fgsm_block(model, preprocessing, images, y_true, rob.fgsm_epsilon, test["accuracy"], params.batch_size)
-        if rob.fgsm_epsilon is not None
+        fgsm_block(gradient_model, preprocessing, images, y_true, rob.fgsm_epsilon, test["accuracy"], params.batch_size)
+        if rob.fgsm_epsilon is not None and gradient_model is not None
         else None
     )
     speed = measure_speed(model, preprocessing, params.batch_size, budget_s=speed_budget_s)
@@ -245,6 +275,7 @@ def evaluate_model(
         "resolved": resolved.as_dict(),
         "robustness": robustness,
         "throughput": speed.to_dict(),
+        "decision": decision_block(rule or argmax_rule(tuple(classes), None), y_true, probs, metadata, resolved.slices),
     }
     if warnings:
         metrics["warnings"] = dict(warnings)
@@ -319,18 +350,30 @@ def whole_data_frame(layout: Layout, test: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def load_served(params: Params, layout: Layout) -> tuple[OnnxModel, dict[str, Any]]:
+    """The exported file the service would load (serve.variant; auto = the export's choice) on the CPU."""
+    if not layout.exported.is_dir():
+        raise EvaluationError(f"no exported model at {layout.exported}: run `lensmith export` first (evaluation measures the served model)")
+    path, variant = onnx_file_for(layout.exported, params.serve.variant, [CPU])
+    served = OnnxModel.load(path, [CPU])
+    return served, {"file": path.name, "variant": variant, "provider": served.provider, "model_version": served.version}
+
+
 def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
-    """Evaluate models/candidate on data/splits/test.parquet and write the reports."""
+    """Evaluate the exported, served model on data/splits/test.parquet and write the reports."""
     frame = read_test_split(layout)
     trained = load_candidate(layout)
+    served, served_block = load_served(params, layout)
+    if list(served.classes) != list(trained.classes):
+        raise EvaluationError(f"{served.path} has classes {served.classes}, the candidate {trained.classes}: re-run `lensmith export`")
     y_true = label_indices(frame["label"].astype(str).tolist(), trained.classes)
     resolved = resolve(params, whole_data_frame(layout, frame), trained.classes)
     m.positive_class_indices(trained.classes, resolved.positive_class, resolved.negative_class)
     paths = frame_image_refs(frame, layout.root)
     images = decode_images(paths)
     evaluation = evaluate_model(
-        trained.model,
-        trained.preprocessing,
+        served,
+        served.preprocessing,
         trained.classes,
         images,
         y_true,
@@ -338,8 +381,11 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
         params.evaluate,
         speed_budget_s=SPEED_BUDGET_S,
         resolved=resolved,
+        rule=served.decision_rule(),
+        gradient_model=trained.model if params.evaluate.robustness.fgsm_epsilon is not None else None,
     )
     evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
+    evaluation.metrics["served"] = served_block
     pngs = write_plots(evaluation, plots_dir(layout))
     write_json_atomic(metrics_path(layout), evaluation.metrics)
     worst = worst_misclassified(evaluation.y_true, evaluation.probs, params.evaluate.worst_examples)

@@ -34,7 +34,8 @@ from lensmith.errors import GateFailedError, LensmithError
 from lensmith.fsutil import atomic_dir, write_json_atomic
 from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE, Layout
 from lensmith.modelio import TrainedModel, load_candidate
-from lensmith.onnxmodel import META_CLASSES, META_PREPROCESSING, META_VERSION, OnnxModel, open_session
+from lensmith.decisionrule import choose_decision_rule
+from lensmith.onnxmodel import META_CLASSES, META_DECISION, META_PREPROCESSING, META_VERSION, OnnxModel, open_session, softmax
 from lensmith.params import ExportParams, Params
 from lensmith.preprocess import Preprocessing
 from lensmith.split import read_split_frame
@@ -174,7 +175,19 @@ def torch_logits(model: nn.Module, preprocessing: Preprocessing, images: np.ndar
 
 
 def onnx_logits(onnx_model: OnnxModel, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return np.concatenate([onnx_model.logits_uint8(images[s]) for s in batches(len(images), batch_size)])
+    return served_logits(onnx_model.logits_uint8, images, batch_size)
+
+
+def served_logits(run: Callable[[np.ndarray], Any], images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.concatenate([run(images[s]) for s in batches(len(images), batch_size)])
+
+
+def decision_block(params: Params, layout: Layout, trained: TrainedModel, run: Callable[[np.ndarray], Any], variant: str) -> dict[str, Any]:
+    """The decision rule the served variant travels with, chosen on the whole validation split with that variant."""
+    val = load_split_images(layout, "val", trained.classes, trained.preprocessing)
+    probabilities = softmax(served_logits(run, val.images)) if len(val.labels) else np.zeros((0, len(trained.classes)))
+    rule, figures = choose_decision_rule(params, trained.classes, probabilities, val.labels)
+    return {"rule": rule.as_dict(), "validation": figures, "chosen_with": variant, "n_val": int(len(val.labels))}
 
 
 @dataclass(frozen=True)
@@ -420,6 +433,12 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         if int8_ops is not None:  # what ORT runs: convolutions left as float Conv run no int8 kernel
             int8["runtime_ops"] = int8_ops
         served = OnnxModel.load(fp32_path, ep.providers)  # the requested providers, with fallback, for the report
+        variant = choose_variant(int8)
+        decision = decision_block(params, layout, trained, runners[variant], variant)
+        rule_json = json.dumps(decision["rule"], sort_keys=True)
+        for path in (fp32_path, opt_path, work / INT8_FILE):
+            if path.exists():  # every file carries the rule, whichever one a site serves
+                set_metadata(path, {META_DECISION: rule_json})
 
         report = {
             "arch": trained.arch,
@@ -436,7 +455,8 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
             "latency_ms_b1": {k: 1000.0 / v["b1"] for k, v in speed.items()},
             "provider": served.provider,
             "providers_requested": list(ep.providers),
-            "serving_variant": choose_variant(int8),
+            "serving_variant": variant,
+            "decision": decision,
         }
         del fp32, opt, int8_model, served  # release the sessions before their files move
         if not int8["kept"]:

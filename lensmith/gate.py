@@ -1,8 +1,10 @@
 """The model gate: absolute floors + champion/challenger against the registry's production model.
 
-Inputs: reports/metrics.json (evaluation), models/candidate/meta.json, reports/export.json when the
-export stage ran, and the production version's stored metrics.json. A metric the gate needs but
-cannot find is a failed check that names it, never a crash. Outputs reports/gate.json and
+Inputs: reports/metrics.json (evaluation of the served candidate), models/candidate/meta.json,
+reports/export.json when the export stage ran, and the production model itself: scored again on today's test split
+through its own ONNX at its own operating point (lensmith.champion), so the two compare like with like, in the
+plant's terms too (missed defects, false alarms). Its stored metrics.json is the fallback when it cannot be scored,
+and the report says so. A metric the gate needs but cannot find is a failed check that names it, never a crash. Outputs reports/gate.json and
 reports/gate.html; a rejection raises GateFailedError (exit 1) after both are written.
 """
 
@@ -44,6 +46,7 @@ class GateResult:
     warnings: list[str] = field(default_factory=list)
     json_path: Path | None = None
     html_path: Path | None = None
+    champion_compared: str | None = None  # "re-scored on this test split" or "stored metrics"
 
     @property
     def decision(self) -> str:
@@ -52,6 +55,7 @@ class GateResult:
     def __str__(self) -> str:
         failed = sum(1 for c in self.checks if not c.passed and c.blocking)
         against = f"production {self.champion_version}" if self.champion_version else "floors only (no production model)"
+        against += f", {self.champion_compared}" if self.champion_compared else ""
         head = f"gate {self.decision}: {failed} of {len(self.checks)} checks failed (compared against {against})"
         return "\n".join([head, *(f"  - {r}" for r in self.reasons), *(f"  ! {w}" for w in self.warnings)])
 
@@ -281,11 +285,54 @@ def same_split_check(candidate_hash: str | None, champion_hash: str | None, gate
     )
 
 
+def plant_checks(metrics: Any, champion: Any, gate: GateParams) -> list[Check]:
+    """Missed defects and false alarms, each model at its own operating point (rates: the same test split when
+    production was re-scored, comparable ones when only its stored metrics could be read)."""
+    ours, theirs = dig(metrics, "decision.test"), dig(champion, "decision.test")
+    names = ("champion.missed_defect_rate", "champion.false_alarm_rate")
+    if not isinstance(ours, dict) or not isinstance(theirs, dict):
+        why = "one of the models decides by argmax (no operating point: no defect-vs-ok view or target argmax)"
+        return [not_applicable(Check(n, None, None, "<=", False, "champion"), why) for n in names]
+
+    def miss_rate(figures: dict[str, Any]) -> float | None:
+        defects = figures.get("defects") or 0
+        return figures["missed_defects"] / defects if defects else None
+
+    ours_miss, theirs_miss = miss_rate(ours), miss_rate(theirs)
+    checks = [
+        metric_check(
+            names[0], ours_miss, None if theirs_miss is None else theirs_miss * (1.0 - gate.min_false_negative_reduction),
+            "<=", "champion", "no defects in the test split",
+        ),
+        metric_check(
+            names[1], ours.get("false_alarm_rate"),
+            None if theirs.get("false_alarm_rate") is None else theirs["false_alarm_rate"] * (1.0 + gate.max_false_positive_increase),
+            "<=", "champion", "no good images in the test split",
+        ),
+    ]
+    details = (f"missed {ours['missed_defects']} of {ours['defects']} vs production {theirs['missed_defects']} of {theirs['defects']}",
+               f"false alarms {ours['false_alarms']} vs production {theirs['false_alarms']} (of {ours['n'] - ours['defects']} / {theirs['n'] - theirs['defects']} good)")
+    return [replace(c, detail=d) if c.value is not None and c.threshold is not None else c for c, d in zip(checks, details)]
+
+
+def speed_checks(metrics: Any, gate: GateParams) -> list[Check]:
+    """Throughput and latency floors of the served model (as evaluate measured it), when params set them."""
+    checks = []
+    if gate.min_images_per_s is not None:
+        checks.append(metric_check("floor.min_images_per_s", dig(metrics, "throughput.images_per_s"), gate.min_images_per_s,
+                                   ">=", "floor", "metrics throughput.images_per_s"))
+    if gate.max_latency_ms is not None:
+        checks.append(metric_check("floor.max_latency_ms", dig(metrics, "throughput.latency_ms_p95"), gate.max_latency_ms,
+                                   "<=", "floor", "metrics throughput.latency_ms_p95"))
+    return checks
+
+
 def champion_checks(metrics: Any, champion: Any, split_check: Check, gate: GateParams) -> list[Check]:
     return [
         improvement_check(metrics, champion, gate),
         *recall_regression_checks(metrics, champion, gate),
         *slice_regression_checks(metrics, champion, gate),
+        *plant_checks(metrics, champion, gate),
         split_check,
     ]
 
@@ -296,8 +343,15 @@ def champion_checks(metrics: Any, champion: Any, split_check: Check, gate: GateP
 @dataclass(frozen=True)
 class Champion:
     version: str
-    metrics: Any
+    metrics: Any  # as stored with the version (its own, possibly older, test split)
     meta: Any
+    folder: Path | None = None
+    rescored: Any = None  # production's metrics on today's test split (lensmith.champion), when it could be scored
+    why_not_rescored: str | None = None
+
+    @property
+    def compared_metrics(self) -> Any:
+        return self.rescored if self.rescored is not None else self.metrics
 
 
 def production_champion(layout: Layout) -> Champion | None:
@@ -308,7 +362,19 @@ def production_champion(layout: Layout) -> Champion | None:
         folder = registry.resolve("production")
     except RegistryError:
         return Champion(str(registry.aliases()["production"]), None, None)
-    return Champion(folder.name, read_json_or_none(folder / METRICS_JSON), read_json_or_none(folder / "meta.json"))
+    return Champion(folder.name, read_json_or_none(folder / METRICS_JSON), read_json_or_none(folder / "meta.json"), folder)
+
+
+def rescored_champion(champion: Champion | None, params: Params, layout: Layout) -> Champion | None:
+    """The champion with its metrics on today's test split, or with the reason they could not be computed."""
+    if champion is None:
+        return None
+    if champion.folder is None:
+        return replace(champion, why_not_rescored="its registry folder cannot be read")
+    from lensmith.champion import rescore_production
+
+    result = rescore_production(params, layout, champion.folder)
+    return replace(champion, rescored=result.metrics, why_not_rescored=result.why_not)
 
 
 def failure_reason(check: Check) -> str:
@@ -331,20 +397,28 @@ def evaluate_gate(
 ) -> GateResult:
     """Pure decision from already-loaded inputs (no files written)."""
     gate = params.gate
-    checks = [*floor_checks(metrics, gate), *int8_checks(export, params)]
+    checks = [*floor_checks(metrics, gate), *speed_checks(metrics, gate), *int8_checks(export, params)]
     warnings = []
     if metrics is None:
         warnings.append("reports/metrics.json is missing or unreadable: every metric check fails")
     if champion is not None:
-        if champion.metrics is None:
-            missing = f"production {champion.version} has no readable metrics.json"
-            checks.append(Check("champion.metrics", None, None, "present", False, "champion", missing))
-        split_check = same_split_check(candidate_split_hash, split_hash_from_meta(champion.meta), gate)
-        if not split_check.passed:
-            warnings.append(f"{split_check.detail} (production {champion.version})")
-        checks += champion_checks(metrics, champion.metrics, split_check, gate)
+        if champion.rescored is not None:
+            split_check = Check("champion.same_test_split", candidate_split_hash, candidate_split_hash, "==", True,
+                                "champion", f"production {champion.version} re-scored on this test split")
+        else:
+            if champion.why_not_rescored:
+                warnings.append(f"production {champion.version} could not be scored on this test split "
+                                f"({champion.why_not_rescored}): compared with the metrics stored with it")
+            if champion.metrics is None:
+                missing = f"production {champion.version} has no readable metrics.json"
+                checks.append(Check("champion.metrics", None, None, "present", False, "champion", missing))
+            split_check = same_split_check(candidate_split_hash, split_hash_from_meta(champion.meta), gate)
+            if not split_check.passed:
+                warnings.append(f"{split_check.detail} (production {champion.version})")
+        checks += champion_checks(metrics, champion.compared_metrics, split_check, gate)
     reasons = [failure_reason(c) for c in checks if not c.passed and c.blocking]
-    return GateResult(not reasons, checks, reasons, champion.version if champion else None, warnings)
+    compared = None if champion is None else ("re-scored on this test split" if champion.rescored is not None else "stored metrics")
+    return GateResult(not reasons, checks, reasons, champion.version if champion else None, warnings, champion_compared=compared)
 
 
 def gate_json(
@@ -355,6 +429,7 @@ def gate_json(
         "decision": result.decision,
         "reasons": result.reasons,
         "champion_version": result.champion_version,
+        "champion_compared": result.champion_compared,
         "warnings": result.warnings,
         "metric": params.gate.metric,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -371,6 +446,7 @@ def gate_json(
 def gate_html(result: GateResult, params: Params) -> HtmlReport:
     report = HtmlReport("Model gate", "Champion/challenger + absolute floors")
     against = f"production {result.champion_version}" if result.champion_version else "floors only (no production model yet)"
+    against += f" ({result.champion_compared})" if result.champion_compared else ""
     report.status(result.passed, f"decision: {result.decision}; compared against {against}")
     if result.reasons:
         report.heading("Why it was rejected")
@@ -396,7 +472,7 @@ def run_gate(params: Params, layout: Layout, *, raise_on_reject: bool = True) ->
     metrics = read_json_or_none(metrics_path)
     candidate_meta = read_json_or_none(layout.candidate / "meta.json")
     export, stale_export = export_of_candidate(read_json_or_none(layout.reports / EXPORT_JSON), candidate_meta)
-    champion = production_champion(layout)
+    champion = rescored_champion(production_champion(layout), params, layout)
     split_hash = candidate_test_split_hash(layout, candidate_meta)
     result = evaluate_gate(metrics, export, champion, split_hash, params)
     result.warnings += [stale_export] if stale_export else []

@@ -2,28 +2,45 @@
 
 Inputs may be decoded PIL images or HxWxC / HxW uint8 arrays at any size: both go through
 `Preprocessing.to_uint8` (resize, crop, channels) and `normalize_tensor`, the one preprocessing definition.
+The model is a torch module (or a TrainedModel) or anything with `logits_uint8(N x C x H x W uint8)`, such as the
+served ONNX model (lensmith.onnxmodel.OnnxModel): evaluation measures the artifact that is served.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from lensmith.preprocess import Preprocessing
 
 ImageLike = Image.Image | np.ndarray
 
 
-def _unwrap(trained_or_model: Any) -> nn.Module:
-    """Accept a modelio.TrainedModel or a bare nn.Module."""
-    return getattr(trained_or_model, "model", trained_or_model)
+def _unwrap(trained_or_model: Any) -> Any:
+    """Accept a modelio.TrainedModel, a bare nn.Module or a model with `logits_uint8` (ONNX)."""
+    return trained_or_model if hasattr(trained_or_model, "logits_uint8") else getattr(trained_or_model, "model", trained_or_model)
+
+
+def uint8_runner(model: Any, preprocessing: Preprocessing) -> Callable[[np.ndarray], Any]:
+    """One forward pass on N x C x H x W uint8 at the input size (normalisation included)."""
+    if hasattr(model, "logits_uint8"):
+        return model.logits_uint8
+
+    def run(batch: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return model(preprocessing.normalize_tensor(torch.as_tensor(batch)))
+
+    return run
+
+
+def thread_count(model: Any) -> int:
+    return int(getattr(model, "threads", 0) or 0) if hasattr(model, "logits_uint8") else torch.get_num_threads()
 
 
 def array_to_pil(image: np.ndarray) -> Image.Image:
@@ -54,13 +71,19 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 
 def predict_logits_uint8(
-    model: nn.Module,
+    model: Any,
     preprocessing: Preprocessing,
     batch_nchw_uint8: np.ndarray,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Logits (N x C float32) for already preprocessed uint8 input, in batches of `batch_size`."""
+    if hasattr(model, "logits_uint8"):
+        outputs = [np.asarray(model.logits_uint8(np.ascontiguousarray(batch_nchw_uint8[part])), dtype=np.float32)
+                   for part in _batches(len(batch_nchw_uint8), batch_size)]
+        if not outputs:
+            raise ValueError("no images to predict")
+        return np.concatenate(outputs)
     outputs = []
     with torch.inference_mode():
         for part in _batches(len(batch_nchw_uint8), batch_size):
@@ -128,14 +151,14 @@ class SpeedReport:
         }
 
 
-def _synthetic_input(preprocessing: Preprocessing, n: int, seed: int = 0) -> torch.Tensor:
+def _synthetic_input(preprocessing: Preprocessing, n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     size = preprocessing.image_size
-    return torch.as_tensor(rng.integers(0, 256, (n, preprocessing.num_channels, size, size), dtype=np.uint8))
+    return rng.integers(0, 256, (n, preprocessing.num_channels, size, size), dtype=np.uint8)
 
 
 def measure_throughput(
-    model: nn.Module,
+    model: Any,
     preprocessing: Preprocessing,
     batch_size: int,
     *,
@@ -146,21 +169,21 @@ def measure_throughput(
 
     One warm-up batch, then batches until `min_batches` ran and `budget_s` is spent.
     """
+    run = uint8_runner(_unwrap(model), preprocessing)
     x = _synthetic_input(preprocessing, batch_size)
-    with torch.inference_mode():
-        model(preprocessing.normalize_tensor(x))
-        done, start = 0, time.perf_counter()
-        while True:
-            model(preprocessing.normalize_tensor(x))
-            done += 1
-            if done >= min_batches and time.perf_counter() - start >= budget_s:
-                break
-        elapsed = time.perf_counter() - start
+    run(x)
+    done, start = 0, time.perf_counter()
+    while True:
+        run(x)
+        done += 1
+        if done >= min_batches and time.perf_counter() - start >= budget_s:
+            break
+    elapsed = time.perf_counter() - start
     return float(done * batch_size / elapsed)
 
 
 def measure_latency_ms(
-    model: nn.Module,
+    model: Any,
     preprocessing: Preprocessing,
     *,
     warmup: int = 3,
@@ -169,16 +192,16 @@ def measure_latency_ms(
     budget_s: float = 5.0,
 ) -> np.ndarray:
     """Batch-1 latencies in milliseconds (normalisation + forward), between min_runs and max_runs runs."""
+    run = uint8_runner(_unwrap(model), preprocessing)
     x = _synthetic_input(preprocessing, 1)
     times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(preprocessing.normalize_tensor(x))
-        start = time.perf_counter()
-        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
-            t0 = time.perf_counter()
-            model(preprocessing.normalize_tensor(x))
-            times.append((time.perf_counter() - t0) * 1000.0)
+    for _ in range(warmup):
+        run(x)
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - t0) * 1000.0)
     return np.asarray(times)
 
 
@@ -194,5 +217,5 @@ def measure_speed(
         latency_ms_p50=float(np.percentile(latencies, 50)),
         latency_ms_p95=float(np.percentile(latencies, 95)),
         latency_runs=int(len(latencies)),
-        num_threads=torch.get_num_threads(),
+        num_threads=thread_count(model),
     )

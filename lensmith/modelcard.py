@@ -204,6 +204,30 @@ def training_params_section(meta: dict[str, Any]) -> CardSection:
     return CardSection("Training parameters", key_values=flat)
 
 
+def decision_section(metrics: Any, export: Any) -> CardSection:
+    """How the served model decides: the rule chosen on validation and the test split's figures at it."""
+    rule = dig(export, "decision.rule") or dig(metrics, "decision.rule")
+    section = CardSection("Decision rule")
+    if not isinstance(rule, dict):
+        section.paragraphs.append("not recorded (exported before decision rules): the most probable class decides")
+        return section
+    point = rule.get("operating_point")
+    if rule.get("kind") != "threshold" or not isinstance(point, dict):
+        confidence = rule.get("min_confidence")
+        section.paragraphs.append("argmax: the most probable class decides" + (
+            f"; below confidence {confidence} the image goes to review" if confidence is not None else ""))
+        return section
+    section.paragraphs.append(
+        f"defect when P({' or '.join(rule.get('positive_classes') or [])}) >= {_fmt(point.get('threshold'))}, chosen on "
+        f"{point.get('chosen_on', 'val')} for target {point.get('target')}; review band "
+        f"[{_fmt(point.get('review_low'))}, {_fmt(point.get('review_high'))})"
+    )
+    at_test = dig(metrics, "decision.test")
+    if isinstance(at_test, dict):
+        section.key_values = {f"test {k.replace('_', ' ')}": v for k, v in at_test.items()}
+    return section
+
+
 def card_sections(meta: dict[str, Any], metrics: Any, gate: Any, export: Any) -> list[CardSection]:
     robustness = robustness_section(metrics)
     slices = CardSection("Per-slice results", rows=slice_rows(metrics))
@@ -213,6 +237,7 @@ def card_sections(meta: dict[str, Any], metrics: Any, gate: Any, export: Any) ->
         model_section(meta),
         data_section(meta),
         metrics_section(metrics),
+        decision_section(metrics, export),
         slices,
         robustness,
         gate_section(gate),

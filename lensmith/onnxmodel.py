@@ -18,6 +18,8 @@ import onnxruntime as ort
 from PIL import Image
 
 from lensmith.errors import LensmithError
+from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
+from lensmith.operating import DecisionRule, argmax_rule
 from lensmith.preprocess import Preprocessing
 
 log = logging.getLogger("lensmith.onnx")
@@ -31,6 +33,7 @@ META_PREFIX = "lensmith."
 META_CLASSES = "lensmith.classes"
 META_PREPROCESSING = "lensmith.preprocessing"
 META_VERSION = "lensmith.model_version"
+META_DECISION = "lensmith.decision"  # JSON of lensmith.operating.DecisionRule (export chooses it on validation)
 
 
 class OnnxModelError(LensmithError):
@@ -142,6 +145,16 @@ class OnnxModel:
     def version(self) -> str:
         return self.metadata.get(META_VERSION, "unknown")
 
+    def decision_rule(self) -> DecisionRule:
+        """The rule the export chose for this file on validation (argmax for files exported before rules existed)."""
+        raw = self.metadata.get(META_DECISION)
+        if raw is None:
+            return argmax_rule(tuple(self.classes), None)
+        try:
+            return DecisionRule.from_dict(json.loads(raw))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise OnnxModelError(f"{self.path}: damaged {META_DECISION} metadata ({type(exc).__name__}: {exc})") from None
+
     @property
     def input_name(self) -> str:
         return self.session.get_inputs()[0].name
@@ -157,3 +170,28 @@ class OnnxModel:
     def probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Decoded images of any size -> class probabilities (N x classes, float64)."""
         return softmax(self.logits(self.preprocessing.batch(images)))
+
+
+# ---- which exported file is served -------------------------------------------------------------------------
+
+
+def read_serving_variant(model_dir: Path) -> str:
+    try:
+        return str(json.loads((model_dir / EXPORT_JSON).read_text(encoding="utf-8")).get("serving_variant", "fp32"))
+    except (OSError, ValueError, AttributeError):
+        return "fp32"
+
+
+def onnx_file_for(location: Path, variant: str, providers: list[str]) -> tuple[Path, str]:
+    """(file, variant) to load from a model folder, honouring serve.variant (auto = the export's choice)."""
+    if location.is_file():
+        return location, "int8" if location.name == INT8_FILE else "fp32"
+    wanted = read_serving_variant(location) if variant == "auto" else variant
+    if wanted == "int8" and (location / INT8_FILE).is_file():
+        return location / INT8_FILE, "int8"
+    if wanted == "int8" and variant == "int8":
+        raise LensmithError(f"serve.variant is int8 but {location} has no {INT8_FILE} (the export rejected or skipped it)")
+    # the EXTENDED-optimised graph holds CPU-specific fused ops: only for CPU-first serving
+    if providers[:1] == [CPU] and (location / OPTIMIZED_FILE).is_file():
+        return location / OPTIMIZED_FILE, "fp32"
+    return location / ONNX_FILE, "fp32"

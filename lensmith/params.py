@@ -327,6 +327,47 @@ class RobustnessParams(Section):
         return value
 
 
+class OperatingPointParams(Section):
+    """The decision threshold on the defect score (1 - P(negative class)), chosen on the validation split with the
+    model that is served; used by the reports, the gate and the service's `decision`."""
+
+    target: Literal["min_recall", "max_false_alarm_rate", "min_cost", "argmax"] = Field(
+        "min_recall",
+        description="What the threshold meets on validation: min_recall (the highest threshold catching that share of "
+        "defects), max_false_alarm_rate (the lowest threshold flagging at most that share of good parts), min_cost "
+        "(least cost_ratio x missed + false alarms), argmax (no threshold: the most probable class decides)",
+    )
+    min_recall: float | None = Field(
+        0.95, ge=0.0, le=1.0,
+        description="Share of defects to catch (target min_recall); with another target, a limit that must hold too (null = none)",
+    )
+    max_false_alarm_rate: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Share of good parts that may be flagged (target max_false_alarm_rate); with another target, a limit "
+        "that must hold too (null = none)",
+    )
+    cost_ratio: float = Field(
+        10.0, gt=0.0, description="A missed defect costs this many false alarms (target min_cost, and the expected cost in reports)"
+    )
+    review_rate: float = Field(
+        0.0, ge=0.0, le=0.5,
+        description="Share of validation images whose score is closest to the threshold that go to a human (decision "
+        "`review`) instead of being decided; 0 = no review band",
+    )
+    min_confidence: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Sets without a negative class (argmax decides): predictions below this confidence get decision "
+        "`review`; null = none",
+    )
+
+    @model_validator(mode="after")
+    def _target_has_its_value(self) -> OperatingPointParams:
+        needed = {"min_recall": self.min_recall, "max_false_alarm_rate": self.max_false_alarm_rate}
+        if self.target in needed and needed[self.target] is None:
+            raise ValueError(f"target {self.target} needs {self.target} to be set")
+        return self
+
+
 class EvaluateParams(Section):
     """Test-split evaluation (`lensmith evaluate`)."""
 
@@ -346,6 +387,7 @@ class EvaluateParams(Section):
     )
     worst_examples: int = Field(24, ge=0, le=200, description="Most confident mistakes shown in reports/evaluation.html (0 = none)")
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
+    operating_point: OperatingPointParams = Field(default_factory=OperatingPointParams)
 
 
 class OrchestrationParams(Section):
@@ -433,7 +475,27 @@ class GateParams(Section):
     int8_max_drop: float | None = Field(
         None, ge=0.0, le=1.0, description="int8 accuracy drop limit when int8 is served; null = the limit in reports/export.json"
     )
-    require_same_test_split: bool = Field(False, description="Reject when the champion was scored on another test split")
+    require_same_test_split: bool = Field(
+        False,
+        description="Reject when production could not be re-scored on today's test split and its stored metrics come "
+        "from another one",
+    )
+    min_false_negative_reduction: float = Field(
+        0.0, ge=-1.0, le=1.0,
+        description="The candidate's missed-defect rate must be at most production's x (1 - this), each at its own "
+        "operating point on today's test split (0.3 = miss 30% fewer; 0 = no more; negative = may miss more)",
+    )
+    max_false_positive_increase: float = Field(
+        0.05, ge=0.0,
+        description="The candidate's false-alarm rate may be at most production's x (1 + this), each at its own "
+        "operating point (relative: production with no false alarms allows none)",
+    )
+    min_images_per_s: float | None = Field(
+        None, gt=0.0, description="Throughput floor of the served model at evaluate.batch_size (ONNX Runtime, this machine); null = none"
+    )
+    max_latency_ms: float | None = Field(
+        None, gt=0.0, description="Ceiling of the served model's batch-1 p95 latency in ms (one unit at a time); null = none"
+    )
 
 
 class ExportParams(Section):

@@ -343,7 +343,7 @@ def check_register_inputs(candidate_dir: Path, metrics_path: Path, gate_path: Pa
 
 
 def version_meta(
-    candidate_meta: dict[str, Any], metrics: Any, version: str, parent: str | None, gate: Any
+    candidate_meta: dict[str, Any], metrics: Any, version: str, parent: str | None, gate: Any, export: Any = None
 ) -> dict[str, Any]:
     """The candidate's meta.json (classes, preprocessing, params, data hash, git commit...) plus registry facts."""
     return {
@@ -356,6 +356,7 @@ def version_meta(
         "data_hash": candidate_meta.get("data_hash"),
         "params": candidate_meta.get("params"),
         "git_commit": candidate_meta.get("git_commit"),
+        "decision": dig(export, "decision.rule"),  # the rule the served ONNX files carry (chosen on validation)
     }
 
 
@@ -385,7 +386,7 @@ def stage_version(
     metrics = read_json_or_none(staging / METRICS_JSON)
     gate = read_json_or_none(staging / GATE_JSON)
     candidate_meta = read_json_or_none(candidate_dir / "meta.json") or {}
-    meta = version_meta(candidate_meta, metrics, version, parent, gate)
+    meta = version_meta(candidate_meta, metrics, version, parent, gate, read_json_or_none(staging / EXPORT_JSON))
     write_json_atomic(staging / "meta.json", meta)
     write_model_card(staging, meta=meta, metrics=metrics, gate=gate, export=read_json_or_none(staging / EXPORT_JSON))
 

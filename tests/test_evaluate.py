@@ -173,6 +173,19 @@ def save_candidate(root: Path, classes: list[str] = CLASSES) -> None:
     model = build_model("mobilenet_v3_small", len(classes), pretrained=False, dropout=0.0, image_size=SIZE)
     save_trained(Layout(root).candidate, model, arch="mobilenet_v3_small", classes=classes,
                  preprocessing=preprocessing_for("mobilenet_v3_small", SIZE), meta={"data_hash": "abc123"})
+    save_plain_export(root)
+
+
+def save_plain_export(root: Path) -> None:
+    """The candidate as ONNX with its metadata (no int8, no decision rule: an export from before rules existed)."""
+    from lensmith.export import export_onnx, model_metadata, set_metadata
+    from lensmith.modelio import load_candidate
+    from lensmith.params import ExportParams
+
+    trained = load_candidate(Layout(root))
+    Layout(root).exported.mkdir(parents=True, exist_ok=True)
+    path = export_onnx(trained.model, trained.preprocessing, Layout(root).exported / "model.onnx", ExportParams().opset)
+    set_metadata(path, model_metadata(trained))
 
 
 def stage_params(**evaluate: object) -> Params:
@@ -193,7 +206,9 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Layout:
 def test_run_evaluate_writes_metrics_plots_and_self_contained_html(project: Layout) -> None:
     summary = ev.run_evaluate(stage_params(slices=["site", "lighting", "camera"]), project)
     metrics = json.loads((project.reports / "metrics.json").read_text())
-    assert {"test", "slices", "robustness", "calibration", "throughput", "model"} <= set(metrics)
+    assert {"test", "slices", "robustness", "calibration", "throughput", "model", "served", "decision"} <= set(metrics)
+    assert metrics["served"]["file"] == "model.onnx" and metrics["served"]["provider"] == "CPUExecutionProvider"
+    assert metrics["decision"]["rule"]["kind"] == "argmax"  # exported before decision rules: argmax, as served
     for key in ("accuracy", "macro_f1", "weighted_f1", "top_k_accuracy"):
         assert isinstance(metrics["test"][key], float)
     assert metrics["model"]["arch"] == "mobilenet_v3_small" and metrics["model"]["data_hash"] == "abc123"
@@ -279,7 +294,9 @@ def test_auto_slices_are_the_metadata_columns_the_data_has(project: Layout) -> N
 
 def test_evaluate_a_model_trained_by_lensmith_train_on_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lensmith.demodata import generate_demo_dataset
+    from lensmith.export import run_export
     from lensmith.ingest import run_ingest
+    from lensmith.params import ExportParams
     from lensmith.train import run_train
 
     monkeypatch.setattr(ev, "SPEED_BUDGET_S", 0.2)
@@ -296,6 +313,7 @@ def test_evaluate_a_model_trained_by_lensmith_train_on_demo_data(tmp_path: Path,
     run_ingest(params, layout)
     standin_splits(layout)
     run_train(params, layout)
+    run_export(params.model_copy(update={"export": ExportParams(int8=False, bench_seconds=0.2)}), layout)
     summary = ev.run_evaluate(params, layout)
 
     metrics = json.loads((layout.reports / "metrics.json").read_text())
@@ -308,3 +326,11 @@ def test_evaluate_a_model_trained_by_lensmith_train_on_demo_data(tmp_path: Path,
     assert metrics["model"]["arch"] == "efficientnet_lite0" and len(metrics["model"]["data_hash"]) == 64
     assert test["accuracy"] > 1 / len(metrics["model"]["classes"])  # pretrained backbone, 2 epochs: above chance
     assert (layout.reports / "evaluation.html").stat().st_size > 10_000
+    # the served ONNX model decides at the threshold export chose on validation; the test figures are at that point
+    assert metrics["served"]["variant"] == "fp32" and metrics["served"]["file"] == "model.opt.onnx"
+    decision = metrics["decision"]
+    if decision["rule"]["kind"] == "threshold":
+        at_point = decision["test"]
+        assert {"recall", "false_alarm_rate", "precision", "review_rate", "expected_cost"} <= set(at_point)
+        assert set(decision["slices"]) == {"site", "lighting", "camera"}
+        assert "Decision at the operating point" in (layout.reports / "evaluation.html").read_text()

@@ -92,6 +92,44 @@ def test_export_report_records_parity_int8_decision_and_speed(project: Layout) -
     assert (project.exported / "model.opt.onnx").is_file()
 
 
+def test_the_served_variant_travels_with_its_decision_rule_chosen_on_validation(project: Layout) -> None:
+    """The threshold is chosen on the whole validation split with the served variant, meets the recall target there,
+    and is in every ONNX file's metadata, so a site serving the file alone decides the same way."""
+    from lensmith.operating import DecisionRule
+
+    report = json.loads((project.reports / "export.json").read_text())
+    decision = report["decision"]
+    classes = load_trained(project.candidate).classes
+    assert decision["chosen_with"] == report["serving_variant"]
+    assert decision["n_val"] == len(load_split_images(project, "val", classes, load_trained(project.candidate).preprocessing).labels)
+    rule = DecisionRule.from_dict(decision["rule"])
+    if rule.kind == "threshold":
+        assert rule.negative_class == "ok" and "ok" not in rule.positive_classes
+        assert rule.point is not None and decision["validation"]["recall"] >= 0.95
+    else:
+        assert "no threshold can be chosen" in decision["validation"]["note"]
+    for name in ("model.onnx", "model.opt.onnx", "model.int8.onnx"):
+        if (project.exported / name).is_file():
+            props = {p.key: p.value for p in onnx.load(str(project.exported / name)).metadata_props}
+            assert json.loads(props["lensmith.decision"]) == decision["rule"]
+
+
+def test_decision_rule_from_params_and_validation_probabilities() -> None:
+    from lensmith.decisionrule import choose_decision_rule
+
+    classes = ["chip", "ok", "scratch"]
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.3, 0.6, 0.1], [0.1, 0.2, 0.7], [0.2, 0.7, 0.1], [0.05, 0.9, 0.05]])
+    y_true = np.array([0, 0, 2, 1, 1])
+    rule, figures = choose_decision_rule(tiny_params(), classes, probabilities, y_true)
+    assert rule.kind == "threshold" and rule.positive_classes == ("chip", "scratch")
+    assert figures["recall"] == 1.0 and rule.point is not None and rule.point.threshold == pytest.approx(0.4)
+    assert [rule.decide(p) for p in probabilities] == ["defect", "defect", "defect", "ok", "ok"]
+    argmax, note = choose_decision_rule(tiny_params(), classes, probabilities[3:], y_true[3:])
+    assert argmax.kind == "argmax" and "no defect images" in note["note"]
+    digits, _ = choose_decision_rule(tiny_params(), ["0", "1"], probabilities[:, :2], np.array([0, 0, 1, 1, 1]))
+    assert digits.kind == "argmax" and digits.decide(np.array([0.2, 0.8])) == "1"
+
+
 def test_int8_file_is_quantised_qdq_per_channel(project: Layout) -> None:
     if not (project.exported / "model.int8.onnx").is_file():
         pytest.skip("the int8 gate rejected the model in this run")

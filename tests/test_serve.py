@@ -94,7 +94,7 @@ def test_prediction_matches_the_onnx_model_through_the_shared_preprocessing(layo
     import io
 
     from lensmith.onnxmodel import OnnxModel
-    from lensmith.serve.models import onnx_file_for
+    from lensmith.onnxmodel import onnx_file_for
 
     path, _ = onnx_file_for(layout.exported, "auto", ["CPUExecutionProvider"])
     expected = OnnxModel.load(path).probabilities([Image.open(io.BytesIO(jpeg_bytes(5))).convert("RGB")])[0]

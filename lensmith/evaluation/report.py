@@ -48,10 +48,20 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Figure:
     return fig
 
 
-def curves_figure(pr: pd.DataFrame, roc: pd.DataFrame, positive: dict[str, Any] | None) -> Figure:
+def curves_figure(
+    pr: pd.DataFrame, roc: pd.DataFrame, positive: dict[str, Any] | None, at_point: dict[str, Any] | None = None
+) -> Figure:
+    """PR and ROC curves; `at_point`: the test figures at the operating point, marked on both."""
     positive = positive or {"name": "micro-average over classes (one-vs-rest)"}
     fig = Figure(figsize=(9, 4))
     ax_pr, ax_roc = fig.subplots(1, 2)
+    if at_point and at_point.get("recall") is not None:
+        label = "operating point"
+        if at_point.get("precision") is not None:
+            ax_pr.plot([at_point["recall"]], [at_point["precision"]], "o", color="crimson", label=label)
+            ax_pr.legend(loc="lower left")
+        ax_roc.plot([at_point["false_alarm_rate"]], [at_point["recall"]], "o", color="crimson", label=label)
+        ax_roc.legend(loc="lower right")
     ax_pr.plot(pr["recall"], pr["precision"])
     ax_pr.set(xlabel="recall", ylabel="precision",
               title=f"PR, AP={format_optional(positive.get('average_precision'))}", xlim=(0, 1.02), ylim=(0, 1.02))
@@ -106,7 +116,10 @@ def write_plots(evaluation: Evaluation, out_dir: Path) -> dict[str, bytes]:
     test = evaluation.metrics["test"]
     pngs = {
         "confusion": figure_png(confusion_figure(evaluation.confusion, evaluation.classes)),
-        "curves": figure_png(curves_figure(evaluation.pr_curve, evaluation.roc_curve, test["positive_class"])),
+        "curves": figure_png(curves_figure(
+            evaluation.pr_curve, evaluation.roc_curve, test["positive_class"],
+            (evaluation.metrics.get("decision") or {}).get("test"),
+        )),
         "reliability": figure_png(reliability_figure(evaluation.reliability, evaluation.metrics["calibration"]["ece"])),
     }
     for name, data in pngs.items():
@@ -131,6 +144,33 @@ def robustness_rows(robustness: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"drop s{severity}"] = cell["relative_drop"]
         rows.append(row)
     return rows
+
+
+def decision_section(report: HtmlReport, decision: dict[str, Any] | None) -> None:
+    """The operating point the model is served at, and the test split's figures there (overall, per slice)."""
+    if not decision:
+        return
+    rule = decision["rule"]
+    report.heading("Decision at the operating point")
+    point = rule.get("operating_point")
+    if rule["kind"] != "threshold" or point is None:
+        confidence = rule.get("min_confidence")
+        report.paragraph("The most probable class decides (argmax)" + (
+            f"; predictions below confidence {confidence} go to review (test review rate "
+            f"{decision.get('review_rate', 0.0):.3f})." if confidence is not None else "."))
+        return
+    band = (f"; scores in [{point['review_low']:.4f}, {point['review_high']:.4f}) go to review"
+            if point["review_high"] > point["review_low"] else "")
+    report.paragraph(
+        f"defect when P({' or '.join(rule['positive_classes'])}) >= {point['threshold']:.4f}{band}; chosen on "
+        f"{point['chosen_on']} for target {point['target']} (min recall {point['min_recall']}, max false-alarm rate "
+        f"{point['max_false_alarm_rate']}, a miss costs {point['cost_ratio']:g} false alarms)."
+    )
+    report.key_values({f"test {k.replace('_', ' ')}": v for k, v in decision["test"].items()})
+    rows = [{"column": column, "value": value, **figures}
+            for column, values in decision.get("slices", {}).items() for value, figures in values.items()]
+    if rows:
+        report.table(rows)
 
 
 def render_html(
@@ -172,10 +212,14 @@ def render_html(
             "latency batch 1 p50 / p95 (ms)": f"{speed['latency_ms_p50']:.2f} / {speed['latency_ms_p95']:.2f}",
         }
     )
+    served = metrics.get("served")
+    engine = (f"the served model ({served['file']}, {served['variant']}) through ONNX Runtime ({served['provider']})"
+              if served else f"eager PyTorch with {speed['num_threads']} thread(s)")
     report.paragraph(
-        f"Speed: eager PyTorch on this machine's CPU with {speed['num_threads']} thread(s), normalisation + forward "
-        "pass on input already at the model's size (decoding and resizing excluded)."
+        f"Every figure is of {engine} on this machine's CPU; speed is normalisation + forward pass on input already "
+        "at the model's size (decoding and resizing excluded)."
     )
+    decision_section(report, metrics.get("decision"))
     report.heading("Per class")
     report.table([{"class": label, **values} for label, values in test["per_class"].items()])
     report.heading("Confusion matrix")

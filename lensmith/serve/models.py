@@ -8,7 +8,6 @@ holding the old model finish on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 from lensmith.errors import LensmithError
-from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
-from lensmith.onnxmodel import CPU, OnnxModel
+from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE
+from lensmith.onnxmodel import OnnxModel, onnx_file_for
 
 log = logging.getLogger("lensmith.serve")
 
@@ -87,28 +86,6 @@ class PathSource:
 def production_source(models_root: Path) -> ModelSource:
     """What `lensmith serve` runs without --model: the registry's production model."""
     return RegistrySource(models_root, "production")
-
-
-def read_serving_variant(model_dir: Path) -> str:
-    try:
-        return str(json.loads((model_dir / EXPORT_JSON).read_text(encoding="utf-8")).get("serving_variant", "fp32"))
-    except (OSError, ValueError, AttributeError):
-        return "fp32"
-
-
-def onnx_file_for(location: Path, variant: str, providers: list[str]) -> tuple[Path, str]:
-    """(file, variant) to load from a model folder, honouring serve.variant (auto = the export's choice)."""
-    if location.is_file():
-        return location, "int8" if location.name == INT8_FILE else "fp32"
-    wanted = read_serving_variant(location) if variant == "auto" else variant
-    if wanted == "int8" and (location / INT8_FILE).is_file():
-        return location / INT8_FILE, "int8"
-    if wanted == "int8" and variant == "int8":
-        raise LensmithError(f"serve.variant is int8 but {location} has no {INT8_FILE} (the export rejected or skipped it)")
-    # the EXTENDED-optimised graph holds CPU-specific fused ops: only for CPU-first serving
-    if providers[:1] == [CPU] and (location / OPTIMIZED_FILE).is_file():
-        return location / OPTIMIZED_FILE, "fp32"
-    return location / ONNX_FILE, "fp32"
 
 
 @dataclass
