@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lensmith.serve.apierrors import loggable
 from lensmith.serve.models import ServedModel
 
 log = logging.getLogger("lensmith.serve")
@@ -36,6 +37,16 @@ class Metrics:
         )
         self.model = Gauge("lensmith_model_info", "The model being served (value 1)", ["version", "variant", "provider"], registry=self.registry)
         self.reloads = Counter("lensmith_model_reloads", "Model reloads", ["result"], registry=self.registry)
+        self.reload_failures = Counter(
+            "lensmith_model_reload_failures", "Models that failed to load or warm up (the one being served stayed)", registry=self.registry
+        )
+        self.degraded = Gauge(
+            "lensmith_model_degraded", "1 while an older model serves because the newest failed to load or warm up", registry=self.registry
+        )
+        self.queue_depth = Gauge("lensmith_queue_depth", "Predict requests waiting for a session run", registry=self.registry)
+        self.rejected = Counter(
+            "lensmith_rejected_requests", "Predict requests refused to protect the service", ["reason"], registry=self.registry
+        )
 
     def set_model(self, model: ServedModel) -> None:
         self.model.clear()
@@ -69,4 +80,4 @@ class MetricsMiddleware:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
             if status >= 400:  # with serve.access_log off, the failures still leave a line
                 client = scope.get("client") or ("-", 0)
-                log.info("%s %s %s from %s", scope.get("method"), scope.get("path"), status, client[0])
+                log.info("%s %s %s from %s", loggable(scope.get("method")), loggable(scope.get("path")), status, loggable(client[0]))
