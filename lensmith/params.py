@@ -521,7 +521,9 @@ class ServeParams(Section):
         description="Session runs at once; 0 = automatic (threads 0 on CPU: cores + 1; threads N: cores // N; GPU: 1)",
     )
     max_queue: int = Field(
-        64, ge=1, description="Predict requests waiting for a session run; more are answered 503 overloaded with Retry-After"
+        32, ge=1,
+        description="Predict requests queued (decoding, or waiting for a decode slot or a session run); more are answered "
+        "503 overloaded with Retry-After. Queueing adds about max_queue / throughput to the latency",
     )
     request_timeout_s: float = Field(
         10.0, gt=0.0, description="Deadline of a predict request from its arrival; past it the answer is 503 with Retry-After (408 while the body is still arriving)"

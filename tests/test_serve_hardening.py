@@ -247,6 +247,41 @@ def test_decodes_run_at_most_max_concurrent_decodes_at_once(layout: Layout, monk
     assert peak == 1
 
 
+def test_requests_waiting_for_a_decode_count_against_the_queue(layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensmith.serve import predict as predict_module
+
+    real = predict_module.prepare
+    monkeypatch.setattr(predict_module, "prepare", lambda *a, **k: time.sleep(0.5) or real(*a, **k))
+    big = jpeg_bytes(3, size=(400, 300))
+
+    async def go(client, service):  # noqa: ANN001, ANN202
+        first = asyncio.create_task(post(client, (big, "image/jpeg")))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if service.preparing == 1:
+                break
+        refused = await post(client, (big, "image/jpeg"))
+        return await first, refused
+
+    first, refused = run(go, layout, serve_params(max_queue=1, max_concurrent_decodes=1))
+    assert first.status_code == 200
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+
+
+def test_failure_log_lines_are_limited_per_second(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from lensmith.serve import metrics as metrics_module
+
+    now = [100.0]
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
+    limiter = metrics_module.LineLimiter(per_second=3)
+    with caplog.at_level(logging.INFO, logger="lensmith.serve"):
+        first = [limiter.allow() for _ in range(10)]
+        now[0] += 1.0
+        second = limiter.allow()
+    assert first == [True] * 3 + [False] * 7 and second is True
+    assert [r.getMessage() for r in caplog.records] == ["7 more failed requests were not logged one by one (lensmith_requests_total counts them all)"]
+
+
 # ---- overload: bounded queue and deadline ----------------------------------------------------------------
 
 

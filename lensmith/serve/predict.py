@@ -8,7 +8,8 @@ otherwise), and every image's header is read first, so an image over serve.max_p
 serve.max_request_pixels is refused (413) from the headers. A large image is decoded reduced to about the
 model's input size (`DECODE_MARGIN`), its statistics measured on the reduced image, and no full-size pixels
 outlive the decode. At most serve.max_concurrent_decodes uploads are decoded at once. Overload is answered
-503 with Retry-After: when serve.max_queue requests already wait for inference, and when a request misses
+503 with Retry-After: when serve.max_queue requests are queued already (decoding, or waiting for a decode
+slot or a session run; checked before the body is read and again before decoding), and when a request misses
 its deadline (serve.request_timeout_s)."""
 
 from __future__ import annotations
@@ -246,9 +247,7 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
     params = service.params
     if params.require_token_for_predict:
         service.require_token(bearer_from_header(request.headers.get("authorization")))
-    if service.batcher.full:  # the cheapest answer under overload: before the body is even read
-        service.metrics.rejected.labels("queue_full").inc()
-        raise overloaded(f"{service.batcher.waiting} requests are waiting for inference (serve.max_queue); retry shortly")
+    service.check_queue()  # the cheapest answer under overload: before the body is even read
     reading = True
     try:
         async with asyncio.timeout(params.request_timeout_s):
@@ -281,13 +280,18 @@ async def infer(service: Service, content_type: str, body: bytes) -> tuple[Serve
     model = service.require_model()
     datas = [u.data for u in uploads]
     opened = read_headers(datas, params)  # 413 / 415 / 400 before any decoding
-    if decodes_inline(datas, opened):  # small images (~0.3 ms of work): cheaper than a hand-over to a thread and back
-        decoded, inputs = prepare(datas, opened, model, params.max_pixels)
-    else:
-        decoded, inputs = await prepare_in_pool(service, datas, opened, model)
+    service.check_queue()
+    service.preparing += 1
+    try:
+        if decodes_inline(datas, opened):  # small images (~0.3 ms of work): cheaper than a hand-over to a thread and back
+            decoded, inputs = prepare(datas, opened, model, params.max_pixels)
+        else:
+            decoded, inputs = await prepare_in_pool(service, datas, opened, model)
+    finally:
+        service.preparing -= 1
     try:
         outputs = await service.batcher.submit(model, inputs)
-    except QueueFull:
+    except QueueFull:  # not expected (admitted above); the batcher keeps its own bound all the same
         service.metrics.rejected.labels("queue_full").inc()
         raise overloaded(f"{service.batcher.waiting} requests are waiting for inference (serve.max_queue); retry shortly") from None
     return model, decoded, outputs

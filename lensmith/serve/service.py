@@ -119,14 +119,27 @@ class Service:
         self.predlog = PredictionLog(root / params.log_dir, params.log_rotate_bytes)
         self.queue = ReviewQueue(root / params.review_dir)
         self.recent = RecentPredictions(params.feedback_window)
+        self.preparing = 0  # predict requests admitted whose images are waiting for a decode slot or being decoded
         self.metrics = Metrics()
-        self.metrics.queue_depth.set_function(lambda: self.batcher.waiting)
+        self.metrics.queue_depth.set_function(lambda: self.queued)
         self.batcher.on_batch = self._observe_batch
 
     def start(self) -> None:
         """On the event loop, before serving: the micro-batcher and the decode slots."""
         self.decode_slots = asyncio.Semaphore(self.decode_slots_total)
         self.batcher.start()
+
+    @property
+    def queued(self) -> int:
+        """Predict requests with a body in hand that are not being run yet: decoding, or waiting for a decode
+        slot or for a session run. serve.max_queue bounds them."""
+        return self.preparing + self.batcher.waiting
+
+    def check_queue(self) -> None:
+        """503 overloaded (with Retry-After) when serve.max_queue requests are queued already."""
+        if self.queued >= self.params.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise overloaded(f"{self.queued} requests are queued (serve.max_queue); retry shortly")
 
     def _observe_batch(self, images: int, seconds: float) -> None:
         self.metrics.batch.observe(images)

@@ -17,10 +17,10 @@ IMAGE_SIZE = 32
 PER_CLASS = 8
 
 
-def tiny_params(**export: object) -> Params:
+def tiny_params(arch: str = ARCH, image_size: int = IMAGE_SIZE, **export: object) -> Params:
     return params_from_dict(
         {
-            "train": {"model": ARCH, "image_size": IMAGE_SIZE, "pretrained": False},
+            "train": {"model": arch, "image_size": image_size, "pretrained": False},
             "export": {"calibration_images": 16, "bench_seconds": 0.2, **export},
             "serve": {"max_wait_ms": 2.0, "reload_poll_s": 0.2, "review_threshold": 0.5},
         }
@@ -45,7 +45,7 @@ def build_project(root: Path) -> Layout:
     return layout
 
 
-def save_random_candidate(layout: Layout, seed: int = 0) -> None:
+def save_random_candidate(layout: Layout, seed: int = 0, arch: str = ARCH, image_size: int = IMAGE_SIZE) -> None:
     """A randomly initialised model in models/candidate (export/serve mechanics need no accuracy)."""
     import torch
 
@@ -54,21 +54,21 @@ def save_random_candidate(layout: Layout, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     classes = sorted(pd.read_parquet(layout.split_file("train"))["label"].unique())
-    model = build_model(ARCH, len(classes), pretrained=False, dropout=0.0, image_size=IMAGE_SIZE).eval()
+    model = build_model(arch, len(classes), pretrained=False, dropout=0.0, image_size=image_size).eval()
     meta = {
-        "params": {"train": {"model": ARCH, "seed": seed}},
+        "params": {"train": {"model": arch, "seed": seed}},
         "data_hash": {"combined": "0" * 64},
         "git_commit": "test",
         "weights_sha256": state_dict_sha256(portable_state_dict(model)),
     }
-    save_trained(layout.candidate, model, arch=ARCH, classes=classes, preprocessing=preprocessing_for(ARCH, IMAGE_SIZE), meta=meta)
+    save_trained(layout.candidate, model, arch=arch, classes=classes, preprocessing=preprocessing_for(arch, image_size), meta=meta)
 
 
-def make_exported_project(root: Path, seed: int = 0) -> Layout:
-    """`build_project` + `save_random_candidate(seed)` + the real `run_export` in `root` (~10-30 s)."""
+def make_exported_project(root: Path, seed: int = 0, arch: str = ARCH, image_size: int = IMAGE_SIZE) -> Layout:
+    """`build_project` + `save_random_candidate` + the real `run_export` in `root` (~10-30 s at 32 px)."""
     from lensmith.export import run_export
 
     layout = build_project(root)
-    save_random_candidate(layout, seed)
-    run_export(tiny_params(), layout)
+    save_random_candidate(layout, seed, arch, image_size)
+    run_export(tiny_params(arch, image_size), layout)
     return layout
