@@ -11,10 +11,11 @@ project's registry production model, --model a model folder (the prediction log 
 folder either way). Every phase is bounded in count and time.
 
 (a) hostile uploads: `--clients` clients each send `--bombs` palette PNGs at once, each in its own request
-    (clients x bombs requests in flight): first 6000x6666 px (40 MP, ~40 KB each: over serve.max_pixels,
-    refused from the header), then 4000x6000 px (24 MP, just under the limit: decoded, reduced). The
-    service's peak RSS (sampled every 5 ms, and the kernel's high-water mark VmHWM) must stay <= 1.5 GiB,
-    every answer must be 4xx or 200, and a normal request must still get 200 after.
+    (clients x bombs requests in flight): first 6000x6666 px (40 MP, ~50 KB each: over serve.max_pixels,
+    refused from the header; every answer must be 4xx or 200), then 4000x6000 px (24 MP, just under the
+    limit: decoded, reduced; more requests than serve.max_queue admits, so 503 with Retry-After is allowed
+    too). The service's peak RSS (sampled every 5 ms, and the kernel's high-water mark VmHWM) must stay
+    <= 1.5 GiB, and a normal request must still get 200 after.
 (b) overload: unloaded latency (one client, one request at a time), capacity (16 keep-alive clients back
     to back), then `--overload-s` of open-loop arrivals at 4x that capacity (a new request every 1/rate s
     whatever the answers; connections opened as needed up to `--max-conns`). Targets: no answer other
@@ -159,6 +160,13 @@ def normal_images(n: int = 16) -> list[tuple[bytes, str]]:
     return out
 
 
+def pixels(data: bytes) -> int:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        return img.width * img.height
+
+
 def predict_request(image: bytes, content_type: str) -> bytes:
     """A complete HTTP/1.1 POST /v1/predict with one multipart file (built once, sent many times)."""
     boundary = uuid.uuid4().hex
@@ -180,6 +188,8 @@ class Answer:
     seconds: float
     json_body: bool = False
     retry_after: bool = False
+    index: int = -1  # which of the requests (open loop)
+    sent_at: float = 0.0  # seconds after the open loop started
 
 
 class Connection:
@@ -276,7 +286,7 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
     late = 0
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(raw: bytes) -> None:
+    async def one(index: int) -> None:
         nonlocal opened
         async with freed:
             while not idle and opened >= max_conns:
@@ -286,7 +296,10 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
             else:
                 connection = Connection(port)
                 opened += 1
-        answers.append(await connection.send(raw, timeout_s=30.0))
+        sent_at = time.perf_counter() - start
+        answer = await connection.send(requests[index], timeout_s=30.0)
+        answer.index, answer.sent_at = index, sent_at
+        answers.append(answer)
         async with freed:
             idle.append(connection)
             freed.notify()
@@ -299,7 +312,7 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
             await asyncio.sleep(delay)
         elif delay < -0.01:
             late += 1
-        task = asyncio.create_task(one(requests[i % len(requests)]))
+        task = asyncio.create_task(one(i % len(requests)))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     sent_s = time.perf_counter() - start
@@ -370,18 +383,29 @@ def hostile(args: argparse.Namespace, pid: int, port: int, check: bytes) -> dict
         with PeakSampler(pid) as sampler:
             answers = asyncio.run(burst(port, requests))
         after = asyncio.run(Connection(port).send(check))
+        shed = [a for a in answers if a.status == 503]
         sets[name] = {
             "requests": len(answers), "png_bytes": len(bombs[0]), "statuses": statuses(answers),
             "seconds": time.perf_counter() - start, "rss_before_mb": rss_before / MB, "peak_rss_mb": sampler.peak / MB,
-            "all_4xx_or_200": all(a.status == 200 or 400 <= a.status < 500 for a in answers), "normal_request_after": after.status,
+            "all_4xx_or_200": all(a.status == 200 or 400 <= a.status < 500 for a in answers),
+            "shed_503_with_retry_after": sum(a.json_body and a.retry_after for a in shed), "shed_503": len(shed),
+            "normal_request_after": after.status,
         }
     peak = max(s["peak_rss_mb"] for s in sets.values())
     hwm = high_water_bytes(pid) / MB
-    ok = peak * MB <= 1.5 * GIB and hwm * MB <= 1.5 * GIB and all(s["all_4xx_or_200"] and s["normal_request_after"] == 200 for s in sets.values())
-    return {"sets": sets, "peak_rss_mb": peak, "vmhwm_mb": hwm, "target": "peak RSS <= 1536 MB, every answer 4xx or 200, 200 after", "pass": ok}
+    over, under = sets.values()
+    # the 40 MP set must be refused (4xx) or answered; the set under the limit is real work, more at once
+    # than serve.max_queue admits, so the excess may also be shed: 503 with a JSON body and Retry-After
+    answers_ok = over["all_4xx_or_200"] and all(
+        k == "200" or k.startswith("4") or k == "503" for k in under["statuses"]
+    ) and under["shed_503_with_retry_after"] == under["shed_503"]
+    ok = peak * MB <= 1.5 * GIB and hwm * MB <= 1.5 * GIB and answers_ok and all(s["normal_request_after"] == 200 for s in sets.values())
+    target = "peak RSS <= 1536 MB; 40 MP: every answer 4xx or 200; 24 MP: 200, 4xx or 503 shed with Retry-After; 200 after"
+    return {"sets": sets, "peak_rss_mb": peak, "vmhwm_mb": hwm, "target": target, "pass": ok}
 
 
-def overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes]) -> dict[str, object]:
+def overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes], pooled: set[int]) -> dict[str, object]:
+    """`pooled`: indexes of the requests whose image is decoded in the thread pool."""
     asyncio.run(closed_loop(port, requests, 4, seconds=2.0))  # warm-up
     unloaded = asyncio.run(closed_loop(port, requests, 1, seconds=args.unloaded_s))
     capacity_answers = asyncio.run(closed_loop(port, requests, 16, seconds=args.capacity_s))
@@ -414,6 +438,13 @@ def overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes
         "accepted_p50_ms": p(accepted, 50), "accepted_p99_ms": p(accepted, 99),
         "p99_ratio": p(accepted, 99) / unloaded_p99 if accepted else float("nan"),
         "other_than_200_503": others,
+        # where the slow answers come from: images decoded in the thread pool vs on the event loop, and time
+        "accepted_p99_ms_by_decode": {
+            kind: p([a.seconds for a in answers if a.status == 200 and (a.index in pooled) == (kind == "pool")], 99) for kind in ("inline", "pool")
+        },
+        "accepted_p99_ms_by_second": [
+            round(p([a.seconds for a in answers if a.status == 200 and k <= a.sent_at < k + 1], 99), 1) for k in range(int(args.overload_s))
+        ],
         "refused_with_json_and_retry_after": sum(a.json_body and a.retry_after for a in refused), "refused": len(refused),
         "rss_before_mb": rss_before / MB, "rss_after_mb": rss_after / MB, "rss_change_mb": (rss_after - rss_before) / MB,
         "load_generator_cpu_s": client_cpu,
@@ -494,7 +525,8 @@ def main() -> None:
                 report["hostile"] = hostile(args, process.pid, port, requests[0])
             if "b" in args.phases:
                 print("(b) overload...", flush=True)
-                report["overload"] = overload(args, process.pid, port, requests)
+                pooled = {i for i, (data, _) in enumerate(images) if pixels(data) > 256 * 256}
+                report["overload"] = overload(args, process.pid, port, requests, pooled)
             if "c" in args.phases:
                 print("(c) soak...", flush=True)
                 report["soak"] = soak(args, process.pid, port, requests, warm_up=effective.feedback_window)
@@ -525,7 +557,8 @@ def print_table(report: dict) -> None:  # noqa: ANN001
 
 def print_hostile(h: dict, mark: dict) -> None:  # noqa: ANN001
     for name, values in h["sets"].items():
-        print(f"{'(a) bombs':<12} {name}: {values['requests']} x {values['png_bytes'] / 1024:.0f} KB PNG, {values['statuses']}, "
+        shed = f" ({values['shed_503_with_retry_after']}/{values['shed_503']} 503 with Retry-After)" if values["shed_503"] else ""
+        print(f"{'(a) bombs':<12} {name}: {values['requests']} x {values['png_bytes'] / 1024:.0f} KB PNG, {values['statuses']}{shed}, "
               f"{values['seconds']:.1f} s, peak RSS {values['peak_rss_mb']:.0f} MB, after: {values['normal_request_after']}")
     line = f"peak RSS {h['peak_rss_mb']:.0f} MB sampled, VmHWM {h['vmhwm_mb']:.0f} MB"
     print(f"{'(a) total':<12} {line:<92} <= 1536 MB  {mark[h['pass']]}")
@@ -540,6 +573,9 @@ def print_overload(o: dict, mark: dict) -> None:  # noqa: ANN001
     line = (f"200s {o['answered_200_rps']:.0f}/s, p50 {o['accepted_p50_ms']:.1f} ms p99 {o['accepted_p99_ms']:.1f} ms = {o['p99_ratio']:.1f}x unloaded; "
             f"{o['refused_with_json_and_retry_after']}/{o['refused']} 503 JSON+Retry-After; RSS {o['rss_change_mb']:+.0f} MB")
     print(f"{'(b) result':<12} {line:<92} others 0, <= 3x, |RSS| <= 50 MB  {mark[o['pass']]}")
+    by = o["accepted_p99_ms_by_decode"]
+    print(f"{'(b) detail':<12} p99 of 200s by decode: inline {by['inline']:.0f} ms, thread pool {by['pool']:.0f} ms; "
+          f"by second of the run: {o['accepted_p99_ms_by_second']}")
 
 
 def print_soak(s: dict, mark: dict) -> None:  # noqa: ANN001
