@@ -410,10 +410,19 @@ def serve(
     source = PathSource(model.resolve()) if model is not None else production_source(layout.models)
     source.locate()  # fail here, with the reason, rather than serve nothing
     app_ = create_app(params.serve, layout.root, source)
-    uvicorn.run(
-        app_, host=host or params.serve.host, port=port or params.serve.port, log_level="info", server_header=False,
-        access_log=params.serve.access_log,
-    )
+    uvicorn.run(app_, **uvicorn_options(params.serve, host, port))
+
+
+def uvicorn_options(serve_params: Any, host: str | None, port: int | None) -> dict[str, Any]:
+    """uvicorn.run's options for serve.*: beyond serve.max_connections open connections or requests uvicorn
+    answers 503 itself (the service's own limits, serve.max_queue and the deadline, answer 503 with a JSON
+    body and Retry-After well before that); the listen backlog is as long, idle keep-alive connections close
+    after serve.keep_alive_s."""
+    return {
+        "host": host or serve_params.host, "port": port or serve_params.port, "log_level": "info", "server_header": False,
+        "access_log": serve_params.access_log, "limit_concurrency": serve_params.max_connections,
+        "backlog": serve_params.max_connections, "timeout_keep_alive": serve_params.keep_alive_s,
+    }
 
 
 review_app = typer.Typer(help="The review queue fed by serving: export it for labelling, import corrected labels.", no_args_is_help=True)

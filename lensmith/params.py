@@ -547,12 +547,23 @@ class ServeParams(Section):
         16, ge=1, le=1024, description="Requests with more images are refused (400 too_many_images)"
     )
     max_pixels: int = Field(
-        40_000_000, gt=0, description="Uploads with more pixels (width*height) are refused before decoding (413 too_large): decompression-bomb limit"
+        25_000_000, gt=0,
+        description="Uploads with more pixels (width*height) are refused from their header, before decoding (413 too_large); "
+        "serving's own limit, apart from data.max_pixels and validate.max_pixels",
+    )
+    max_request_pixels: int = Field(
+        100_000_000, gt=0, description="Pixels (width*height, from the headers) of all a request's images together; more is refused before decoding (413 too_large)"
+    )
+    max_concurrent_decodes: int = Field(
+        0, ge=0, le=256, description="Uploads decoded at once (requests wait their turn, within serve.request_timeout_s); 0 = one per core"
     )
     top_k: int = Field(3, ge=1, description="Classes returned per prediction, most probable first (capped at the number of classes)")
     review_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Predictions below this confidence go to review")
     require_token_for_predict: bool = Field(False, description="Also demand the bearer token on /v1/predict")
     reload_poll_s: float = Field(2.0, gt=0.0, description="How often the registry's aliases are checked for a new model")
+    reload_backoff_max_s: float = Field(
+        300.0, gt=0.0, description="A model that failed to load or warm up is retried after reload_poll_s, doubling up to this many seconds"
+    )
     log_dir: str = Field("serving/predictions", description="Rotating append-only prediction log (relative to root)")
     log_rotate_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="Size in bytes at which the prediction log starts a new file (default 16 MiB)"
@@ -598,6 +609,18 @@ class ServeParams(Section):
         0, ge=0, le=256,
         description="Session runs at once; 0 = automatic (threads 0 on CPU: cores + 1; threads N: cores // N; GPU: 1)",
     )
+    max_queue: int = Field(
+        32, ge=1,
+        description="Predict requests queued (decoding, or waiting for a decode slot or a session run); more are answered "
+        "503 overloaded with Retry-After. Queueing adds about max_queue / throughput to the latency",
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0.0, description="Deadline of a predict request from its arrival; past it the answer is 503 with Retry-After (408 while the body is still arriving)"
+    )
+    max_connections: int = Field(
+        256, ge=1, description="uvicorn's limit_concurrency (open connections and requests) and listen backlog; beyond it uvicorn answers 503"
+    )
+    keep_alive_s: float = Field(5.0, gt=0.0, description="Seconds uvicorn keeps an idle keep-alive connection open")
 
 
 class FinetuneParams(Section):

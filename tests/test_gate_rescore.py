@@ -4,7 +4,6 @@ its own operating point; its stored metrics (from the split it was evaluated on)
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 

@@ -1,5 +1,6 @@
 """API errors: every error is a JSON body `{"error": {"code", "message"}}` (a 4xx status for bad input; stack
-traces stay in the server log), the app's handlers that render them, and the upload-size limit (413)."""
+traces and server paths stay in the server log), the app's handlers that render them, the upload-size limit
+(413), and `loggable`, which escapes what a request says before it reaches a log line."""
 
 from __future__ import annotations
 
@@ -17,12 +18,28 @@ log = logging.getLogger("lensmith.serve")
 STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 
 
-class ApiError(StarletteHTTPException):
-    """An HTTP error with a machine-readable code; rendered as {"error": {"code", "message"}}."""
+LOGGED_CHARS = 300  # longest piece of a request (a path, a method) written to a log line
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(status_code=status, detail=message)
+
+class ApiError(StarletteHTTPException):
+    """An HTTP error with a machine-readable code; rendered as {"error": {"code", "message"}} (plus `headers`,
+    e.g. Retry-After on a 503)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
         self.code = code
+
+
+def loggable(text: object, limit: int = LOGGED_CHARS) -> str:
+    """`text` from a request, safe for a log line: control characters, line breaks and other unprintable
+    characters escaped (\\n, \\x1b, \\u2028...), backslashes doubled, and cut to `limit` characters, so
+    a request cannot forge log lines or terminal escapes."""
+    value = str(text)
+    cut = len(value) > limit
+    value = value[:limit]
+    if not value.isprintable() or "\\" in value:
+        value = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in value)
+    return value + ("..." if cut else "")
 
 
 def error_response(status: int, code: str, message: str) -> JSONResponse:
@@ -36,6 +53,8 @@ def http_error_response(exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 400 and message == "There was an error parsing the body":
         code, message = "malformed_body", "the request body is not valid multipart/form-data"
     response = error_response(exc.status_code, code, message)
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
     if exc.status_code == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
@@ -53,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", loggable(request.method), loggable(request.url.path))
         return error_response(500, "internal_error", "internal error; the server log has the details")
 
 

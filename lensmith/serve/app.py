@@ -44,7 +44,7 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
                 await asyncio.to_thread(service.reload, True)
             except LensmithError as exc:
                 log.error("no model loaded at startup (%s); /v1/ready answers 503 until one loads", exc)
-        service.batcher.start()
+        service.start()
         poller = asyncio.create_task(service.poll_for_new_models())
         try:
             yield
@@ -64,9 +64,11 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
         return {"status": "ok"}
 
     @app.get("/v1/ready", responses={503: {"model": ErrorOut}})
-    async def ready() -> dict[str, Any]:
-        model = service.require_model()
-        return {"ready": True, "model_version": model.version}
+    async def ready() -> Response:
+        """200 while the newest model of the source serves; 503 `no_model`, or 503 `degraded` while an older
+        model serves because the newest failed to load or warm up (predict still answers, on the older one)."""
+        status, body = service.readiness()
+        return json_response(body, status)
 
     @app.get("/v1/model", responses={503: {"model": ErrorOut}})
     async def model_info() -> dict[str, Any]:
@@ -81,6 +83,7 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
             "preprocessing": model.onnx.preprocessing.to_dict(),
             "metadata": model.onnx.metadata,
             "loaded_at": model.loaded_at,
+            "degraded": service.holder.degraded,
         }
 
     # The body is parsed by parse_uploads and the token read from the header, not through FastAPI parameters

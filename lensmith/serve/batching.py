@@ -14,6 +14,10 @@ other runs a few (and then waits for them to come back) wastes a core; equal sha
 While more than one runner is free, the queued items are shared out among them and nobody waits.
 With one runner (a GPU) the batch fills up to `max_batch` within `max_wait_s`, as batching pays there.
 Items carry the model they were preprocessed for, so a hot reload never mixes models within a batch.
+
+The queue is bounded: with `max_queue` requests waiting, `submit` raises QueueFull at once (the service
+answers 503). A request that stops waiting (its deadline passed, its client left) leaves the queue: it is
+no longer counted and its images are never run.
 """
 
 from __future__ import annotations
@@ -32,19 +36,28 @@ class BatcherStopped(RuntimeError):
     """The service is shutting down: the request's images were not run."""
 
 
+class QueueFull(RuntimeError):
+    """`max_queue` requests are already waiting for a session run."""
+
+
 @dataclass
 class _Item:
     model: Any
     inputs: np.ndarray
     future: asyncio.Future[Any]
+    taken: bool = False  # out of the waiting count: gathered into a batch, or given up by its request
 
 
 class MicroBatcher:
-    def __init__(self, run: Callable[[Any, np.ndarray], Any], max_batch: int, max_wait_s: float, runners: int = 1) -> None:
+    def __init__(
+        self, run: Callable[[Any, np.ndarray], Any], max_batch: int, max_wait_s: float, runners: int = 1, max_queue: int | None = None
+    ) -> None:
         self._run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.runners = max(1, runners)
+        self.max_queue = max_queue
+        self.waiting = 0  # requests queued and still waiting for a run
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._free: asyncio.Semaphore | None = None
@@ -76,31 +89,54 @@ class MicroBatcher:
                 item.future.set_exception(BatcherStopped("the service is shutting down"))
         self._executor.shutdown(wait=True)
 
+    @property
+    def full(self) -> bool:
+        return self.max_queue is not None and self.waiting >= self.max_queue
+
     async def submit(self, model: Any, inputs: np.ndarray) -> Any:
-        """`run(model, batch)`'s result for `inputs` (N images along axis 0), computed in a shared batch."""
+        """`run(model, batch)`'s result for `inputs` (N images along axis 0), computed in a shared batch.
+        Raises QueueFull when `max_queue` requests are waiting already."""
         assert self._queue is not None, "MicroBatcher.start() was not called"
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(model, inputs, future))
-        return await future
+        if self.full:
+            raise QueueFull(f"{self.waiting} requests are waiting for inference")
+        item = _Item(model, inputs, asyncio.get_running_loop().create_future())
+        self.waiting += 1
+        self._queue.put_nowait(item)
+        try:
+            return await item.future
+        finally:
+            if not item.taken:  # cancelled while queued: the batch gatherer skips it
+                item.taken = True
+                self.waiting -= 1
+
+    async def _next_item(self, wait: bool) -> _Item:
+        """The next queued item that is still wanted (raises QueueEmpty when not `wait`ing and none is)."""
+        assert self._queue is not None
+        while True:
+            item = await self._queue.get() if wait else self._queue.get_nowait()
+            if not item.taken:
+                item.taken = True
+                self.waiting -= 1
+                return item
 
     async def _gather(self) -> list[_Item]:
         """The next batch: see the module docstring for how large and how long it waits."""
         assert self._queue is not None
         loop = asyncio.get_running_loop()
-        items = [await self._queue.get()]
+        items = [await self._next_item(wait=True)]
         size = len(items[0].inputs)
-        limit = self.batch_limit(self._queue.qsize() + size, self._running_images, len(self._running))
+        limit = self.batch_limit(self.waiting + size, self._running_images, len(self._running))
         others_free = self.runners - len(self._running) - 1
         deadline = loop.time() + self.max_wait_s
         while size < limit:
             try:
-                item = self._queue.get_nowait()
+                item = await self._next_item(wait=False)
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
                 if remaining <= 0 or others_free > 0:
                     break
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                    item = await asyncio.wait_for(self._next_item(wait=True), remaining)
                 except asyncio.TimeoutError:
                     break
             items.append(item)
@@ -137,7 +173,8 @@ class MicroBatcher:
         try:
             by_model: dict[int, list[_Item]] = {}
             for item in items:
-                by_model.setdefault(id(item.model), []).append(item)
+                if not item.future.done():  # a request that gave up while the batch formed is not run
+                    by_model.setdefault(id(item.model), []).append(item)
             for group in by_model.values():
                 batch = group[0].inputs if len(group) == 1 else np.concatenate([i.inputs for i in group])
                 try:

@@ -10,13 +10,40 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lensmith.serve.apierrors import loggable
 from lensmith.serve.models import ServedModel
 
 log = logging.getLogger("lensmith.serve")
 
 
+FAILURE_LINES_PER_S = 20  # failed requests logged one line each per second; the rest are counted in one line
+
+
+class LineLimiter:
+    """At most `per_second` lines a second; the others are counted and reported in one line when the next
+    second's first line comes. Under overload every refused request would otherwise write a line (thousands a
+    second), which costs the event loop the CPU the shedding was meant to save."""
+
+    def __init__(self, per_second: int = FAILURE_LINES_PER_S) -> None:
+        self.per_second = per_second
+        self.window, self.lines, self.suppressed = 0, 0, 0
+
+    def allow(self) -> bool:
+        now = int(time.monotonic())
+        if now != self.window:
+            if self.suppressed:
+                log.info("%d more failed requests were not logged one by one (lensmith_requests_total counts them all)", self.suppressed)
+            self.window, self.lines, self.suppressed = now, 0, 0
+        if self.lines < self.per_second:
+            self.lines += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.failure_lines = LineLimiter()
         self.registry = CollectorRegistry()
         self.requests = Counter("lensmith_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram(
@@ -36,6 +63,18 @@ class Metrics:
         )
         self.model = Gauge("lensmith_model_info", "The model being served (value 1)", ["version", "variant", "provider"], registry=self.registry)
         self.reloads = Counter("lensmith_model_reloads", "Model reloads", ["result"], registry=self.registry)
+        self.reload_failures = Counter(
+            "lensmith_model_reload_failures", "Models that failed to load or warm up (the one being served stayed)", registry=self.registry
+        )
+        self.degraded = Gauge(
+            "lensmith_model_degraded", "1 while an older model serves because the newest failed to load or warm up", registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "lensmith_queue_depth", "Predict requests queued: decoding, or waiting for a decode slot or a session run", registry=self.registry
+        )
+        self.rejected = Counter(
+            "lensmith_rejected_requests", "Predict requests refused to protect the service", ["reason"], registry=self.registry
+        )
 
     def set_model(self, model: ServedModel) -> None:
         self.model.clear()
@@ -67,6 +106,6 @@ class MetricsMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-            if status >= 400:  # with serve.access_log off, the failures still leave a line
+            if status >= 400 and self.metrics.failure_lines.allow():  # with serve.access_log off, failures still leave a line
                 client = scope.get("client") or ("-", 0)
-                log.info("%s %s %s from %s", scope.get("method"), scope.get("path"), status, client[0])
+                log.info("%s %s %s from %s", loggable(scope.get("method")), loggable(scope.get("path")), status, loggable(client[0]))

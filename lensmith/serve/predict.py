@@ -1,9 +1,20 @@
 """POST /v1/predict: the multipart uploads to decoded images (on the event loop when small, else in the
-thread pool), one micro-batched inference, the predictions, the review queue and the prediction log; and
-the fast path that answers it before FastAPI's routing. Images are stored under content hashes only."""
+thread pool, a bounded number at once), one micro-batched inference, the predictions, the review queue and
+the prediction log; and the fast path that answers it before FastAPI's routing. Images are stored under
+content hashes only.
+
+Hostile uploads are bounded before any pixel is decoded: only the supported formats are parsed (415
+otherwise), and every image's header is read first, so an image over serve.max_pixels or a request over
+serve.max_request_pixels is refused (413) from the headers. A large image is decoded reduced to about the
+model's input size (`DECODE_MARGIN`), its statistics measured on the reduced image, and no full-size pixels
+outlive the decode. At most serve.max_concurrent_decodes uploads are decoded at once. Overload is answered
+503 with Retry-After: when serve.max_queue requests are queued already (decoding, or waiting for a decode
+slot or a session run; checked before the body is read and again before decoding), and when a request misses
+its deadline (serve.request_timeout_s)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -19,61 +30,85 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lensmith.errors import ImageRejected
-from lensmith.imageio import decode_image
+from lensmith.imageio import decode_opened, open_image
 from lensmith.imagestats import image_stats
 from lensmith.params import ServeParams
 from lensmith.serve.apierrors import ApiError, http_error_response
+from lensmith.serve.batching import QueueFull
 from lensmith.serve.models import ServedModel
 from lensmith.serve.multipart import MalformedMultipart, Part, boundary_of, parse_form_data
 from lensmith.serve.security import bearer_from_header
-from lensmith.serve.service import Remembered, RunOutput, Service
+from lensmith.serve.service import Remembered, RunOutput, Service, overloaded
 
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp", "GIF": "gif"}
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 # Requests whose images are this small are decoded on the event loop (decode + stats + resize of a 128 px
 # JPEG is ~0.3 ms; a thread hand-over costs about as much); larger ones in the thread pool, so that a big
 # image never holds up the other requests.
 INLINE_MAX_PIXELS = 256 * 256  # per image
 INLINE_MAX_IMAGES = 4
 INLINE_MAX_BYTES = 256 * 1024
+# A large upload is decoded reduced by an integer factor that keeps its short side at least this many
+# times the model's resize, so the model's own resize is still a downscale from at least twice its size
+# (an image with a short side under 4x the resize is decoded at full size: predictions unchanged).
+DECODE_MARGIN = 2
 
 
 @dataclass
 class DecodedUpload:
-    image: Image.Image
     data: bytes
     sha256: str
     ext: str
+    width: int  # of the image in the file (orientation applied), even when it was decoded reduced
+    height: int
+    mode: str  # L or RGB, as decoded
+    reduction: int = 1  # the statistics were measured on the image reduced by this factor
     stats: dict[str, float] = field(default_factory=dict)  # imagestats.image_stats, for the prediction log
 
-    @property
-    def width(self) -> int:
-        return self.image.width
 
-    @property
-    def height(self) -> int:
-        return self.image.height
-
-    @property
-    def mode(self) -> str:
-        return self.image.mode
+def rejection_error(exc: ImageRejected) -> ApiError:
+    """The API error for an upload that is not a usable image."""
+    if exc.reason == "unsupported_format":
+        return ApiError(415, "unsupported_format", f"the upload's image format is not accepted: {exc.detail}")
+    code = {"empty_file": "empty_file", "decompression_bomb": "too_large"}.get(exc.reason, "invalid_image")
+    status = 413 if code == "too_large" else 400
+    return ApiError(status, code, f"the upload is not a usable image ({exc.reason}: {exc.detail})")
 
 
-class TooBigForInline(Exception):
-    """The upload is too large to decode on the event loop: decode it in the thread pool."""
+def read_headers(datas: list[bytes], params: ServeParams) -> list[Image.Image]:
+    """Every upload opened (header read, nothing decoded), within serve.max_pixels per image and
+    serve.max_request_pixels together: the limits are enforced before any image of the request is decoded."""
+    opened, total = [], 0
+    for i, data in enumerate(datas, 1):
+        try:
+            img = open_image(data)
+        except ImageRejected as exc:
+            raise rejection_error(exc) from None
+        width, height = img.size
+        if width * height > params.max_pixels:
+            raise ApiError(413, "too_large", f"image {i} is {width}x{height} = {width * height} pixels; at most {params.max_pixels} per image (serve.max_pixels)")
+        total += width * height
+        opened.append(img)
+    if total > params.max_request_pixels:
+        raise ApiError(
+            413, "too_large", f"the request's images hold {total} pixels together; at most {params.max_request_pixels} per request (serve.max_request_pixels)"
+        )
+    return opened
 
 
-def decode_upload(data: bytes, max_pixels: int, inline_pixels: int | None = None) -> DecodedUpload:
-    limit = max_pixels if inline_pixels is None else min(max_pixels, inline_pixels)
+def decode_upload(data: bytes, img: Image.Image, model: ServedModel, max_pixels: int) -> tuple[DecodedUpload, np.ndarray]:
+    """One opened upload -> (what the log and review queue keep: bytes, hash, size, statistics; the model's
+    input as H x W x C uint8). The decoded image itself is dropped here."""
+    pre = model.onnx.preprocessing
     try:
-        decoded = decode_image(data, max_pixels=limit)  # the pixel limit is checked on the header, before decoding
+        decoded = decode_opened(img, max_pixels=max_pixels, min_short_side=DECODE_MARGIN * pre.resize)
     except ImageRejected as exc:
-        if exc.reason == "decompression_bomb" and limit < max_pixels:
-            raise TooBigForInline from None
-        code = {"empty_file": "empty_file", "decompression_bomb": "too_large"}.get(exc.reason, "invalid_image")
-        status = 413 if code == "too_large" else 400
-        raise ApiError(status, code, f"the upload is not a usable image ({exc.reason}: {exc.detail})") from None
-    ext = FORMAT_EXTENSIONS.get(decoded.format, "img")
-    return DecodedUpload(decoded.image, data, hashlib.sha256(data).hexdigest(), ext)
+        raise rejection_error(exc) from None
+    width, height = decoded.original_size
+    upload = DecodedUpload(
+        data, hashlib.sha256(data).hexdigest(), FORMAT_EXTENSIONS.get(decoded.format, "img"), width, height,
+        decoded.image.mode, decoded.reduction, image_stats(decoded.image),  # the statistics the drift reference holds
+    )
+    return upload, pre.to_uint8(decoded.image)
 
 
 def is_image_content_type(content_type: str | None) -> bool:
@@ -112,15 +147,39 @@ def parse_uploads(content_type: str, body: bytes) -> list[Part]:
 
 
 def prepare(
-    datas: list[bytes], model: ServedModel, max_pixels: int, inline_pixels: int | None = None
+    datas: list[bytes], opened: list[Image.Image], model: ServedModel, max_pixels: int
 ) -> tuple[list[DecodedUpload], np.ndarray]:
-    """Decode every upload (all must be images): the decoded uploads with their statistics, and the images
-    resized and cropped by the model's preprocessing as N x H x W x C uint8 (normalised per batch later).
-    With `inline_pixels`, raises TooBigForInline (before decoding) for an image with more pixels than that."""
-    decoded = [decode_upload(data, max_pixels, inline_pixels) for data in datas]
-    for d in decoded:
-        d.stats = image_stats(d.image)  # the same full-image statistics as the drift reference's
-    return decoded, np.stack([model.onnx.preprocessing.to_uint8(d.image) for d in decoded])
+    """Decode every opened upload: the decoded uploads with their statistics, and the images resized and
+    cropped by the model's preprocessing as N x H x W x C uint8 (normalised per batch later)."""
+    results = [decode_upload(data, img, model, max_pixels) for data, img in zip(datas, opened)]
+    return [r[0] for r in results], np.stack([r[1] for r in results])
+
+
+def decodes_inline(datas: list[bytes], opened: list[Image.Image]) -> bool:
+    """Whether the request's images are small enough to decode on the event loop."""
+    return (
+        len(datas) <= INLINE_MAX_IMAGES
+        and sum(len(d) for d in datas) <= INLINE_MAX_BYTES
+        and all(img.width * img.height <= INLINE_MAX_PIXELS for img in opened)
+    )
+
+
+async def prepare_in_pool(service: Service, datas: list[bytes], opened: list[Image.Image], model: ServedModel) -> tuple[list[DecodedUpload], np.ndarray]:
+    """`prepare` in the thread pool once a decode slot is free. The slot is held until the decode has
+    finished, even when the request stops waiting for it (deadline, client gone): at most
+    serve.max_concurrent_decodes decodes ever run at once."""
+    slots = service.decode_slots
+    assert slots is not None, "Service.start() was not called"
+    await slots.acquire()
+    task = asyncio.ensure_future(run_in_threadpool(prepare, datas, opened, model, service.params.max_pixels))
+
+    def done(t: asyncio.Future[Any]) -> None:
+        slots.release()
+        if not t.cancelled():
+            t.exception()  # retrieved: a request that gave up leaves no "exception never retrieved" warning
+
+    task.add_done_callback(done)
+    return await asyncio.shield(task)
 
 
 def build_predictions(
@@ -174,6 +233,7 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
                 "width": upload.width,
                 "height": upload.height,
                 "mode": upload.mode,
+                "decode_reduction": upload.reduction,
                 **upload.stats,
             }
         )
@@ -182,26 +242,24 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
 
 
 async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
-    """POST /v1/predict's answer (a `PredictResponse` as a dict); bad requests raise ApiError."""
+    """POST /v1/predict's answer (a `PredictResponse` as a dict); bad requests raise ApiError, overload 503."""
     started = time.perf_counter()
     params = service.params
     if params.require_token_for_predict:
         service.require_token(bearer_from_header(request.headers.get("authorization")))
-    uploads = parse_uploads(request.headers.get("content-type", ""), await request.body())
-    if len(uploads) > params.max_images_per_request:
-        raise ApiError(400, "too_many_images", f"{len(uploads)} images sent; at most {params.max_images_per_request} per request")
-    for upload in uploads:
-        if not is_image_content_type(upload.content_type):
-            raise ApiError(415, "unsupported_media_type", f"content type {upload.content_type!r} is not an image type (image/*)")
-    model = service.require_model()
-    datas = [u.data for u in uploads]
-    try:  # small images (~0.3 ms of work) here: cheaper than a hand-over to a thread and back
-        if len(datas) > INLINE_MAX_IMAGES or sum(len(d) for d in datas) > INLINE_MAX_BYTES:
-            raise TooBigForInline
-        decoded, inputs = prepare(datas, model, params.max_pixels, INLINE_MAX_PIXELS)
-    except TooBigForInline:
-        decoded, inputs = await run_in_threadpool(prepare, datas, model, params.max_pixels)
-    outputs = await service.batcher.submit(model, inputs)
+    service.check_queue()  # the cheapest answer under overload: before the body is even read
+    reading = True
+    try:
+        async with asyncio.timeout(params.request_timeout_s):
+            body = await request.body()
+            reading = False
+            model, decoded, outputs = await infer(service, request.headers.get("content-type", ""), body)
+    except TimeoutError:
+        if reading:
+            service.metrics.rejected.labels("body_timeout").inc()
+            raise ApiError(408, "request_timeout", f"the request body did not arrive within {params.request_timeout_s} s (serve.request_timeout_s)") from None
+        service.metrics.rejected.labels("deadline").inc()
+        raise overloaded(f"no answer within {params.request_timeout_s} s (serve.request_timeout_s): the service is overloaded; retry shortly") from None
     latency_ms = (time.perf_counter() - started) * 1000.0
     predictions = build_predictions(outputs, model, params, latency_ms, decoded)
     if any(p["needs_review"] for p in predictions):  # file writes: not on the event loop
@@ -210,9 +268,38 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
     return {"predictions": predictions, "model_version": model.version, "latency_ms": latency_ms}
 
 
-def json_response(payload: dict[str, Any]) -> Response:
+async def infer(service: Service, content_type: str, body: bytes) -> tuple[ServedModel, list[DecodedUpload], list[RunOutput]]:
+    """A request body's uploads checked (headers first), decoded and run in a micro-batch."""
+    params = service.params
+    uploads = parse_uploads(content_type, body)
+    if len(uploads) > params.max_images_per_request:
+        raise ApiError(400, "too_many_images", f"{len(uploads)} images sent; at most {params.max_images_per_request} per request")
+    for upload in uploads:
+        if not is_image_content_type(upload.content_type):
+            raise ApiError(415, "unsupported_media_type", f"content type {upload.content_type!r} is not an image type (image/*)")
+    model = service.require_model()
+    datas = [u.data for u in uploads]
+    opened = read_headers(datas, params)  # 413 / 415 / 400 before any decoding
+    service.check_queue()
+    service.preparing += 1
+    try:
+        if decodes_inline(datas, opened):  # small images (~0.3 ms of work): cheaper than a hand-over to a thread and back
+            decoded, inputs = prepare(datas, opened, model, params.max_pixels)
+        else:
+            decoded, inputs = await prepare_in_pool(service, datas, opened, model)
+    finally:
+        service.preparing -= 1
+    try:
+        outputs = await service.batcher.submit(model, inputs)
+    except QueueFull:  # not expected (admitted above); the batcher keeps its own bound all the same
+        service.metrics.rejected.labels("queue_full").inc()
+        raise overloaded(f"{service.batcher.waiting} requests are waiting for inference (serve.max_queue); retry shortly") from None
+    return model, decoded, outputs
+
+
+def json_response(payload: dict[str, Any], status: int = 200) -> Response:
     """A JSON answer serialised by orjson (several times faster than json.dumps for the predictions)."""
-    return Response(orjson.dumps(payload), media_type="application/json")
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
 
 
 class PredictEndpoint:

@@ -1,5 +1,6 @@
-"""The service's state: the model holder, the micro-batcher and its inference runs, the prediction log, the
-review queue, the recent predictions kept for feedback, the metrics, and the token and model checks."""
+"""The service's state: the model holder, the micro-batcher and its inference runs, the decode slots, the
+prediction log, the review queue, the recent predictions kept for feedback, the metrics, and the token,
+model and readiness checks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from lensmith.serve.storage import StorageCollector, log_retention, review_reten
 log = logging.getLogger("lensmith.serve")
 
 RECENT_BYTES_LIMIT = 64 * 1024 * 1024
+RETRY_AFTER_S = 1  # what a 503 for overload or a missed deadline tells the client to wait
 
 
 @dataclass
@@ -92,21 +95,55 @@ def inference_layout(params: ServeParams, cores: int | None = None) -> tuple[int
     return params.runners or max(1, cores // params.threads), params.threads
 
 
+def decode_slots_for(params: ServeParams, cores: int | None = None) -> int:
+    """Uploads decoded at once: serve.max_concurrent_decodes, or one per core (decoding is CPU-bound, and each
+    decode holds an image's pixels in the file's own mode: this bounds the memory of hostile uploads too)."""
+    return params.max_concurrent_decodes or cores or available_cores()
+
+
+def overloaded(message: str) -> ApiError:
+    """503 with Retry-After: the client should try again shortly (or elsewhere)."""
+    return ApiError(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
 class Service:
     def __init__(self, params: ServeParams, root: Path, source: ModelSource, token: str | None) -> None:
         self.params = params
         self.token = token
         runners, threads = inference_layout(params)
-        self.holder = ModelHolder(source, list(params.providers), params.variant, threads)
-        self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners)
+        self.holder = ModelHolder(
+            source, list(params.providers), params.variant, threads, retry_s=params.reload_poll_s, retry_max_s=params.reload_backoff_max_s
+        )
+        self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners, max_queue=params.max_queue)
+        self.decode_slots_total = decode_slots_for(params)
+        self.decode_slots: asyncio.Semaphore | None = None  # made on the event loop, in start()
         self.predlog = PredictionLog(
             root / params.log_dir, params.log_rotate_bytes, retention=log_retention(params), max_backlog=params.log_max_backlog
         )
         self.queue = ReviewQueue(root / params.review_dir, review_retention(params))
         self.recent = RecentPredictions(params.feedback_window)
+        self.preparing = 0  # predict requests admitted whose images are waiting for a decode slot or being decoded
         self.metrics = Metrics()
         self.metrics.registry.register(StorageCollector(self.predlog, self.queue))
+        self.metrics.queue_depth.set_function(lambda: self.queued)
         self.batcher.on_batch = self._observe_batch
+
+    def start(self) -> None:
+        """On the event loop, before serving: the micro-batcher and the decode slots."""
+        self.decode_slots = asyncio.Semaphore(self.decode_slots_total)
+        self.batcher.start()
+
+    @property
+    def queued(self) -> int:
+        """Predict requests with a body in hand that are not being run yet: decoding, or waiting for a decode
+        slot or for a session run. serve.max_queue bounds them."""
+        return self.preparing + self.batcher.waiting
+
+    def check_queue(self) -> None:
+        """503 overloaded (with Retry-After) when serve.max_queue requests are queued already."""
+        if self.queued >= self.params.max_queue:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise overloaded(f"{self.queued} requests are queued (serve.max_queue); retry shortly")
 
     def _observe_batch(self, images: int, seconds: float) -> None:
         self.metrics.batch.observe(images)
@@ -132,7 +169,10 @@ class Service:
             changed = self.holder.reload(force)
         except LensmithError:
             self.metrics.reloads.labels("failed").inc()
+            self.metrics.reload_failures.inc()
             raise
+        finally:
+            self.metrics.degraded.set(1 if self.holder.degraded else 0)
         if changed and self.holder.current is not None:
             self.metrics.reloads.labels("loaded").inc()
             self.metrics.set_model(self.holder.current)
@@ -144,16 +184,37 @@ class Service:
             try:
                 await asyncio.to_thread(self.reload, False)
             except LensmithError as exc:
-                log.error("hot reload failed, still serving the previous model: %s", exc)
+                failure = self.holder.failure
+                retry = f"; next try in {failure.retry_at - time.monotonic():.0f} s (attempt {failure.attempts})" if failure else ""
+                still = self.holder.current.version if self.holder.current else "nothing"
+                log.error("hot reload failed, still serving %s: %s%s", still, exc, retry)
             except Exception:
                 log.exception("hot reload crashed, still serving the previous model")
 
     def require_model(self) -> ServedModel:
-        """The model being served; a 503 while none is loaded."""
+        """The model being served; a 503 while none is loaded (the reason is in the server log, not the answer:
+        it names files and folders of the server)."""
         model = self.holder.current
         if model is None:
-            raise ApiError(503, "no_model", f"no model is loaded ({self.holder.last_error or 'not loaded yet'})")
+            raise ApiError(503, "no_model", "no model is loaded yet; the server log says why", headers={"Retry-After": str(RETRY_AFTER_S)})
         return model
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """(status, body) of GET /v1/ready: 200 when the newest model of the source is being served; 503 with
+        no model, and 503 `degraded` while an older model serves because the newest failed to load or warm up
+        (predictions still work, on the older model)."""
+        model = self.require_model()
+        failure = self.holder.failure
+        if failure is None:
+            return 200, {"ready": True, "model_version": model.version}
+        message = (
+            f"degraded: serving {model.version}, an older model than {failure.target} which failed to load or warm up "
+            f"({failure.attempts} attempt(s)); the server log says why"
+        )
+        return 503, {
+            "error": {"code": "degraded", "message": message},
+            "ready": False, "degraded": True, "model_version": model.version, "wanted": failure.target,
+        }
 
     def require_token(self, credentials: HTTPAuthorizationCredentials | str | None) -> None:
         """`credentials`: FastAPI's HTTPBearer result, or the bearer token itself."""
