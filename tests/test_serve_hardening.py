@@ -369,8 +369,10 @@ def register(layout: Layout, promote: bool = True) -> str:
     meta = json.loads((layout.candidate / "meta.json").read_text())
     metrics, gate = layout.reports / "metrics.json", layout.reports / "gate.json"
     metrics.write_text(json.dumps({"test": {"accuracy": 0.5}}))
-    gate.write_text(json.dumps({"passed": True, "decision": "promote", "candidate": {"weights_sha256": meta["weights_sha256"]}}))
     registry = Registry(layout.models)
+    champion = registry.aliases()["production"]  # what a gate run now would have compared against
+    gate.write_text(json.dumps({"passed": True, "decision": "promote", "champion_version": champion,
+                                "candidate": {"weights_sha256": meta["weights_sha256"]}}))
     version = registry.register(layout.candidate, metrics_path=metrics, gate_path=gate, export_path=layout.exported / "export.json")
     if promote:
         registry.promote(version)
