@@ -198,6 +198,20 @@ class DecisionRule:
             return "review"
         return self.classes[best]
 
+    def decide_batch(self, probabilities: np.ndarray) -> tuple[list[str], list[float | None]]:
+        """Decisions and defect scores (None for argmax rules) of N x classes probabilities, vectorised."""
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if self.kind == "threshold" and self.point is not None:
+            positives = [self.classes.index(c) for c in self.positive_classes]
+            scores = probabilities[:, positives].sum(axis=1)
+            point = self.point
+            decisions = np.where(scores >= point.review_high, "defect", np.where(scores < point.review_low, "ok", "review"))
+            return decisions.tolist(), scores.tolist()
+        best = probabilities.argmax(axis=1)
+        confident = (probabilities[np.arange(len(best)), best] >= self.min_confidence
+                     if self.min_confidence is not None else np.ones(len(best), dtype=bool))
+        return [self.classes[b] if ok else "review" for b, ok in zip(best.tolist(), confident.tolist())], [None] * len(best)
+
     def defect_score(self, probabilities: np.ndarray) -> float:
         """P(any positive class): 1 - P(negative class) when every other class is a defect."""
         return float(sum(float(probabilities[self.classes.index(c)]) for c in self.positive_classes))

@@ -106,6 +106,50 @@ def test_prediction_matches_the_onnx_model_through_the_shared_preprocessing(layo
     assert p["confidence"] == pytest.approx(float(expected.max()), abs=1e-6)
 
 
+def test_each_prediction_carries_the_decision_of_the_served_models_operating_point(layout: Layout) -> None:
+    """decision (and the defect score) come from the rule the export chose on validation, stored in the served file."""
+    from PIL import Image
+    import io
+
+    from lensmith.onnxmodel import OnnxModel, onnx_file_for
+
+    model = OnnxModel.load(onnx_file_for(layout.exported, "auto", ["CPUExecutionProvider"])[0])
+    rule = model.decision_rule()
+    expected = model.probabilities([Image.open(io.BytesIO(jpeg_bytes(5))).convert("RGB")])[0]
+
+    async def go(s: Running):
+        prediction = (await s.client.post("/v1/predict", **one(jpeg_bytes(5)))).json()["predictions"][0]
+        return prediction, (await s.client.get("/v1/model")).json()
+
+    p, info = run(go, layout)
+    assert p["decision"] == rule.decide(expected) and info["decision_rule"] == rule.as_dict()
+    if rule.kind == "threshold":
+        assert p["decision"] in {"defect", "ok"} and p["defect_score"] == pytest.approx(rule.defect_score(expected), abs=1e-6)
+    log = read_log(layout.root / "serving" / "predictions")
+    assert log[-1]["decision"] == p["decision"]
+
+
+def test_a_review_decision_goes_to_the_review_queue(layout: Layout) -> None:
+    """A review band covering every score: each prediction is `review`, needs review and is queued as such."""
+    from lensmith.export import set_metadata
+    from lensmith.onnxmodel import META_DECISION, OnnxModel, onnx_file_for
+    from lensmith.operating import DecisionRule, OperatingPoint
+
+    path = onnx_file_for(layout.exported, "auto", ["CPUExecutionProvider"])[0]
+    classes = tuple(OnnxModel.load(path).classes)
+    point = OperatingPoint(0.5, 0.0, 1.5, "min_recall", 0.95, None, 10.0, 1.0)
+    rule = DecisionRule("threshold", classes, "ok", tuple(c for c in classes if c != "ok"), point)
+    set_metadata(path, {META_DECISION: json.dumps(rule.as_dict())})
+
+    async def go(s: Running):
+        return (await s.client.post("/v1/predict", **one(jpeg_bytes(6)))).json()["predictions"][0]
+
+    p = run(go, layout, ServeParams(review_threshold=0.0))
+    assert p["decision"] == "review" and p["needs_review"] is True
+    queued = read_queue(layout.root / "serving" / "review")
+    assert [item["reason"] for item in queued] == ["review_band"]
+
+
 def test_every_prediction_is_logged_with_image_stats_and_low_confidence_is_queued(layout: Layout) -> None:
     async def go(s: Running):
         return [(await s.client.post("/v1/predict", **one(jpeg_bytes(i)))).json()["predictions"][0] for i in range(3)]

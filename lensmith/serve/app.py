@@ -81,6 +81,7 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
             "source": "registry" if isinstance(service.holder.source, RegistrySource) else "path",
             "classes": model.onnx.classes,
             "preprocessing": model.onnx.preprocessing.to_dict(),
+            "decision_rule": model.rule.as_dict() if model.rule is not None else None,
             "metadata": model.onnx.metadata,
             "loaded_at": model.loaded_at,
             "degraded": service.holder.degraded,

@@ -24,6 +24,7 @@ import numpy as np
 from lensmith.errors import LensmithError
 from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
 from lensmith.onnxmodel import OnnxModel, onnx_file_for
+from lensmith.operating import DecisionRule
 
 log = logging.getLogger("lensmith.serve")
 
@@ -105,6 +106,7 @@ class ServedModel:
     version: str
     variant: str
     file: str
+    rule: DecisionRule | None = None  # how a prediction becomes a decision (the export's choice, from the file)
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -114,7 +116,7 @@ def load_served_model(location: Path, providers: list[str], variant: str, thread
     # a registry version folder is named v0003: that is the version people talk about
     folder = location if location.is_dir() else location.parent
     version = folder.name if folder.name.startswith("v") and folder.name[1:].isdigit() else onnx.version
-    return ServedModel(onnx=onnx, version=version, variant=chosen, file=path.name)
+    return ServedModel(onnx=onnx, version=version, variant=chosen, file=path.name, rule=onnx.decision_rule())
 
 
 def warm_up(model: ServedModel) -> None:

@@ -192,7 +192,9 @@ def build_predictions(
             "label": out.top_k[0]["label"],
             "confidence": out.top_k[0]["probability"],
             "top_k": out.top_k,
-            "needs_review": out.top_k[0]["probability"] < params.review_threshold,
+            "decision": out.decision,
+            "defect_score": out.defect_score,
+            "needs_review": out.decision == "review" or out.top_k[0]["probability"] < params.review_threshold,
             "model_version": model.version,
             "latency_ms": latency_ms,
             "image_sha256": upload.sha256,
@@ -204,8 +206,9 @@ def build_predictions(
 def queue_low_confidence(service: Service, predictions: list[dict[str, Any]], decoded: list[DecodedUpload]) -> None:
     for prediction, upload in zip(predictions, decoded):
         if prediction["needs_review"]:
-            service.queue.offer(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason="low_confidence", prediction=prediction)
-            service.metrics.review.labels("low_confidence").inc()
+            reason = "review_band" if prediction["decision"] == "review" else "low_confidence"
+            service.queue.offer(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason=reason, prediction=prediction)
+            service.metrics.review.labels(reason).inc()
 
 
 def record(service: Service, predictions: list[dict[str, Any]], decoded: list[DecodedUpload], model: ServedModel) -> None:
@@ -228,6 +231,8 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
                 "label": prediction["label"],
                 "confidence": prediction["confidence"],
                 "top_k": prediction["top_k"],
+                "decision": prediction["decision"],
+                "defect_score": prediction["defect_score"],
                 "needs_review": prediction["needs_review"],
                 "image_sha256": upload.sha256,
                 "width": upload.width,

@@ -15,6 +15,11 @@ class Prediction(BaseModel):
     label: str
     confidence: float
     top_k: list[TopK]
+    decision: str = Field(
+        description="defect | ok | review at the served model's operating point (threshold chosen on validation); "
+        "sets without a negative class: the predicted class, or review below the minimum confidence"
+    )
+    defect_score: float | None = Field(None, description="P(any defect class); null when the model decides by argmax")
     needs_review: bool
     model_version: str
     latency_ms: float

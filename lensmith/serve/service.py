@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from lensmith.errors import LensmithError
 from lensmith.onnxmodel import softmax
+from lensmith.operating import argmax_rule
 from lensmith.params import ServeParams
 from lensmith.procutil import available_cores
 from lensmith.serve.apierrors import ApiError
@@ -72,6 +73,8 @@ class RunOutput:
 
     id: str
     top_k: list[dict[str, Any]]  # [{"label", "probability"}], most probable first
+    decision: str = ""  # defect | ok | review at the model's operating point; the class (or review) for argmax rules
+    defect_score: float | None = None
 
 
 def inference_layout(params: ServeParams, cores: int | None = None) -> tuple[int, int]:
@@ -159,8 +162,11 @@ class Service:
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         top = np.take_along_axis(probabilities, order, axis=1)
         ids = os.urandom(16 * len(batch)).hex()
+        rule = model.rule or argmax_rule(tuple(classes), None)
+        decisions, scores = rule.decide_batch(probabilities)
         return [
-            RunOutput(ids[32 * i : 32 * (i + 1)], [{"label": classes[c], "probability": p} for c, p in zip(cs, ps)])
+            RunOutput(ids[32 * i : 32 * (i + 1)], [{"label": classes[c], "probability": p} for c, p in zip(cs, ps)],
+                      decisions[i], scores[i])
             for i, (cs, ps) in enumerate(zip(order.tolist(), top.tolist()))
         ]
 
