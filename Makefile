@@ -34,14 +34,16 @@ $(DEV_STAMP): $(BIN)/python requirements-dev.lock pyproject.toml
 
 install: $(RUN_STAMP)
 
-## System packages the tests use (needs root + apt): Debian's chromium for the Prefect UI browser test and
-## dataset-fashion-mnist, one of the real image sets the first-contact tests bring as a user's own data.
+## System packages the tests use (needs root + apt): Debian's chromium for the Prefect UI browser test,
+## dataset-fashion-mnist, one of the real image sets the first-contact tests bring as a user's own data, and
+## prometheus for promtool, which checks and unit-tests the alert rules in ops/ (the daemon is not started).
 system-deps:
 	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else echo "note:$$missing missing and this is not root: the tests that need them fail with the reason"; fi; \
 	fi
 

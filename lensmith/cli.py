@@ -409,7 +409,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     source = PathSource(model.resolve()) if model is not None else production_source(layout.models)
     source.locate()  # fail here, with the reason, rather than serve nothing
-    app_ = create_app(params.serve, layout.root, source)
+    floors = {"min_positive_recall": params.gate.min_positive_recall}
+    app_ = create_app(params.serve, layout.root, source, quality_floors=floors)
     uvicorn.run(app_, **uvicorn_options(params.serve, host, port))
 
 

@@ -595,6 +595,10 @@ class ServeParams(Section):
         "`review import` took them in): export, label and import more often than this; 0 = kept forever",
     )
     feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
+    live_window: int = Field(
+        500, ge=1,
+        description="Corrections of served decisions behind the live defect recall / false-alarm rate gauges (the last N)",
+    )
     access_log: bool = Field(
         False,
         description="uvicorn's access log line for every request; off, 4xx/5xx answers are still logged one line each "

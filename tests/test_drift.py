@@ -115,6 +115,9 @@ def test_same_images_do_not_drift_and_reports_are_written(work: Layout) -> None:
     page = result.html_path.read_text()
     assert "Lensmith drift: keep" in page
     assert "<script src=\"http" not in page, "self-contained: no script from a CDN"
+    prom = (work.reports / "drift.prom").read_text()  # for a textfile collector: the alert rules read it
+    assert "lensmith_drift_retrain 0" in prom and "lensmith_drift_drifted_share " in prom
+    assert report["live_quality"]["corrections"] == 0 and report["live_quality"]["below_floor"] is False
 
 
 def test_shifted_lighting_is_flagged_with_a_reason(work: Layout) -> None:

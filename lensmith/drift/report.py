@@ -8,7 +8,8 @@ One Evidently 0.7 report:
   validation predictions (training-split rows carry no prediction in the report's reference, since
   a model is overconfident on what it was trained on).
 - ClassificationPreset when every current image has a label the model knows.
-Outputs: reports/drift.html (self-contained), reports/drift.json, reports/drift_quarantine.csv.
+Outputs: reports/drift.html (self-contained), reports/drift.json, reports/drift.prom (Prometheus text),
+reports/drift_quarantine.csv.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ from lensmith.drift.embeddings import EmbeddingModel
 from lensmith.drift.reference import Reference, load_reference, onnx_model_path, reference_paths
 from lensmith.drift.trigger import Decision, decide, relative_drop
 from lensmith.errors import DataError
-from lensmith.fsutil import atomic_path, file_sha256, write_csv_atomic, write_json_atomic
+from lensmith.fsutil import atomic_path, file_sha256, write_csv_atomic, write_json_atomic, write_text_atomic
 from lensmith.layout import Layout
 from lensmith.params import Params
 
 DRIFT_JSON = "drift.json"
+DRIFT_PROM = "drift.prom"  # Prometheus text for a textfile collector
 DRIFT_HTML = "drift.html"
 DRIFT_QUARANTINE = "drift_quarantine.csv"
 NUM_METHOD = "ks"
@@ -374,6 +376,37 @@ def preload_evidently() -> threading.Thread:
     return thread
 
 
+def live_quality_block(params: Params, layout: Layout, model_dir: Path) -> dict[str, Any]:
+    """Defect recall / false-alarm rate of served decisions per the review queue's corrections (lensmith.livequality)."""
+    from lensmith.jsondoc import dig, read_json_or_none
+    from lensmith.livequality import queue_quality
+    from lensmith.serve.review import read_queue
+
+    rule = (dig(read_json_or_none(model_dir / "meta.json"), "decision")  # a registry version
+            or dig(read_json_or_none(model_dir / "export.json"), "decision.rule")
+            or dig(read_json_or_none(layout.exported / "export.json"), "decision.rule"))  # the candidate's export
+    positive = (rule or {}).get("positive_classes") or [] if isinstance(rule, dict) and rule.get("kind") == "threshold" else []
+    queue_dir = layout.root / params.serve.review_dir
+    items = read_queue(queue_dir) if queue_dir.is_dir() else []
+    return queue_quality(items, positive, params.gate.min_positive_recall)
+
+
+def prometheus_text(report: dict[str, Any]) -> str:
+    """The decision as Prometheus text (node_exporter's textfile collector reads reports/drift.prom), for alerts."""
+    live = report.get("live_quality") or {}
+    values = {
+        "lensmith_drift_drifted_share": ("Share of drifted columns in the last drift check", report["drifted_share"]),
+        "lensmith_drift_retrain": ("1 when the last drift check asked for retraining", 1 if report["decision"]["retrain"] else 0),
+        "lensmith_drift_report_timestamp_seconds": ("When the last drift check ran", datetime.fromisoformat(report["created"]).timestamp()),
+        "lensmith_drift_live_defect_recall": ("Defect recall per the review queue's corrections", live.get("defect_recall")),
+    }
+    lines = []
+    for name, (text, value) in values.items():
+        shown = "NaN" if value is None else repr(float(value))
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {shown}"]
+    return "\n".join(lines) + "\n"
+
+
 def run_drift(params: Params, layout: Layout, source: str, since: str | None = None, model: str | None = None) -> DriftResult:
     """Compare `source` (folder, s3:// prefix, or the prediction log) with the model's reference; write the reports."""
     dp = params.drift
@@ -446,6 +479,13 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
         "total": round(time.perf_counter() - started, 3),
     }
     report["seconds"] = seconds
+    report["live_quality"] = live_quality_block(params, layout, model_dir)
+    if report["live_quality"]["below_floor"]:
+        report["notes"].append(
+            f"corrections say the served model's defect recall is {report['live_quality']['defect_recall']:.3f}, "
+            f"below the gate's floor {report['live_quality']['floor']} (from {report['live_quality']['defects']} corrected defects)"
+        )
     report = json_safe(report)
     write_json_atomic(json_path, report)
+    write_text_atomic(layout.reports / DRIFT_PROM, prometheus_text(report))
     return DriftResult(decision, report, json_path, html_path, seconds)

@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from lensmith.errors import LensmithError
+from lensmith.livequality import feedback_outcome
 from lensmith.params import ServeParams
 from lensmith.serve.apierrors import ApiError, BodyLimitMiddleware, install_error_handlers
 from lensmith.serve.metrics import MetricsMiddleware
@@ -33,9 +34,14 @@ log = logging.getLogger("lensmith.serve")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
-def create_app(params: ServeParams, root: Path, source: ModelSource, token: str | None = None, *, load: bool = True) -> FastAPI:
-    """The service; `token` defaults to $LENSMITH_API_TOKEN. With `load`, the model is loaded at startup."""
+def create_app(
+    params: ServeParams, root: Path, source: ModelSource, token: str | None = None, *, load: bool = True,
+    quality_floors: dict[str, float] | None = None,
+) -> FastAPI:
+    """The service; `token` defaults to $LENSMITH_API_TOKEN. With `load`, the model is loaded at startup.
+    `quality_floors`: the gate's floors, exported beside the live figures for alert rules."""
     service = Service(params, Path(root), source, token if token is not None else configured_token())
+    service.metrics.set_quality_floors(quality_floors or {})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -115,6 +121,10 @@ def create_app(params: ServeParams, root: Path, source: ModelSource, token: str 
             ext=remembered.ext, reason="feedback", prediction=remembered.prediction, feedback_label=label,
         )
         service.metrics.review.labels("feedback").inc()
+        if body.label is not None:  # "wrong" without a class says nothing about defect vs good
+            outcome = feedback_outcome(remembered.prediction.get("decision"), body.label, remembered.positive_classes)
+            service.live.add(outcome)
+            service.metrics.feedback_outcomes.labels(outcome).inc()
         return FeedbackOut(review_item=item, prediction_id=body.prediction_id)
 
     @app.post("/v1/admin/reload", responses=ERRORS)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lensmith.livequality import LiveQuality
 from lensmith.serve.apierrors import loggable
 from lensmith.serve.models import ServedModel
 
@@ -75,6 +76,31 @@ class Metrics:
         self.rejected = Counter(
             "lensmith_rejected_requests", "Predict requests refused to protect the service", ["reason"], registry=self.registry
         )
+
+    def watch_live_quality(self, live: LiveQuality) -> None:
+        """Gauges of the running estimate from corrections (NaN until a correction of that kind arrived)."""
+        self.feedback_outcomes = Counter(
+            "lensmith_feedback_outcomes", "Corrections of served decisions by what they say (caught, missed, false_alarm, ...)",
+            ["outcome"], registry=self.registry,
+        )
+
+        def figure(key: str) -> float:
+            value = live.figures()[key]
+            return float("nan") if value is None else float(value)
+
+        for name, key, text in (
+            ("lensmith_live_defect_recall", "defect_recall", "Defect recall of served decisions per the last corrections"),
+            ("lensmith_live_false_alarm_rate", "false_alarm_rate", "False-alarm rate of served decisions per the last corrections"),
+            ("lensmith_live_defects", "defects", "Corrected images that were defects, in the live window"),
+            ("lensmith_live_good", "good", "Corrected images that were good, in the live window"),
+        ):
+            Gauge(name, text, registry=self.registry).set_function(lambda key=key: figure(key))
+
+    def set_quality_floors(self, floors: dict[str, float]) -> None:
+        """The gate's floors beside the live figures, so alert rules compare them without copying numbers."""
+        gauge = Gauge("lensmith_quality_floor", "A quality floor of the gate (params), by name", ["name"], registry=self.registry)
+        for name, value in floors.items():
+            gauge.labels(name).set(value)
 
     def set_model(self, model: ServedModel) -> None:
         self.model.clear()

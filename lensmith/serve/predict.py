@@ -218,6 +218,7 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
     now = time.time()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
     classes = list(model.onnx.classes)
+    positive = model.rule.positive_classes if model.rule is not None and model.rule.kind == "threshold" else ()
     records = []
     for prediction, upload in zip(predictions, decoded):
         service.metrics.predictions.labels(prediction["label"]).inc()
@@ -242,7 +243,8 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
                 **upload.stats,
             }
         )
-        service.recent.add(prediction["id"], Remembered(prediction=prediction, image=upload.data, ext=upload.ext, classes=classes))
+        service.recent.add(prediction["id"], Remembered(
+            prediction=prediction, image=upload.data, ext=upload.ext, classes=classes, positive_classes=positive))
     service.predlog.append(records)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from fastapi.security import HTTPAuthorizationCredentials
 
 from lensmith.errors import LensmithError
+from lensmith.livequality import LiveQuality
 from lensmith.onnxmodel import softmax
 from lensmith.operating import argmax_rule
 from lensmith.params import ServeParams
@@ -43,6 +44,7 @@ class Remembered:
     image: bytes
     ext: str
     classes: list[str]
+    positive_classes: tuple[str, ...] = ()  # the defect classes of the rule that decided (none: argmax)
 
 
 class RecentPredictions:
@@ -125,10 +127,12 @@ class Service:
         )
         self.queue = ReviewQueue(root / params.review_dir, review_retention(params))
         self.recent = RecentPredictions(params.feedback_window)
+        self.live = LiveQuality(params.live_window)
         self.preparing = 0  # predict requests admitted whose images are waiting for a decode slot or being decoded
         self.metrics = Metrics()
         self.metrics.registry.register(StorageCollector(self.predlog, self.queue))
         self.metrics.queue_depth.set_function(lambda: self.queued)
+        self.metrics.watch_live_quality(self.live)
         self.batcher.on_batch = self._observe_batch
 
     def start(self) -> None:
