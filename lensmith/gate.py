@@ -47,6 +47,7 @@ class GateResult:
     json_path: Path | None = None
     html_path: Path | None = None
     champion_compared: str | None = None  # "re-scored on this test split" or "stored metrics"
+    champion_rescore_seconds: float | None = None  # what scoring production on today's split cost
 
     @property
     def decision(self) -> str:
@@ -348,6 +349,7 @@ class Champion:
     folder: Path | None = None
     rescored: Any = None  # production's metrics on today's test split (lensmith.champion), when it could be scored
     why_not_rescored: str | None = None
+    rescore_seconds: float | None = None
 
     @property
     def compared_metrics(self) -> Any:
@@ -374,7 +376,7 @@ def rescored_champion(champion: Champion | None, params: Params, layout: Layout)
     from lensmith.champion import rescore_production
 
     result = rescore_production(params, layout, champion.folder)
-    return replace(champion, rescored=result.metrics, why_not_rescored=result.why_not)
+    return replace(champion, rescored=result.metrics, why_not_rescored=result.why_not, rescore_seconds=round(result.seconds, 2))
 
 
 def failure_reason(check: Check) -> str:
@@ -430,6 +432,7 @@ def gate_json(
         "reasons": result.reasons,
         "champion_version": result.champion_version,
         "champion_compared": result.champion_compared,
+        "champion_rescore_seconds": result.champion_rescore_seconds,
         "warnings": result.warnings,
         "metric": params.gate.metric,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -476,6 +479,7 @@ def run_gate(params: Params, layout: Layout, *, raise_on_reject: bool = True) ->
     split_hash = candidate_test_split_hash(layout, candidate_meta)
     result = evaluate_gate(metrics, export, champion, split_hash, params)
     result.warnings += [stale_export] if stale_export else []
+    result.champion_rescore_seconds = champion.rescore_seconds if champion is not None else None
     result.json_path = layout.reports / GATE_JSON
     result.html_path = layout.reports / GATE_HTML
     write_json_atomic(result.json_path, gate_json(result, metrics_path, candidate_meta, split_hash, params))
