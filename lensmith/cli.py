@@ -251,9 +251,9 @@ def run(
     --set values are written to params.yaml for the run (so dvc.lock records them) and restored after.
     """
     params, _ = _context(params_file, overrides, root)  # fail fast on bad params, before Prefect starts
-    from tasks.pipeline import resolved_pipeline
+    from tasks.pipeline import check_params_present
 
-    resolved_pipeline(root.resolve())  # and on a dvc.yaml / dvc.lock DVC cannot read
+    check_params_present(root.resolve())  # and on a dvc.yaml / dvc.lock DVC cannot read or params it lacks
     _check_prefect_api(params.orchestration.on_unreachable_server)
     wait_for_server = _start_prefect_api()
     from flows.training import training_flow

@@ -10,6 +10,7 @@ import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -28,6 +29,7 @@ class ResolvedStage:
     upstream: tuple[str, ...]  # stages whose outputs this stage depends on
     io: StageIO
     git_tracked: tuple[str, ...]  # outputs with `cache: false` (metrics, plots): versioned by git, not DVC
+    params: tuple[tuple[str, str], ...] = ()  # (params file, dotted key) the stage tracks
 
 
 def resolved_pipeline(root: Path) -> dict[str, ResolvedStage]:
@@ -56,12 +58,46 @@ def resolved_pipeline(root: Path) -> dict[str, ResolvedStage]:
                         persist=[str(out.def_path) for out in stage.outs if out.persist],
                     ),
                     git_tracked=tuple(str(out.def_path) for out in stage.outs if not out.use_cache),
+                    params=tuple((str(dep.def_path), str(key)) for dep in stage.deps
+                                 if isinstance(dep, ParamsDependency) for key in (dep.params or [])),
                 )
     except DvcException as exc:
         raise PipelineError(f"the pipeline of {root} cannot be read (dvc.yaml, dvc.lock and the params they use): {exc}") from None
     if not resolved:
         raise PipelineError(f"{root / 'dvc.yaml'} declares no stages")
     return resolved
+
+
+def missing_params(root: Path) -> list[str]:
+    """`stage: file key` for every params key dvc.yaml tracks that its params file lacks (DVC would stop the stage
+    only when it gets there; Lensmith's own defaults do not count for DVC)."""
+    import yaml
+
+    missing = []
+    for stage in resolved_pipeline(root).values():
+        for file, key in stage.params:
+            try:
+                node: Any = yaml.safe_load((root / file).read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                node = None
+            for part in key.split("."):
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is _MISSING:
+                missing.append(f"{stage.name}: {file} {key}")
+    return missing
+
+
+_MISSING = object()
+
+
+def check_params_present(root: Path) -> None:
+    """A PipelineError naming every tracked params key the params file lacks, with how to fill it in."""
+    missing = missing_params(root)
+    if missing:
+        raise PipelineError(
+            "dvc.yaml tracks params that params.yaml does not have (DVC needs them written out, defaults are not "
+            f"enough): {'; '.join(missing)}. Add them; `lensmith check-params` prints every effective value"
+        )
 
 
 def flow_graph(root: Path) -> dict[str, tuple[str, ...]]:

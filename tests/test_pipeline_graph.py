@@ -94,3 +94,16 @@ def test_a_nightly_run_records_every_git_tracked_output() -> None:
         assert metrics in paths
     assert "reports/metrics.json" in paths and "models/candidate/model.pt" not in paths
     assert "models/candidate/.gitignore" in paths  # DVC's ignore entries beside cached outputs
+
+
+def test_the_shipped_params_have_every_key_dvc_tracks_and_a_missing_one_is_named(tmp_path: Path) -> None:
+    from tasks.pipeline import check_params_present, missing_params
+
+    assert missing_params(ROOT) == []
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["evaluate"]["operating_point"]  # a params.yaml written before the key existed
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert missing_params(tmp_path) == ["export: params.yaml evaluate.operating_point"]
+    with pytest.raises(PipelineError, match="evaluate.operating_point"):
+        check_params_present(tmp_path)
