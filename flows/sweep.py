@@ -1,6 +1,6 @@
 """Many independent jobs on the task runner from params: hyper-parameter sweeps and per-site fine-tuning.
 
-`sweep_flow` trains and evaluates each configuration (a dict of dotted params overrides) as its own
+`sweep_flow` trains, exports and evaluates each configuration (a dict of dotted params overrides) as its own
 task, in its own scratch project that reads the main project's splits and images (never writes them),
 so tasks share nothing but the read-only inputs and the decoded-image cache (written atomically).
 `site_finetune_flow` runs `lensmith.finetune.run_finetune` for each site as its own task.
@@ -30,7 +30,7 @@ from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.params import Params, apply_overrides, load_params, params_from_dict, read_params_yaml
 from tasks.runners import task_runner_for
 
-SWEEP_STAGES: tuple[str, ...] = ("train", "evaluate")
+SWEEP_STAGES: tuple[str, ...] = ("train", "export", "evaluate")  # evaluation measures the exported model
 
 
 def config_overrides(config: dict[str, Any]) -> list[str]:

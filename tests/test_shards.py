@@ -269,6 +269,8 @@ def tiny_pipeline_params(source: Path) -> Params:
 def test_demo_shards_through_ingest_split_train_evaluate(tmp_path: Path) -> None:
     from lensmith.demodata import generate_demo_dataset
     from lensmith.evaluate import run_evaluate
+    from lensmith.export import run_export
+    from lensmith.params import ExportParams
     from lensmith.split import run_split
     from lensmith.train import run_train
 
@@ -282,7 +284,8 @@ def test_demo_shards_through_ingest_split_train_evaluate(tmp_path: Path) -> None
     test_split = pd.read_parquet(layout.split_file("test"))
     assert test_split["member_offset"].notna().all() and test_split["file"].str.endswith(".tar").all()
     run_train(params, layout)
-    evaluation = run_evaluate(params, layout)
+    run_export(params.model_copy(update={"export": ExportParams(int8=False, bench_seconds=0.1)}), layout)
+    evaluation = run_evaluate(params, layout)  # of the exported model, reading images from the shards
     assert evaluation.n_test == len(test_split)
     assert (layout.reports / "metrics.json").is_file()
 
