@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from lensmith.onnxmodel import OnnxModel  # noqa: E402
 from lensmith.params import Params  # noqa: E402
 from lensmith.procutil import free_port  # noqa: E402
 from lensmith.onnxmodel import onnx_file_for  # noqa: E402
+from _http import multipart_predict_request  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -129,27 +129,12 @@ class Load:
     errors: int = 0
 
 
-def multipart_request(host: str, image: bytes) -> bytes:
-    """A complete HTTP/1.1 POST /v1/predict with `image` as multipart field `file` (built once, sent many times)."""
-    boundary = uuid.uuid4().hex
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
-    )
-    return head.encode() + body
-
-
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.IGNORECASE)
 
 
 async def drive_raw(host: str, port: int, images: list[bytes], clients: int, seconds: float) -> Load:
     """`clients` keep-alive connections, each sending pre-built requests back to back until the deadline."""
-    requests = [multipart_request(f"{host}:{port}", img) for img in images]
+    requests = [multipart_predict_request(f"{host}:{port}", img) for img in images]
     load = Load()
     deadline = time.perf_counter() + seconds
 

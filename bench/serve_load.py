@@ -43,7 +43,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lensmith.layout import Layout  # noqa: E402
 from lensmith.params import Params  # noqa: E402
 from lensmith.procutil import free_port  # noqa: E402
+from _http import multipart_predict_request  # noqa: E402
 
 HOST = "127.0.0.1"
 GIB = 1024**3
@@ -165,21 +165,6 @@ def pixels(data: bytes) -> int:
 
     with Image.open(io.BytesIO(data)) as img:
         return img.width * img.height
-
-
-def predict_request(image: bytes, content_type: str) -> bytes:
-    """A complete HTTP/1.1 POST /v1/predict with one multipart file (built once, sent many times)."""
-    boundary = uuid.uuid4().hex
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\nContent-Type: {content_type}\r\n\r\n'.encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    head = (
-        f"POST /v1/predict HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 @dataclass
@@ -376,7 +361,7 @@ def start_server(args: argparse.Namespace, work: Path, serve: dict[str, object])
 def hostile(args: argparse.Namespace, pid: int, port: int, check: bytes) -> dict[str, object]:
     sets = {}
     for name, (w, h) in {"over the limit (6000x6666)": (6000, 6666), "under the limit (4000x6000)": (4000, 6000)}.items():
-        bombs = [predict_request(palette_png(w, h, seed), "image/png") for seed in range(args.bombs)]
+        bombs = [multipart_predict_request(HOST, palette_png(w, h, seed), "image/png", "x") for seed in range(args.bombs)]
         requests = [bombs[i % len(bombs)] for i in range(args.clients * args.bombs)]
         rss_before = rss_bytes(pid)
         start = time.perf_counter()
@@ -503,7 +488,7 @@ def main() -> None:
         serve[key.removeprefix("serve.")] = yaml.safe_load(value)
     effective = Params.model_validate({"serve": serve}).serve
     images = normal_images()
-    requests = [predict_request(data, ctype) for data, ctype in images]
+    requests = [multipart_predict_request(HOST, data, ctype, "x") for data, ctype in images]
     flags = sorted({f for f in ("avx2", "avx512f", "avx512_vnni") if f in Path("/proc/cpuinfo").read_text()})
     report: dict[str, object] = {
         "cores": os.cpu_count(), "cpu_flags": flags, "load_average_before": os.getloadavg()[0],
