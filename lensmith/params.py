@@ -338,7 +338,7 @@ class OperatingPointParams(Section):
         "(least cost_ratio x missed + false alarms), argmax (no threshold: the most probable class decides)",
     )
     min_recall: float | None = Field(
-        0.95, ge=0.0, le=1.0,
+        0.98, ge=0.0, le=1.0,
         description="Share of defects to catch (target min_recall); with another target, a limit that must hold too (null = none)",
     )
     max_false_alarm_rate: float | None = Field(
