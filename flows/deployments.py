@@ -25,6 +25,7 @@ def deployments(params: Params, root: Path, params_file: str = "params.yaml") ->
             parameters=parameters,
             description="Nightly retraining: pull, ingest new images, train, gate against production, promote, push, record.",
             tags=["lensmith", "nightly"],
+            concurrency_limit=1,  # a drift-triggered run waits for a scheduled one instead of overlapping it
         ),
         monitoring_flow.to_deployment(
             name=params.drift.deployment_name,
@@ -32,6 +33,7 @@ def deployments(params: Params, root: Path, params_file: str = "params.yaml") ->
             parameters=parameters,
             description="Drift monitoring: Evidently on image stats, embeddings and predictions; starts nightly retraining on trigger.",
             tags=["lensmith", "monitoring"],
+            concurrency_limit=1,
         ),
     ]
 
