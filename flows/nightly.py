@@ -18,6 +18,7 @@ from prefect.logging import get_run_logger
 from flows.training import training_flow
 from lensmith.params import load_params
 from lensmith.projectpin import pinned_project
+from lensmith.reviewed import git_tracked_paths
 from tasks.pipeline import git_versioned_outputs
 from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_run
 
@@ -25,10 +26,11 @@ from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_r
 RUN_RECORD = ["dvc.lock", "params.yaml", "models/registry/aliases.json", "models/registry/versions.dvc", "models/registry/.gitignore"]
 
 
-def recorded_paths(root: Path) -> list[str]:
+def recorded_paths(root: Path, reviewed_dir: str = "data/reviewed") -> list[str]:
     """What a nightly run commits: dvc.lock, params, what git versions of the stages' outputs, the registry
-    pointers."""
-    return list(dict.fromkeys(RUN_RECORD[:2] + git_versioned_outputs(root) + RUN_RECORD[2:]))
+    pointers, and the reviewed-data folder's metadata.csv and DVC pointers (human corrections are data)."""
+    reviewed = git_tracked_paths(root, root / reviewed_dir)
+    return list(dict.fromkeys(RUN_RECORD[:2] + git_versioned_outputs(root) + RUN_RECORD[2:] + reviewed))
 
 
 @task(name="dvc-pull", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
@@ -58,8 +60,8 @@ def track_registry_task(root: Path) -> None:
 
 
 @task(name="record-run", cache_policy=NO_CACHE)
-def record_task(root: Path, message: str, tag: str | None) -> str | None:
-    return git_commit_run(root, recorded_paths(root), message, tag)
+def record_task(root: Path, message: str, tag: str | None, reviewed_dir: str = "data/reviewed") -> str | None:
+    return git_commit_run(root, recorded_paths(root, reviewed_dir), message, tag)
 
 
 @flow(name="lensmith-nightly", log_prints=True)
@@ -84,7 +86,7 @@ def nightly_flow(root: str = ".", params_file: str = "params.yaml") -> dict[str,
     verdict = decision["note"] if decision["passed"] else "rejected: " + "; ".join(decision["reasons"])[:200]
     commit = None
     if nightly.git_commit:
-        commit = record_task(root_path, f"nightly {stamp}: {verdict}", f"{nightly.tag_prefix}{stamp}")
+        commit = record_task(root_path, f"nightly {stamp}: {verdict}", f"{nightly.tag_prefix}{stamp}", params.data.reviewed_dir)
     return {
         "status": "promoted" if decision["promoted"] else ("unchanged" if decision["passed"] else "rejected"),
         "decision": decision,

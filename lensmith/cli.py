@@ -463,21 +463,61 @@ def review_import(
     overrides: SetOpt = None,
     root: RootOpt = Path("."),
 ) -> None:
-    """Merge corrected labels into data.source as NEW files (<label>/reviewed-<time>/); conflicts are reported, nothing is overwritten."""
+    """Add corrected images to the reviewed-data folder (data.reviewed_dir: <label>/<sha256>.<ext> + metadata.csv),
+    then `dvc add` its label folders; conflicts are reported, nothing is overwritten."""
+    from lensmith.reviewed import location_problem
     from lensmith.serve.review import import_corrections, manifest_labels, read_corrections
-    from lensmith.sources import is_s3_uri
+    from lensmith.sources import local_source_path
 
     params, layout = _context(params_file, overrides, root)
-    if is_s3_uri(params.data.source):
-        raise LensmithError("review import writes into a local image folder; data.source is an s3:// prefix")
-    source = Path(params.data.source)
-    source = source if source.is_absolute() else layout.root / source
+    reviewed = local_source_path(params.data.reviewed_dir, layout)
+    problem = location_problem(reviewed, _folders_reviewed_data_must_avoid(params, layout))
+    if problem:
+        raise LensmithError(problem)
     classes = params.validate.labels or _queue_classes(layout)
     report = import_corrections(
-        layout.root / params.serve.review_dir, read_corrections(corrections), source, classes,
+        layout.root / params.serve.review_dir, read_corrections(corrections), reviewed, classes,
         manifest_labels(layout.manifest), allow_new_labels,
     )
     typer.echo(str(report))
+    if report.imported:
+        typer.echo(_track_reviewed_labels(layout.root, reviewed, report.labels_written))
+
+
+def _folders_reviewed_data_must_avoid(params, layout) -> dict[str, Path]:  # noqa: ANN001
+    """The local sources and every output of the project's pipeline stages (what a rerun may delete)."""
+    from lensmith.sources import is_s3_uri, local_source_path
+
+    folders = {
+        f"data source {spec!r}": local_source_path(spec, layout)
+        for spec in [params.data.source, *params.data.sources] if not is_s3_uri(spec)
+    }
+    if (layout.root / "dvc.yaml").is_file():
+        from tasks.pipeline import resolved_pipeline
+
+        for stage in resolved_pipeline(layout.root).values():
+            if stage.name.endswith(".dvc"):  # `dvc add`ed data (the reviewed label folders among it), not a stage
+                continue
+            folders.update({f"the output {out!r} of stage {stage.name!r}": layout.root / out for out in stage.io.outs})
+    return folders
+
+
+def _track_reviewed_labels(root: Path, reviewed: Path, labels: list[str]) -> str:
+    """`dvc add` each label folder the import wrote to (pointer `<label>.dvc` + .gitignore, for git and `dvc push`)."""
+    if not (root / ".dvc").is_dir():
+        return "not a DVC project: the reviewed images are not versioned (run `dvc init`, then `dvc add` each label folder)"
+    if not reviewed.resolve().is_relative_to(root.resolve()):
+        return f"{reviewed} is outside the project: not versioned by DVC"
+    from tasks.dvc_runner import dvc_command
+
+    targets = [(reviewed.resolve() / label).relative_to(root.resolve()).as_posix() for label in labels]
+    proc = dvc_command(root, "add", "-q", *targets)
+    if proc.returncode != 0:
+        raise LensmithError(
+            f"the corrections were imported, but `dvc add {' '.join(targets)}` failed: {(proc.stderr or proc.stdout).strip()[-400:]}; "
+            "run it by hand before the next commit"
+        )
+    return f"versioned with DVC: {', '.join(f'{t}.dvc' for t in targets)} (commit them with {reviewed.name}/metadata.csv)"
 
 
 @app.command()

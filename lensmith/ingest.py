@@ -1,5 +1,11 @@
 """Ingest: data.source (ImageFolder, shard folder, CSV manifest or s3:// prefix) -> data/manifest.parquet + data/quarantine.csv.
 
+Several sources are read together: data.source, data.sources, and the reviewed-data folder (data.reviewed_dir,
+human corrections) when it exists; each row records its `source`. One file (sha256) under the same label in two
+sources is one image: the row of the earlier source is kept (data.source first) and the copy is listed in
+quarantine.csv as `copy_in_other_source` (not counted as a bad file). Under different labels both rows stay and
+validation reports the label conflict.
+
 Every candidate file is read once, hashed, fully decoded (lensmith.imageio) and described (lensmith.imagestats)
 in a process pool. Files whose size+mtime (local), ETag (S3) or shard-index sha256 (shard members) match the
 previous manifest are reused without being read. Unusable files are quarantined with a reason; the run fails
@@ -41,8 +47,9 @@ from lensmith.sources import (
     SourceListing,
     fetch_s3_object,
     file_column_value,
-    list_source,
+    list_sources,
     s3_errors,
+    source_specs,
     s3_settings,
     sha256_hex,
 )
@@ -71,6 +78,7 @@ class IngestSummary:
     seconds: float
     manifest: Path
     quarantine: Path
+    n_copies: int = 0  # the same image (and label) in two sources: one row kept
 
     @property
     def n_images(self) -> int:
@@ -87,7 +95,8 @@ class IngestSummary:
             f"ingest: {self.n_images} images from {self.source} in {self.seconds:.1f} s "
             f"({self.images_per_second:.0f} images/s)",
             f"  read {self.n_read}, reused {self.n_reused}, quarantined {self.n_quarantined}"
-            + (f" ({reasons})" if reasons else ""),
+            + (f" ({reasons})" if reasons else "")
+            + (f", {self.n_copies} copies across sources dropped" if self.n_copies else ""),
             f"  per class: {classes or 'none'}",
             f"  manifest: {self.manifest}",
             f"  quarantine: {self.quarantine}",
@@ -239,8 +248,9 @@ def read_previous_manifest(path: Path) -> dict[str, dict[str, Any]]:
         frame = pd.read_parquet(path)
     except Exception:  # noqa: BLE001 - a damaged previous manifest only costs a full re-read
         return {}
-    # manifests written before shard support lack MEMBER_COLUMNS: their rows are plain files
-    if not set(MANIFEST_COLUMNS).difference(MEMBER_COLUMNS).issubset(frame.columns):
+    # manifests written before shard support lack MEMBER_COLUMNS (their rows are plain files), before several
+    # sources lack `source`
+    if not set(MANIFEST_COLUMNS).difference(MEMBER_COLUMNS, ["source"]).issubset(frame.columns):
         return {}
     return {str(row["path"]): row for row in frame.reindex(columns=list(MANIFEST_COLUMNS)).to_dict("records")}
 
@@ -316,7 +326,26 @@ def manifest_row(item: SourceItem, image_columns: dict[str, Any], layout: Layout
         "etag": item.etag,
         "member_offset": item.offset,
         "member_size": item.size if item.in_shard else None,
+        "source": item.source,
     }
+
+
+def drop_copies_across_sources(rows: list[dict[str, Any]], sources: list[str]) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    """Rows without the copies of one file (sha256) under the same label found in another source: the row of the
+    earliest source in `sources` stays. Copies inside one source are left to validation (sha256_unique)."""
+    rank = {spec: i for i, spec in enumerate(sources)}
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: (rank.get(r["source"], len(rank)), r["path"])):
+        first.setdefault((str(row["sha256"]), str(row["label"])), row)
+    survivors, copies = [], []
+    for row in rows:
+        kept = first[(str(row["sha256"]), str(row["label"]))]
+        if row["source"] == kept["source"]:
+            survivors.append(row)
+        else:
+            detail = f"the same image, label {row['label']!r}, as {kept['path']} in {kept['source']}; that row is kept"
+            copies.append(Rejection(row["path"], "copy_in_other_source", detail))
+    return survivors, copies
 
 
 def manifest_frame(rows: list[dict[str, Any]], metadata: pd.DataFrame | None) -> pd.DataFrame:
@@ -398,7 +427,7 @@ def record_failure_in_validation_report(layout: Layout, error: DataError) -> Non
 
 def build_manifest(params: Params, layout: Layout) -> IngestSummary:
     started = time.perf_counter()
-    listing: SourceListing = list_source(params.data, layout)
+    listing: SourceListing = list_sources(params.data, layout)
     allowed, origin = expected_labels(params, layout)
     items, rejections = split_unknown_labels(listing.items, allowed, origin)
     rejections = listing.rejections + rejections
@@ -422,8 +451,9 @@ def build_manifest(params: Params, layout: Layout) -> IngestSummary:
             rejections.append(result)
         else:
             rows.append(manifest_row(item, result, layout))
+    rows, copies = drop_copies_across_sources(rows, source_specs(params.data, layout))
 
-    write_csv_atomic(layout.quarantine, quarantine_frame(rejections))
+    write_csv_atomic(layout.quarantine, quarantine_frame(rejections + copies))
     check_bad_fraction(
         len(rows), rejections, params.validate.max_bad_fraction, listing.description, layout.quarantine
     )
@@ -439,4 +469,5 @@ def build_manifest(params: Params, layout: Layout) -> IngestSummary:
         seconds=time.perf_counter() - started,
         manifest=layout.manifest,
         quarantine=layout.quarantine,
+        n_copies=len(copies),
     )

@@ -6,6 +6,7 @@ A wrong key, type or value raises `ParamsError` (CLI exit code 2) naming the key
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -51,6 +52,16 @@ class DataParams(Section):
         "null = AWS, or AWS_ENDPOINT_URL(_S3) from the environment",
     )
     workers: int = Field(0, ge=0, description="Ingest processes; 0 = one per core")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="More sources read together with data.source (folders, CSV manifests, s3:// prefixes); each row records "
+        "its source. They are read but not tracked as DVC deps of ingest unless you add them to dvc.yaml's ingest deps",
+    )
+    reviewed_dir: str = Field(
+        "data/reviewed",
+        description="The reviewed-data folder `lensmith review import` writes corrected images into (<label>/<sha256>.<ext> "
+        "+ metadata.csv); always read with the sources when it exists; must not lie inside data.source or a stage's output",
+    )
 
     @field_validator("image_extensions")
     @classmethod
@@ -58,6 +69,20 @@ class DataParams(Section):
         if not value:
             raise ValueError("must list at least one extension, e.g. ['.jpg', '.png']")
         return sorted({(v if v.startswith(".") else f".{v}").lower() for v in value})
+
+    @model_validator(mode="after")
+    def _reviewed_dir_apart(self) -> DataParams:
+        reviewed = Path(self.reviewed_dir)
+        for name, other in (("data.source", self.source), *(("data.sources", s) for s in self.sources)):
+            if other.startswith("s3://") or Path(other).is_absolute() != reviewed.is_absolute():
+                continue
+            a, b = Path(os.path.normpath(reviewed)), Path(os.path.normpath(other))
+            if a.is_relative_to(b) or b.is_relative_to(a):
+                raise ValueError(
+                    f"reviewed_dir {self.reviewed_dir!r} overlaps {name} {other!r}: corrections are a source of their own "
+                    "(a rerun of whatever writes the data must not touch them); use a folder of its own, e.g. data/reviewed"
+                )
+        return self
 
 
 class DemoParams(Section):
@@ -95,7 +120,9 @@ class ValidateParams(Section):
         description="Colour modes that pass the gate; ingest decodes every file to RGB or L (greyscale), so drop L to reject grey images",
     )
     required_metadata: list[str] | Auto = Field(
-        AUTO, description="Metadata columns every image must have; auto = the columns the source declares (metadata.csv / CSV manifest)"
+        AUTO,
+        description="Metadata columns every image must have; auto = the columns data.source declares (metadata.csv / CSV "
+        "manifest), required of its rows; rows of data.sources and of the reviewed folder lacking them are a warning",
     )
     max_class_imbalance: float = Field(10.0, ge=1.0, description="largest class count / smallest class count")
     brightness_range: tuple[float, float] = Field(

@@ -29,6 +29,7 @@ from lensmith.errors import LensmithError
 from lensmith.layout import Layout
 from lensmith.params import DataParams, Params, params_from_dict
 from lensmith.resolve import group_column_of, metadata_columns, negative_class_of, slice_columns_of
+from lensmith.reviewed import ensure_reviewed_folder, git_tracked_paths
 from lensmith.sources import is_s3_uri, list_source, local_source_path
 
 SAMPLE_IMAGES = 1000  # images opened to measure sizes and modes (seeded, spread over classes)
@@ -362,6 +363,10 @@ def _write_project(
         encoding="utf-8",
     )
     tracked = ["params.yaml", "dvc.yaml", ".gitignore"]
+    # the reviewed-data folder (human corrections) exists from the start: ingest declares it as a dep
+    reviewed = project / params["data"]["reviewed_dir"]
+    ensure_reviewed_folder(reviewed)
+    tracked += git_tracked_paths(project, reviewed)
     if copied is not None:
         folder, _ = copied
         (project / "data" / "raw").mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,11 @@ from typing import Any
 import pandas as pd
 
 from lensmith.params import AUTO, Params
-from lensmith.schema import MANIFEST_COLUMNS, SPLIT_ADDED_COLUMNS
+from lensmith.schema import MANIFEST_COLUMNS, REVIEW_COLUMNS, SPLIT_ADDED_COLUMNS
 
-# Columns ingest and split write for every image; any other column came from the source's metadata.
-SYSTEM_COLUMNS: frozenset[str] = frozenset((*MANIFEST_COLUMNS, *SPLIT_ADDED_COLUMNS))
+# Columns ingest and split write for every image, and the provenance of reviewed images; any other column came
+# from a source's metadata.
+SYSTEM_COLUMNS: frozenset[str] = frozenset((*MANIFEST_COLUMNS, *SPLIT_ADDED_COLUMNS, *REVIEW_COLUMNS))
 # Label names that mean "nothing wrong here", in order of preference (compared case-insensitively, - and space as _).
 NEGATIVE_CLASS_NAMES: tuple[str, ...] = (
     "ok", "good", "normal", "pass", "passed", "no_defect", "nodefect", "non_defective", "defect_free", "okay",
@@ -82,6 +83,22 @@ def metadata_columns(columns: Sequence[str]) -> list[str]:
     return [str(c) for c in columns if str(c) not in SYSTEM_COLUMNS]
 
 
+def rows_of_data_source(params: Params, frame: pd.DataFrame) -> pd.Series:
+    """Whether each row came from data.source (all rows of a manifest written before rows recorded their source)."""
+    if "source" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    return frame["source"].isna() | (frame["source"].astype(str) == params.data.source)
+
+
+def declared_by_data_source(params: Params, frame: pd.DataFrame, declared: Sequence[str]) -> list[str]:
+    """The metadata columns data.source declares: those with a value in one of its rows. Columns only other
+    sources (data.sources, the reviewed folder's request context) bring are not required of every image."""
+    rows = frame[rows_of_data_source(params, frame)]
+    if rows.empty or len(rows) == len(frame):
+        return list(declared)
+    return [c for c in declared if rows[c].notna().any()]
+
+
 def normalised_name(name: str) -> str:
     return str(name).strip().lower().replace("-", "_").replace(" ", "_")
 
@@ -121,9 +138,10 @@ def resolve(params: Params, frame: pd.DataFrame, labels: Sequence[str]) -> Resol
     reasons: dict[str, str] = {}
 
     if params.validate.required_metadata == AUTO:
-        required = tuple(declared)
+        required = tuple(declared_by_data_source(params, frame, declared))
         reasons["validate.required_metadata"] = (
-            "auto: the metadata columns the source declares" if declared else "auto: the source declares no metadata"
+            "auto: the metadata columns data.source declares, required of its rows"
+            if required else "auto: data.source declares no metadata"
         )
     else:
         required = tuple(params.validate.required_metadata)

@@ -18,5 +18,18 @@ IMAGE_COLUMNS: tuple[str, ...] = (
     "phash",
 )
 # `file` is the image file, or the shard holding it; MEMBER_COLUMNS say where inside (NA for plain files).
-MANIFEST_COLUMNS: tuple[str, ...] = ("path", "file", "label", *IMAGE_COLUMNS, "mtime_ns", "etag", *MEMBER_COLUMNS)
+# `source` is the source the row came from: data.source, one of data.sources, or data.reviewed_dir.
+MANIFEST_COLUMNS: tuple[str, ...] = ("path", "file", "label", *IMAGE_COLUMNS, "mtime_ns", "etag", *MEMBER_COLUMNS, "source")
+# Provenance `lensmith review import` writes beside each corrected image (reviewed folder's metadata.csv): system
+# columns, never declared metadata every image must have.
+REVIEW_COLUMNS: tuple[str, ...] = (
+    "review_item_id",
+    "review_reason",
+    "review_label",
+    "review_predicted_label",
+    "review_confidence",
+    "review_model_version",
+    "review_served_at",
+    "review_imported_at",
+)
 SPLIT_ADDED_COLUMNS: tuple[str, ...] = ("split", "group")  # what split adds to the manifest's columns

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -49,6 +49,7 @@ class SourceItem:
     etag: str | None = None
     offset: int | None = None  # a shard member: its data is `size` bytes at `offset` in `local_file`
     sha256: str | None = None  # known content hash (a shard member's, from the shard index)
+    source: str = ""  # the source it was listed from (data.source, one of data.sources, data.reviewed_dir)
 
     @property
     def is_s3(self) -> bool:
@@ -113,6 +114,53 @@ def list_source(data: DataParams, layout: Layout, *, root_label: str | None = No
     raise DataError(
         f"data.source {data.source!r} is neither a folder (<class>/<file>), a .csv manifest nor an s3://bucket/prefix URI"
     )
+
+
+def source_specs(data: DataParams, layout: Layout) -> list[str]:
+    """The sources ingest reads, in order: data.source, data.sources, then data.reviewed_dir when it exists."""
+    specs = [data.source, *data.sources]
+    if local_source_path(data.reviewed_dir, layout).is_dir():
+        specs.append(data.reviewed_dir)
+    return list(dict.fromkeys(specs))
+
+
+def list_sources(data: DataParams, layout: Layout) -> SourceListing:
+    """Every source ingest reads, as one listing. Rows of data.source keep their identity path (so earlier
+    manifests and splits still match); other sources' paths are prefixed with the source (`data/reviewed/ok/x.png`)
+    so two sources never share one. Metadata: each source's own, the union of their columns."""
+    listings = []
+    for spec in source_specs(data, layout):
+        listing = list_source(data.model_copy(update={"source": spec}), layout)
+        listings.append(tagged_listing(listing, spec, prefixed=spec != data.source))
+    return merged_listing(listings)
+
+
+def identity_in_source(spec: str, path: str) -> str:
+    return path if is_s3_uri(path) else f"{spec.rstrip('/')}/{path}"
+
+
+def tagged_listing(listing: SourceListing, spec: str, *, prefixed: bool) -> SourceListing:
+    """`listing` with each item's source set, and its identity paths prefixed by `spec` when `prefixed`."""
+    rename = (lambda path: identity_in_source(spec, path)) if prefixed else (lambda path: path)
+    tagged = SourceListing(description=listing.description)
+    tagged.items = [replace(item, path=rename(item.path), source=spec) for item in listing.items]
+    tagged.rejections = [replace(r, path=rename(r.path)) for r in listing.rejections]
+    if listing.metadata is not None:
+        tagged.metadata = listing.metadata.rename(index=rename)
+        tagged.metadata.index.name = "path"
+    return tagged
+
+
+def merged_listing(listings: list[SourceListing]) -> SourceListing:
+    merged = SourceListing(description=" + ".join(listing.description for listing in listings))
+    for listing in listings:
+        merged.items += listing.items
+        merged.rejections += listing.rejections
+    frames = [listing.metadata for listing in listings if listing.metadata is not None]
+    if frames:
+        merged.metadata = pd.concat(frames, axis=0, sort=False) if len(frames) > 1 else frames[0]
+        merged.metadata.index.name = "path"
+    return merged
 
 
 # ------------------------------------------------------------------------------------------- local helpers

@@ -18,8 +18,8 @@ from lensmith.errors import DataError, GateFailedError
 from lensmith.labelslock import pin_labels, pinned_labels
 from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.neardup import hamming_distance, near_duplicate_groups
-from lensmith.params import Params, SplitParams, ValidateParams
-from lensmith.resolve import Resolved, resolve
+from lensmith.params import AUTO, Params, SplitParams, ValidateParams
+from lensmith.resolve import Resolved, resolve, rows_of_data_source
 from lensmith.validation import gxrun  # first: it switches GX analytics off before GX is imported
 from lensmith.validation.gxrun import MAX_EXAMPLES, Check, Frame
 from lensmith.validation.report import (
@@ -82,6 +82,8 @@ def with_derived_columns(manifest: pd.DataFrame, max_distance: int) -> pd.DataFr
     frame["near_duplicate_group"] = near_duplicate_groups(valid_phashes(frame["phash"]), max_distance)
     # Copies of one file (same sha256) are exact duplicates, a separate check: count distinct files.
     frame["near_duplicate_distinct_images"] = frame.groupby("near_duplicate_group")["sha256"].transform("nunique")
+    # One image under two labels (e.g. data.source says ok, a correction says crack): a label conflict.
+    frame["sha256_labels"] = frame.groupby("sha256")["label"].transform("nunique")
     return frame
 
 
@@ -111,9 +113,12 @@ def manifest_checks(
     label_source: str,
     metadata_present: Sequence[str] = (),
     split: SplitParams | None = None,
+    metadata_wished: Sequence[str] = (),
 ) -> list[Check]:
     """The manifest suite, built from params (row checks on `manifest`, aggregate checks on `classes`,
-    params-vs-data checks on `params`). `metadata_present`: the required metadata columns the manifest has."""
+    params-vs-data checks on `params`). `metadata_present`: the required metadata columns the manifest has, checked
+    (blocking) on the `required_rows` frame; `metadata_wished`: those checked as a warning on `other_rows` (rows of
+    data.sources and the reviewed folder when required_metadata is auto)."""
     label_hint = (
         f"Expected labels come from {label_source}; to accept a changed label set, "
         "add the labels to validate.labels in params.yaml or delete labels.lock.json to re-pin"
@@ -143,6 +148,13 @@ def manifest_checks(
         Check("pixels_in_range", "manifest", gxe.ExpectColumnValuesToBeBetween(column="pixels", max_value=params.max_pixels)),
         Check("mode_allowed", "manifest", gxe.ExpectColumnValuesToBeInSet(column="mode", value_set=list(params.allowed_modes))),
         Check("sha256_unique", "manifest", gxe.ExpectColumnValuesToBeUnique(column="sha256"), "exact duplicate files"),
+        Check(
+            "sha256_one_label",
+            "manifest",
+            gxe.ExpectColumnValuesToBeBetween(column="sha256_labels", max_value=1),
+            "label conflict: the same image (sha256) carries different labels, e.g. in data.source and in a correction "
+            "(data.reviewed_dir) or another of data.sources; keep the right one and remove the other",
+        ),
         Check("phash_well_formed", "manifest", gxe.ExpectColumnValuesToMatchRegex(column="phash", regex=PHASH_PATTERN)),
         Check(
             "no_near_duplicates",
@@ -153,11 +165,21 @@ def manifest_checks(
         *[
             Check(
                 f"metadata_not_null:{column}",
-                "manifest",
+                "required_rows",
                 gxe.ExpectColumnValuesToNotBeNull(column=column),
                 f"every image needs a {column!r} value in the source's metadata (validate.required_metadata)",
             )
             for column in metadata_present
+        ],
+        *[
+            Check(
+                f"metadata_missing_in_other_sources:{column}",
+                "other_rows",
+                warning(gxe.ExpectColumnValuesToNotBeNull(column=column)),
+                f"rows of data.sources or corrections (data.reviewed_dir) without {column!r}: they are kept, but slices and "
+                "groups cannot use them; send the request context with /v1/feedback, or fill the reviewed metadata.csv",
+            )
+            for column in metadata_wished
         ],
         Check(
             "params_match_data",
@@ -179,6 +201,11 @@ def manifest_checks(
         Check("brightness_in_range", "manifest", gxe.ExpectColumnValuesToBeBetween(column="brightness", min_value=lo, max_value=hi)),
         Check("sharpness_min", "manifest", gxe.ExpectColumnValuesToBeBetween(column="sharpness", min_value=params.min_sharpness)),
     ]
+
+
+def warning(expectation: Any) -> Any:
+    expectation.severity = FailureSeverity.WARNING
+    return expectation
 
 
 def split_class_size_check(split: SplitParams) -> Check:
@@ -297,9 +324,14 @@ def run_validate(params: Params, layout: Layout) -> ValidationResult:
     classes = class_count_frame(frame["label"], labels)
     references = params_reference_frame(resolved, list(manifest.columns), labels)
     present = [c for c in resolved.required_metadata if c in manifest.columns]
+    required_rows = rows_of_data_source(params, frame) if vp.required_metadata == AUTO else pd.Series(True, index=frame.index)
+    other_rows = frame[~required_rows]
     checks = gxrun.run_checks(
-        [Frame("manifest", frame, "path"), Frame("classes", classes, "label"), Frame("params", references, "setting")],
-        manifest_checks(vp, labels, label_source, present, params.split),
+        [
+            Frame("manifest", frame, "path"), Frame("required_rows", frame[required_rows], "path"),
+            Frame("other_rows", other_rows, "path"), Frame("classes", classes, "label"), Frame("params", references, "setting"),
+        ],
+        manifest_checks(vp, labels, label_source, present, params.split, present if len(other_rows) else ()),
     )
     result = ValidationResult(
         title="data validation",

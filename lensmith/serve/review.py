@@ -21,15 +21,19 @@ The service queues its own low-confidence items with `offer`: an item that canno
 permissions) is dropped, counted (`stats()`, /metrics) and logged at most once a minute, and the prediction
 is answered anyway. `add` (feedback) raises the OSError.
 
-`export_queue` writes the queue as review.csv (fill in `corrected_label`) plus a Label Studio import
-(labelstudio_tasks.json with the model's prediction pre-filled, labelstudio_config.xml).
-`import_corrections` reads that CSV or a Label Studio JSON export and copies each corrected image into
-the raw data as a NEW file, `<source>/<label>/reviewed-<stamp>/<sha256>.<ext>` (the label is the first
-folder, as ingest expects); it never overwrites and reports every conflict instead of guessing.
+`export_queue` writes the queue as review.csv (fill in `corrected_label`; the request context in `context.<column>`
+columns) plus a Label Studio import (labelstudio_tasks.json: image URL, ids and context in `data`, the model's
+prediction pre-filled under the tag names of labelstudio_config.xml). `import_corrections` reads that CSV or a Label
+Studio JSON export (the latest non-cancelled annotation of each task wins) and writes each corrected image into the
+reviewed-data folder (data.reviewed_dir, lensmith.reviewed): `<reviewed_dir>/<label>/<sha256>.<ext>` plus a
+metadata.csv row (request context + provenance), all or nothing. Corrections are a source of their own: never
+written into data.source or a stage's output. It never overwrites and reports every conflict instead of guessing:
+an image already in the data under another label (any source, the reviewed folder included), the same image
+corrected to two labels, an unknown label, an image retention removed.
 
 A corrected label becomes a folder name, so it must be one safe path segment (`label_problem`): no `/`
 or `\\`, no `..`, no leading dot, no NUL or other control characters, not empty, at most
-MAX_LABEL_CHARS characters; and the file it leads to must resolve inside the data folder (a symlinked
+MAX_LABEL_CHARS characters; and the file it leads to must resolve inside the reviewed folder (a symlinked
 label folder pointing elsewhere is refused too). A bad label stops the import before anything is
 written, naming the row (CSV line or Label Studio task) it came from; `--allow-new-labels` only skips
 the check against the known classes, never this one.
@@ -60,6 +64,8 @@ from xml.sax.saxutils import quoteattr
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path, write_json_atomic, write_text_atomic
 from lensmith.jsondoc import read_json_or_none
+from lensmith.schema import MANIFEST_COLUMNS, REVIEW_COLUMNS, SPLIT_ADDED_COLUMNS
+from lensmith.reviewed import append_metadata_rows, ensure_reviewed_folder, labels_in_folder
 from lensmith.serve.storage import RateLimitedLog, Retention, StoreStats
 
 log = logging.getLogger("lensmith.serve")
@@ -71,7 +77,6 @@ LOCK_FILE = ".lock"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 PRUNE_INTERVAL_S = 60.0  # retention passes between size-triggered ones
 PRUNE_TO = 0.9  # a size-triggered pass frees down to this share of review_max_bytes
-REVIEWED_PREFIX = "reviewed-"
 CSV_COLUMNS = (
     "item_id",
     "image",
@@ -428,29 +433,60 @@ class ReviewExport:
         )
 
 
+LS_IMAGE = "image"  # the <Image> tag's name, and the task `data` key holding the image URL
+LS_CHOICES = "label"  # the <Choices> tag's name: predictions and annotations name it as from_name
+CONTEXT_PREFIX = "context."  # review.csv columns holding the request context
+
+
 def labelstudio_config(classes: Iterable[str]) -> str:
+    """The labelling config; its tag names are the ones `labelstudio_task`'s predictions refer to."""
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)
     return (
-        "<View>\n  <Image name=\"image\" value=\"$image\"/>\n"
-        f"  <Choices name=\"label\" toName=\"image\" choice=\"single\" showInLine=\"true\">\n{choices}\n  </Choices>\n</View>\n"
+        f"<View>\n  <Image name={quoteattr(LS_IMAGE)} value=\"${LS_IMAGE}\"/>\n"
+        f"  <Choices name={quoteattr(LS_CHOICES)} toName={quoteattr(LS_IMAGE)} choice=\"single\" showInLine=\"true\">\n"
+        f"{choices}\n  </Choices>\n</View>\n"
     )
 
 
+def item_context(item: dict[str, Any]) -> dict[str, str]:
+    """The request context the service recorded with the item (column -> text); {} for items without one."""
+    context = item.get("context") or {}
+    if not isinstance(context, dict):
+        return {}
+    return {str(k): "" if v is None else str(v) for k, v in context.items()}
+
+
 def labelstudio_task(item: dict[str, Any], url_prefix: str) -> dict[str, Any]:
+    """One task of a Label Studio import: the image URL, our ids and the request context in `data`, the model's
+    (or the feedback's) label as a prediction to confirm or change."""
     label = item.get("feedback_label") if item.get("feedback_label") not in (None, "wrong") else item.get("predicted_label")
-    task: dict[str, Any] = {
-        "data": {"image": f"{url_prefix}{item['image']}", "item_id": item["item_id"], "image_sha256": item["image_sha256"]},
-        "meta": {"reason": item["reason"], "model_version": item.get("model_version")},
-    }
+    data: dict[str, Any] = {LS_IMAGE: f"{url_prefix}{item['image']}", "item_id": item["item_id"], "image_sha256": item["image_sha256"]}
+    if item_context(item):
+        data["context"] = item_context(item)
+    task: dict[str, Any] = {"data": data, "meta": {"reason": item["reason"], "model_version": item.get("model_version")}}
     if label:
-        task["predictions"] = [
-            {
-                "model_version": str(item.get("model_version")),
-                "score": item.get("confidence"),
-                "result": [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}],
-            }
-        ]
+        prediction: dict[str, Any] = {
+            "model_version": str(item.get("model_version")),
+            "result": [{"from_name": LS_CHOICES, "to_name": LS_IMAGE, "type": "choices", "value": {"choices": [label]}}],
+        }
+        if isinstance(item.get("confidence"), (int, float)):
+            prediction["score"] = float(item["confidence"])
+        task["predictions"] = [prediction]
     return task
+
+
+def review_csv_columns(items: list[dict[str, Any]]) -> list[str]:
+    """CSV_COLUMNS with a `context.<column>` column per context column any item has, before corrected_label."""
+    context = sorted({f"{CONTEXT_PREFIX}{c}" for item in items for c in item_context(item)})
+    return [*CSV_COLUMNS[:-1], *context, CSV_COLUMNS[-1]]
+
+
+def review_csv_row(item: dict[str, Any], review_dir: Path) -> dict[str, Any]:
+    row = {k: item.get(k) for k in CSV_COLUMNS}
+    row["image"] = str((Path(review_dir) / item["image"]).resolve())
+    row["corrected_label"] = ""
+    row.update({f"{CONTEXT_PREFIX}{c}": v for c, v in item_context(item).items()})
+    return row
 
 
 def export_queue(review_dir: Path, out_dir: Path, classes: list[str], url_prefix: str = "/data/local-files/?d=") -> ReviewExport:
@@ -460,13 +496,9 @@ def export_queue(review_dir: Path, out_dir: Path, classes: list[str], url_prefix
     csv_path, tasks_path, config_path = out_dir / "review.csv", out_dir / "labelstudio_tasks.json", out_dir / "labelstudio_config.xml"
     with atomic_path(csv_path, suffix=".csv") as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=review_csv_columns(items))
             writer.writeheader()
-            for item in items:
-                row = {k: item.get(k) for k in CSV_COLUMNS}
-                row["image"] = str((Path(review_dir) / item["image"]).resolve())
-                row["corrected_label"] = ""
-                writer.writerow(row)
+            writer.writerows(review_csv_row(item, review_dir) for item in items)
     write_json_atomic(tasks_path, [labelstudio_task(i, url_prefix) for i in items])
     write_text_atomic(config_path, labelstudio_config(classes))
     return ReviewExport(len(items), csv_path, tasks_path, config_path)
@@ -491,7 +523,8 @@ def read_corrections(path: Path) -> dict[str, list[str]]:
         for number, task in enumerate(tasks, start=1):
             item_id, label = labelstudio_choice(task)
             if item_id and label:
-                found[str(item_id)].append(checked_label(label, f"{path}: task {number} (item {item_id})"))
+                task_id = f"task {number}" + (f" (Label Studio id {task['id']})" if "id" in task else "")
+                found[str(item_id)].append(checked_label(label, f"{path}: {task_id} (item {item_id})"))
         return dict(found)
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
@@ -516,19 +549,31 @@ def checked_label(label: str, where: str) -> str:
     return label
 
 
+def annotation_choice(annotation: Any) -> str | None:
+    """The class an annotation chose with our <Choices> tag (None: cancelled, skipped or no choice)."""
+    if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
+        return None
+    for result in annotation.get("result") or []:
+        if not isinstance(result, dict) or result.get("from_name", LS_CHOICES) != LS_CHOICES:
+            continue
+        choices = (result.get("value") or {}).get("choices") or []
+        if choices:
+            return str(choices[0]).strip()
+    return None
+
+
 def labelstudio_choice(task: Any) -> tuple[str | None, str | None]:
-    """(item_id, label of the latest non-cancelled annotation) from one exported Label Studio task."""
+    """(item_id, label of the latest non-cancelled annotation) from one task of a Label Studio JSON export.
+    Latest: the largest updated_at (else created_at); Label Studio writes them as ISO 8601 UTC, which sort as text."""
     if not isinstance(task, dict):
         return None, None
     item_id = (task.get("data") or {}).get("item_id")
-    for annotation in reversed(task.get("annotations") or []):
-        if annotation.get("was_cancelled"):
-            continue
-        for result in annotation.get("result") or []:
-            choices = (result.get("value") or {}).get("choices") or []
-            if choices:
-                return item_id, str(choices[0]).strip()
-    return item_id, None
+    chosen = [
+        (str(a.get("updated_at") or a.get("created_at") or ""), position, label)
+        for position, a in enumerate(task.get("annotations") or [])
+        if (label := annotation_choice(a)) is not None
+    ]
+    return item_id, max(chosen)[2] if chosen else None
 
 
 @dataclass
@@ -538,6 +583,11 @@ class ImportReport:
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     report_path: Path | None = None
 
+    @property
+    def labels_written(self) -> list[str]:
+        """The label folders this import added images to."""
+        return sorted({str(entry["label"]) for entry in self.imported})
+
     def __str__(self) -> str:
         lines = [f"imported {len(self.imported)} corrected image(s); skipped {len(self.skipped)}; conflicts {len(self.conflicts)}"]
         lines += [f"  conflict: {c['reason']}: {c['detail']}" for c in self.conflicts[:20]]
@@ -546,31 +596,73 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def reviewed_labels(source: Path) -> dict[str, set[str]]:
-    """sha256 -> labels of images earlier imports placed under <source>/<label>/reviewed-*/."""
-    labels: dict[str, set[str]] = defaultdict(set)
-    for path in source.glob(f"*/{REVIEWED_PREFIX}*/*"):
-        labels[path.stem].add(path.relative_to(source).parts[0])
-    return labels
+@dataclass(frozen=True)
+class PlannedImage:
+    """One corrected image an import writes: its bytes, where they go and its metadata.csv row."""
+
+    target: Path
+    data: bytes
+    row: dict[str, str]
+    entry: dict[str, Any]
+
+
+def metadata_row(item: dict[str, Any], label: str, relative: str, imported_at: str) -> tuple[dict[str, str], list[str]]:
+    """The reviewed metadata.csv row of one corrected image, and the context columns left out (they would
+    shadow a column ingest or the import writes)."""
+    context = item_context(item)
+    reserved = {*MANIFEST_COLUMNS, *SPLIT_ADDED_COLUMNS, *REVIEW_COLUMNS}
+    ignored = sorted(c for c in context if c in reserved)
+    row = {c: v for c, v in context.items() if c not in ignored}
+    provenance = {
+        "review_item_id": item["item_id"],
+        "review_reason": item.get("reason"),
+        "review_label": label,
+        "review_predicted_label": item.get("predicted_label"),
+        "review_confidence": item.get("confidence"),
+        "review_model_version": item.get("model_version"),
+        "review_served_at": item.get("time"),
+        "review_imported_at": imported_at,
+    }
+    row.update({k: "" if v is None else str(v) for k, v in provenance.items()})
+    return {"path": relative, **row}, ignored
+
+
+def write_planned(reviewed_dir: Path, planned: list[PlannedImage]) -> list[PlannedImage]:
+    """Write the images, then metadata.csv (atomic rename): all or nothing. The images another writer put there
+    first are left out (returned as not written); any failure removes what this call wrote and re-raises."""
+    written: list[PlannedImage] = []
+    try:
+        for plan in planned:
+            if write_new_file(plan.target, plan.data):
+                written.append(plan)
+        if written:
+            append_metadata_rows(reviewed_dir, [plan.row for plan in written])
+    except BaseException:
+        for plan in written:
+            plan.target.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def import_corrections(
     review_dir: Path,
     corrections: dict[str, list[str]],
-    source: Path,
+    reviewed_dir: Path,
     classes: list[str],
     known_labels: dict[str, set[str]] | None = None,
     allow_new_labels: bool = False,
 ) -> ImportReport:
-    """Merge corrected labels into `source` as new files; `known_labels` is sha256 -> labels already in the data."""
-    if not source.is_dir():
-        raise DataError(f"data source {source} is not a local folder; review import writes into an image folder")
+    """Write corrected images into the reviewed-data folder (`<reviewed_dir>/<label>/<sha256>.<ext>` + a
+    metadata.csv row each; lensmith.reviewed), never into another source. `known_labels`: sha256 -> labels
+    already in the data (every source); images there under another label are conflicts, under the same label skipped."""
     for item_id, labels in corrections.items():  # before anything is written
         for label in labels:
             checked_label(label, f"item {item_id}")
+    reviewed_dir = Path(reviewed_dir)
+    ensure_reviewed_folder(reviewed_dir)
     items = {item["item_id"]: item for item in read_queue(review_dir)}
     existing: dict[str, set[str]] = defaultdict(set)
-    for sha, labels in [*(known_labels or {}).items(), *reviewed_labels(source).items()]:
+    for sha, labels in [*(known_labels or {}).items(), *labels_in_folder(reviewed_dir).items()]:
         existing[sha] |= set(labels)
     report = ImportReport()
 
@@ -584,7 +676,8 @@ def import_corrections(
         by_image[item["image_sha256"]] |= set(labels)
         item_of_image[item["image_sha256"]] = item
 
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    imported_at = time.strftime(TIME_FORMAT, time.gmtime())
+    planned: list[PlannedImage] = []
     for sha, labels in sorted(by_image.items()):
         item = item_of_image[sha]
         entry = {"image_sha256": sha, "item_id": item["item_id"], "labels": sorted(labels)}
@@ -604,18 +697,25 @@ def import_corrections(
             report.skipped.append({**entry, "reason": "already_in_data"})
             continue
         image = Path(review_dir) / item["image"]
-        target = source / label / f"{REVIEWED_PREFIX}{stamp}" / image.name
-        if not inside(image, Path(review_dir) / IMAGES_DIR) or not inside(target, source):
+        target = reviewed_dir / label / image.name
+        if not inside(image, Path(review_dir) / IMAGES_DIR) or not inside(target, reviewed_dir):
             report.conflicts.append({**entry, "reason": "outside_folder", "detail": f"{image} or {target} leaves its folder; nothing written"})
             continue
         if not image.is_file():
             report.conflicts.append({**entry, "reason": "image_pruned", "detail": f"{image} was removed by the queue's retention; nothing written"})
             continue
-        if not write_new_file(target, image.read_bytes()):
-            report.conflicts.append({**entry, "reason": "target_exists", "detail": f"{target} exists; nothing overwritten"})
-            continue
-        report.imported.append({**entry, "label": label, "file": str(target)})
+        row, ignored = metadata_row(item, label, f"{label}/{image.name}", imported_at)
+        planned.append(PlannedImage(target, image.read_bytes(), row, {**entry, "label": label, "file": str(target),
+                                                                           **({"context_ignored": ignored} if ignored else {})}))
 
+    written = write_planned(reviewed_dir, planned)
+    report.imported = [plan.entry for plan in written]
+    written_ids = {id(plan) for plan in written}
+    report.conflicts += [
+        {**plan.entry, "reason": "target_exists", "detail": f"{plan.target} exists; nothing overwritten"}
+        for plan in planned if id(plan) not in written_ids
+    ]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     report.report_path = Path(review_dir) / IMPORTS_DIR / f"import-{stamp}-{uuid.uuid4().hex[:6]}.json"
     write_json_atomic(report.report_path, {"imported": report.imported, "skipped": report.skipped, "conflicts": report.conflicts})
     return report

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from lensmith.params import apply_overrides, params_from_dict, read_params_yaml
+from lensmith.reviewed import ensure_reviewed_folder
 
 PACKAGE = Path(__file__).resolve().parents[1]  # lensmith/
 REPO = PACKAGE.parent  # the checkout: dvc.yaml, params.yaml, lensmith/
@@ -60,6 +61,7 @@ def make_project(root: Path, overrides: list[str] | None = None, tiny: bool = Tr
     raw = apply_overrides(read_params_yaml(REPO / "params.yaml"), (TINY_OVERRIDES if tiny else []) + list(overrides or []))
     params_from_dict(raw, "tiny test params")
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    ensure_reviewed_folder(root / raw.get("data", {}).get("reviewed_dir", "data/reviewed"))  # ingest's dep, in git
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "config", "user.email", "tests@lensmith.local"], root)
     run(["git", "config", "user.name", "lensmith tests"], root)
