@@ -107,6 +107,6 @@ def git_tracked_paths(root: Path, folder: Path) -> list[str]:
     """What git versions of the folder, relative to `root`: README, metadata.csv, the DVC pointers and .gitignore."""
     if not folder.is_dir() or not folder.resolve().is_relative_to(root.resolve()):
         return []
-    folder = folder.resolve().relative_to(root.resolve())
     names = [README_FILE, METADATA_FILE, ".gitignore", *sorted(p.name for p in folder.glob("*.dvc"))]
-    return [(folder / name).as_posix() for name in names if (root / folder / name).exists()]
+    relative = folder.resolve().relative_to(root.resolve())
+    return [(relative / name).as_posix() for name in names if (folder / name).exists()]

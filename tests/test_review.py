@@ -56,6 +56,11 @@ def source_snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(src)): sha(p.read_bytes()) for p in src.rglob("*") if p.is_file()}
 
 
+def reviewed_images(root: Path) -> dict[str, str]:
+    folder = root / "data" / "reviewed"
+    return {p.relative_to(folder).as_posix(): sha(p.read_bytes()) for p in folder.glob("*/*") if p.is_file()}
+
+
 def test_queue_stores_each_image_once_and_appends_items(project: Path) -> None:
     ids = queue_items(project)
     items = read_queue(project / "serving" / "review")
@@ -95,18 +100,16 @@ def test_import_adds_new_files_and_reports_conflicts_without_overwriting(project
     output = invoke(project, "review", "import", str(filled))
     assert "imported 1" in output and "conflicts 1" in output and "disagreeing_labels" in output
 
-    after = source_snapshot(project)
-    assert {k: v for k, v in after.items() if k in before} == before  # nothing existing touched
-    new = {k: v for k, v in after.items() if k not in before}
-    (name, digest), = new.items()
-    assert name.startswith("crack/reviewed-") and digest == sha(jpeg_bytes(2))
+    assert source_snapshot(project) == before  # data.source is never written to
+    after = reviewed_images(project)
+    assert after == {f"crack/{sha(jpeg_bytes(2))}.jpg": sha(jpeg_bytes(2))}
 
     # importing again: already there -> skipped; a different label for the same image -> conflict, no file
     invoke(project, "review", "import", str(filled))
     again = fill_csv(project / "out" / "review.csv", {ids["b_feedback"]: "scratch"})
     output = invoke(project, "review", "import", str(again))
     assert "label_differs_from_data" in output
-    assert source_snapshot(project) == after
+    assert reviewed_images(project) == after and source_snapshot(project) == before
     reports = sorted((project / "serving" / "review" / "imports").glob("import-*.json"))
     assert len(reports) == 3
 
@@ -122,5 +125,5 @@ def test_import_reads_a_labelstudio_export_and_rejects_unknown_labels(project: P
     path.write_text(json.dumps(export))
     output = invoke(project, "review", "import", str(path))
     assert "imported 1" in output and "unknown_label" in output and "unknown_item" in output
-    assert list((project / "data/raw/demo/scratch").glob("reviewed-*/*.jpg"))
-    assert not (project / "data/raw/demo/dent").exists()
+    assert list((project / "data/reviewed/scratch").glob("*.jpg"))
+    assert not (project / "data/reviewed/dent").exists()

@@ -223,7 +223,7 @@ def test_ingest_from_shards_matches_ingest_from_the_folder(tiny_image_folder: Pa
     from_shards = run_ingest(ingest_params(dest), shard_layout)
     assert from_shards.per_class == from_folder.per_class == {"crack": 6, "ok": 6}
     a, b = pd.read_parquet(folder_layout.manifest), pd.read_parquet(shard_layout.manifest)
-    same = [c for c in a.columns if c not in ("file", "mtime_ns", "member_offset", "member_size")]
+    same = [c for c in a.columns if c not in ("file", "mtime_ns", "member_offset", "member_size", "source")]
     pd.testing.assert_frame_equal(a[same], b[same])
     assert a["member_offset"].isna().all() and b["member_offset"].notna().all()
     assert (b["member_size"] == b["file_bytes"]).all()
