@@ -161,7 +161,7 @@ def test_a_labelstudio_json_export_is_read_latest_annotation_first(tmp_path: Pat
     # ground_truth, created_at/updated_at, lead_time, completed_by, predictions, meta)
     corrections = read_corrections(FIXTURES / "labelstudio_export.json")
     assert corrections == {
-        "0f3c5a1e9b7d4c2a8e6f1b3d5a7c9e01": ["crack"],  # the later annotation wins over the earlier one
+        "0f3c5a1e9b7d4c2a8e6f1b3d5a7c9e01": ["crack"],  # the latest (updated_at) annotation wins, not the last listed
         "5b2e8d4f6a1c3e7b9d0f2a4c6e8b1d03": ["ok"],  # the cancelled (latest) annotation does not count
     }  # the task without an annotation gives nothing
 
