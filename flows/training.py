@@ -21,6 +21,7 @@ from prefect.logging import get_run_logger
 from lensmith.layout import Layout
 from lensmith.params import load_params
 from lensmith.paramsfile import params_overridden
+from lensmith.reviewed import ensure_reviewed_folder
 from tasks.pipeline import flow_graph
 from tasks.runners import task_runner_for
 from tasks.stages import stage_task
@@ -50,6 +51,7 @@ def training_flow(
     root_path = Path(root).resolve()
     params_path = root_path / params_file if not Path(params_file).is_absolute() else Path(params_file)
     params = load_params(params_path, overrides or [])
+    ensure_reviewed_folder(root_path / params.data.reviewed_dir)  # ingest's dep, even before the first correction
     graph = flow_graph(root_path)
     outcomes: dict[str, Any] = {}
     with params_overridden(params_path, overrides or []), task_runner_for(params) as runner:
