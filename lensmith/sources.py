@@ -264,7 +264,7 @@ def list_image_folder(root: Path, extensions: set[str], root_label: str | None =
 def list_shard_folder(root: Path, extensions: set[str], root_label: str | None = None) -> SourceListing:
     """Members of the shards in `root` (lensmith.shards), with the same rules as an ImageFolder: the label
     is the first directory of the member path; hidden members are skipped; nothing is read but the index.
-    Loose image files in `root` (e.g. written by `lensmith review import`) are listed too, as files."""
+    Loose image files in `root` (e.g. added by hand beside the shards) are listed too, as files."""
     listing = SourceListing(description=f"{root} (shards)")
     index = read_shard_index(root)
     shard_sizes: dict[str, int | None] = {}

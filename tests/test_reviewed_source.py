@@ -304,3 +304,11 @@ def test_a_nightly_commit_records_the_reviewed_folder(tmp_path: Path) -> None:
     paths = recorded_paths(tmp_path, "data/reviewed")
     for path in ("metadata.csv", "README.md", "crack.dvc", ".gitignore"):
         assert f"data/reviewed/{path}" in paths
+
+
+def test_params_refuse_a_reviewed_dir_inside_data_source() -> None:
+    from lensmith.errors import ParamsError
+    from lensmith.params import params_from_dict
+
+    with pytest.raises(ParamsError, match="reviewed_dir 'data/raw/demo/reviewed' overlaps data.source"):
+        params_from_dict({"data": {"source": "data/raw/demo", "reviewed_dir": "data/raw/demo/reviewed"}}, "test params")
