@@ -37,14 +37,17 @@ def resolved_pipeline(root: Path) -> dict[str, ResolvedStage]:
     from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     try:
         with contextlib.chdir(root), Repo(str(root), uninitialized=True) as repo:
             index = repo.index
-            stages = list(index.stages)
+            # dvc.yaml's stages; a `dvc add`ed folder's .dvc file (the reviewed corrections) is data, not a step
+            stages = [stage for stage in index.stages if isinstance(stage, PipelineStage)]
             upstream: dict[str, list[str]] = {stage.addressing: [] for stage in stages}
             for stage, dependency in index.graph.edges:
-                upstream[stage.addressing].append(dependency.addressing)
+                if stage.addressing in upstream and dependency.addressing in upstream:
+                    upstream[stage.addressing].append(dependency.addressing)
             resolved = {}
             for stage in stages:
                 outs = [str(out.def_path) for out in stage.outs]

@@ -68,6 +68,17 @@ def test_the_flow_runs_the_stages_of_the_projects_dvc_yaml(tmp_path: Path) -> No
     assert order.index("summary") > order.index("evaluate")
 
 
+def test_a_dvc_added_folder_is_data_not_a_step_of_the_flow(tmp_path: Path) -> None:
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data" / "reviewed").mkdir(parents=True)
+    # what `review import` leaves: a .dvc file per label folder it tracked
+    (tmp_path / "data" / "reviewed" / "crack.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: crack\n")
+    graph = flow_graph(tmp_path)
+    assert not any(name.endswith(".dvc") for name in graph) and not any(".dvc" in up for ups in graph.values() for up in ups)
+    assert set(graph) == set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+
+
 def test_a_broken_dvc_yaml_is_named(tmp_path: Path) -> None:
     (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: x\n    deps: [${nope.missing}]\n")
     with pytest.raises(PipelineError, match="cannot be read"):
