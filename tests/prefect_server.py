@@ -7,15 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from lensmith.procutil import free_port, http_ok, wait_until
+from lensmith.testing import prefectapi
 
 
 @dataclass(frozen=True)
@@ -78,35 +77,12 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 
 def api(server: PrefectServer, method: str, path: str, **kwargs):  # noqa: ANN201, ANN003
-    """One API call; a 503 (Prefect's answer to errors a client can retry on, e.g. its SQLite database busy
-    with the served deployments' polling) is retried as Prefect's own client does."""
-    for wait in (0.5, 1, 2, 4, 8, None):
-        response = httpx.request(method, server.api_url + path, timeout=30, **kwargs)
-        if response.status_code != 503 or wait is None:
-            break
-        time.sleep(wait)
-    response.raise_for_status()
-    return response.json()
+    return prefectapi.api(server.api_url, method, path, **kwargs)
 
 
 def wait_for_deployment(server: PrefectServer, name: str, timeout_s: float = 120):  # noqa: ANN201
-    """The deployment `flow/deployment` once `lensmith schedule` has registered it, or None after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return api(server, "get", f"/deployments/name/{name}")
-        except httpx.HTTPStatusError:
-            time.sleep(1)
-    return None
+    return prefectapi.wait_for_deployment(server.api_url, name, timeout_s)
 
 
 def wait_for_flow_run(server: PrefectServer, flow_run_id: str, timeout_s: float) -> str | None:
-    """The flow run's final state type (COMPLETED, FAILED, CRASHED, CANCELLED), or its state at the timeout."""
-    state = None
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = api(server, "get", f"/flow_runs/{flow_run_id}")["state_type"]
-        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            break
-        time.sleep(2)
-    return state
+    return prefectapi.wait_for_flow_run(server.api_url, flow_run_id, timeout_s)

@@ -13,16 +13,13 @@ the loop at demo scale.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,6 +27,16 @@ import pytest
 
 from prefect_server import PrefectServer, api, prefect_server, wait_for_deployment, wait_for_flow_run  # noqa: F401
 from lensmith.procutil import free_port
+from lensmith.testing.flywheel import (
+    Traffic,
+    correct_through_feedback,
+    demo_site_images,
+    drifted_share,
+    lensmith,
+    review_round_trip,
+    served_accuracy,
+)
+from lensmith.testing.prefectapi import flow_runs_of
 from lensmith.testing.project import make_project, run, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.timeout(2700)]
@@ -51,72 +58,7 @@ LOOP_OVERRIDES = [
     "drift.min_window=20",
     "serve.reload_poll_s=1.0",
 ]
-CONTEXT_COLUMNS = ("site", "lighting", "camera", "batch")
 PER_CLASS = 20  # 5 classes: 100 corrected site-C images, and a fresh window of 100 more
-
-
-def lensmith(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lensmith.cli", *args]
-
-
-@dataclass
-class Labelled:
-    path: Path
-    label: str
-    context: dict[str, str]
-
-
-def site_c_images(project: Path, out: Path, seed: int) -> list[Labelled]:
-    """Demo site-C images (not in the training data: another site, another seed) with their metadata."""
-    run(lensmith("demo-data", "--site", "C", "--seed", str(seed), "--per-class", str(PER_CLASS), "--out", str(out)), project)
-    with open(out / "metadata.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return [Labelled(out / row["path"], row["label"], {c: row[c] for c in CONTEXT_COLUMNS}) for row in rows]
-
-
-def predict(url: str, image: Labelled) -> dict:
-    answer = httpx.post(
-        f"{url}/v1/predict", files={"file": (image.path.name, image.path.read_bytes(), "image/jpeg")},
-        data=image.context, timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def accuracy(url: str, images: list[Labelled]) -> tuple[float, str]:
-    """Share of `images` the served model labels right, and the model version that answered."""
-    answers = [predict(url, image) for image in images]
-    versions = {a["model_version"] for a in answers}
-    assert len(versions) == 1, versions
-    right = sum(a["predictions"][0]["label"] == image.label for a, image in zip(answers, images))
-    return right / len(images), versions.pop()
-
-
-def drifted_share(project: Path, window: Path) -> float:
-    run(lensmith("drift", "--current", str(window), "--model", "production"), project)
-    return float(json.loads((project / "reports" / "drift.json").read_text())["drifted_share"])
-
-
-@dataclass
-class Traffic:
-    """Requests sent without pause from a thread; every status is kept."""
-
-    url: str
-    image: Labelled
-    statuses: list[int] = field(default_factory=list)
-    versions: set[str] = field(default_factory=set)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self.stop.is_set():
-                answer = client.post(
-                    f"{self.url}/v1/predict",
-                    files={"file": (self.image.path.name, self.image.path.read_bytes(), "image/jpeg")},
-                )
-                self.statuses.append(answer.status_code)
-                if answer.status_code == 200:
-                    self.versions.add(answer.json()["model_version"])
 
 
 @pytest.fixture(scope="module")
@@ -155,35 +97,19 @@ def loop_project(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterato
 def test_corrections_drift_and_retraining_close_the_loop(loop_project, prefect_server: PrefectServer, tmp_path: Path) -> None:  # noqa: ANN001, F811
     root, env, url = loop_project
     started = time.perf_counter()
-    corrected = site_c_images(root, tmp_path / "site-c-corrections", seed=11)
-    fresh = site_c_images(root, tmp_path / "site-c-fresh", seed=12)
-    accuracy_before, version_before = accuracy(url, fresh)
-    drift_before = drifted_share(root, fresh[0].path.parents[1])
+    corrected = demo_site_images(root, tmp_path / "site-c-corrections", "C", seed=11, per_class=PER_CLASS)
+    fresh = demo_site_images(root, tmp_path / "site-c-fresh", "C", seed=12, per_class=PER_CLASS)
+    accuracy_before, version_before = served_accuracy(url, fresh)
+    drift_before = drifted_share(root, tmp_path / "site-c-fresh", env)
     assert version_before == "v0001"
 
-    # Served with their context, corrected by a person through /v1/feedback.
-    for image in corrected:
-        answer = predict(url, image)
-        assert answer["predictions"][0]["context"] == image.context
-        feedback = httpx.post(f"{url}/v1/feedback", json={"prediction_id": answer["predictions"][0]["id"], "label": image.label}, timeout=30)
-        assert feedback.status_code == 201, feedback.text
-
-    # Review export -> the reviewer confirms each label in the CSV -> import into the reviewed-data source.
-    run(lensmith("review", "export", "--out", str(tmp_path / "review")), root)
-    with open(tmp_path / "review" / "review.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for row in rows:
-        row["corrected_label"] = row["feedback_label"] if row["reason"] == "feedback" else ""
-    with open(tmp_path / "review" / "review.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    imported = run(lensmith("review", "import", str(tmp_path / "review" / "review.csv")), root)
-    assert f"imported {len(corrected)} corrected image(s)" in imported.stdout, imported.stdout
+    assert correct_through_feedback(url, corrected) == len(corrected)
+    imported = review_round_trip(root, tmp_path / "review")
+    assert f"imported {len(corrected)} corrected image(s)" in imported, imported
 
     # The deployments, served as `lensmith schedule` serves them; monitoring runs through Prefect.
     schedule_log = open(root / "schedule.log", "w")  # noqa: SIM115 - closed below
-    scheduler = subprocess.Popen(lensmith("schedule"), cwd=root, env={**prefect_server.env(), **env},
+    scheduler = subprocess.Popen(lensmith("schedule"), cwd=root, env={**env, **prefect_server.env()},
                                  stdout=schedule_log, stderr=subprocess.STDOUT, start_new_session=True)
     traffic = Traffic(url, fresh[0])
     try:
@@ -193,20 +119,13 @@ def test_corrections_drift_and_retraining_close_the_loop(loop_project, prefect_s
         check = api(prefect_server, "post", f"/deployments/{monitoring['id']}/create_flow_run",
                     json={"parameters": {"where": ["site=C"]}})
         assert wait_for_flow_run(prefect_server, check["id"], 600) == "COMPLETED", (root / "schedule.log").read_text()[-4000:]
-        triggered = api(prefect_server, "post", "/flow_runs/filter", json={
-            "flow_runs": {"deployment_id": {"any_": [nightly["id"]]}, "tags": {"all_": ["drift-triggered"]}}})
+        triggered = flow_runs_of(prefect_server.api_url, nightly["id"], tag="drift-triggered")
         assert len(triggered) == 1, "the monitoring flow started the nightly deployment through Prefect"
-
-        thread = threading.Thread(target=traffic.run, daemon=True)
-        thread.start()
+        traffic.start()
         assert wait_for_flow_run(prefect_server, triggered[0]["id"], 1500) == "COMPLETED", (root / "schedule.log").read_text()[-6000:]
-        deadline = time.monotonic() + 60
-        while "v0002" not in traffic.versions and time.monotonic() < deadline:
-            time.sleep(0.5)
-        traffic.stop.set()
-        thread.join(timeout=60)
+        traffic.wait_for_version("v0002", timeout_s=60)
     finally:
-        traffic.stop.set()
+        traffic.finish()
         os.killpg(scheduler.pid, signal.SIGINT)
         try:
             scheduler.wait(timeout=30)
@@ -215,9 +134,8 @@ def test_corrections_drift_and_retraining_close_the_loop(loop_project, prefect_s
         schedule_log.close()
 
     aliases = json.loads((root / "models" / "registry" / "aliases.json").read_text())
-    assert aliases["production"] == "v0002", "the gate promoted the retrained model"
     gate = json.loads((root / "reports" / "gate.json").read_text())
-    assert gate["passed"] is True, gate
+    assert aliases["production"] == "v0002" and gate["passed"] is True, gate
     assert traffic.versions == {"v0001", "v0002"} and set(traffic.statuses) == {200}, (
         f"hot reload without a failed request: {sorted(set(traffic.statuses))} over {len(traffic.statuses)} requests")
     synced = run([sys.executable, "-m", "dvc", "status", "--cloud", "--json"], root, env=env)
@@ -225,8 +143,8 @@ def test_corrections_drift_and_retraining_close_the_loop(loop_project, prefect_s
     assert run(["git", "status", "--porcelain", "--", "data/reviewed", "dvc.lock"], root).stdout.strip() == "", \
         "the corrections are recorded with the run"
 
-    accuracy_after, version_after = accuracy(url, fresh)
-    drift_after = drifted_share(root, fresh[0].path.parents[1])
+    accuracy_after, version_after = served_accuracy(url, fresh)
+    drift_after = drifted_share(root, tmp_path / "site-c-fresh", env)
     print(f"flywheel loop: {time.perf_counter() - started:.0f} s; site-C accuracy {accuracy_before:.3f} -> {accuracy_after:.3f}; "
           f"drifted share {drift_before:.2f} -> {drift_after:.2f}; {len(traffic.statuses)} requests during the reload")
     assert version_after == "v0002"
