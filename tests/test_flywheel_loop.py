@@ -14,19 +14,14 @@ the loop at demo scale.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from prefect_server import PrefectServer, api, prefect_server, wait_for_deployment, wait_for_flow_run  # noqa: F401
-from lensmith.procutil import free_port
 from lensmith.testing.flywheel import (
     Traffic,
     correct_through_feedback,
@@ -34,6 +29,8 @@ from lensmith.testing.flywheel import (
     drifted_share,
     lensmith,
     review_round_trip,
+    running_schedule,
+    running_service,
     served_accuracy,
 )
 from lensmith.testing.prefectapi import flow_runs_of
@@ -72,26 +69,8 @@ def loop_project(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Iterato
     run(["git", "commit", "-qam", "S3 remote"], root)
     first = run(lensmith("nightly"), root, env=env, timeout=1500)
     assert "nightly: promoted" in first.stdout, first.stdout + first.stderr
-    port = free_port()
-    log = open(root / "serve.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(lensmith("serve", "--port", str(port)), cwd=root, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert server.poll() is None, (root / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with running_service(root, env) as url:
         yield root, env, url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-        log.close()
 
 
 def test_corrections_drift_and_retraining_close_the_loop(loop_project, prefect_server: PrefectServer, tmp_path: Path) -> None:  # noqa: ANN001, F811
@@ -108,30 +87,22 @@ def test_corrections_drift_and_retraining_close_the_loop(loop_project, prefect_s
     assert f"imported {len(corrected)} corrected image(s)" in imported, imported
 
     # The deployments, served as `lensmith schedule` serves them; monitoring runs through Prefect.
-    schedule_log = open(root / "schedule.log", "w")  # noqa: SIM115 - closed below
-    scheduler = subprocess.Popen(lensmith("schedule"), cwd=root, env={**env, **prefect_server.env()},
-                                 stdout=schedule_log, stderr=subprocess.STDOUT, start_new_session=True)
     traffic = Traffic(url, fresh[0])
-    try:
-        monitoring = wait_for_deployment(prefect_server, "lensmith-monitoring/drift-monitoring")
-        nightly = wait_for_deployment(prefect_server, "lensmith-nightly/nightly-retraining")
-        assert monitoring is not None and nightly is not None, (root / "schedule.log").read_text()[-3000:]
-        check = api(prefect_server, "post", f"/deployments/{monitoring['id']}/create_flow_run",
-                    json={"parameters": {"where": ["site=C"]}})
-        assert wait_for_flow_run(prefect_server, check["id"], 600) == "COMPLETED", (root / "schedule.log").read_text()[-4000:]
-        triggered = flow_runs_of(prefect_server.api_url, nightly["id"], tag="drift-triggered")
-        assert len(triggered) == 1, "the monitoring flow started the nightly deployment through Prefect"
-        traffic.start()
-        assert wait_for_flow_run(prefect_server, triggered[0]["id"], 1500) == "COMPLETED", (root / "schedule.log").read_text()[-6000:]
-        traffic.wait_for_version("v0002", timeout_s=60)
-    finally:
-        traffic.finish()
-        os.killpg(scheduler.pid, signal.SIGINT)
+    with running_schedule(root, {**env, **prefect_server.env()}):
         try:
-            scheduler.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(scheduler.pid, signal.SIGKILL)
-        schedule_log.close()
+            monitoring = wait_for_deployment(prefect_server, "lensmith-monitoring/drift-monitoring")
+            nightly = wait_for_deployment(prefect_server, "lensmith-nightly/nightly-retraining")
+            assert monitoring is not None and nightly is not None, (root / "schedule.log").read_text()[-3000:]
+            check = api(prefect_server, "post", f"/deployments/{monitoring['id']}/create_flow_run",
+                        json={"parameters": {"where": ["site=C"]}})
+            assert wait_for_flow_run(prefect_server, check["id"], 600) == "COMPLETED", (root / "schedule.log").read_text()[-4000:]
+            triggered = flow_runs_of(prefect_server.api_url, nightly["id"], tag="drift-triggered")
+            assert len(triggered) == 1, "the monitoring flow started the nightly deployment through Prefect"
+            traffic.start()
+            assert wait_for_flow_run(prefect_server, triggered[0]["id"], 1500) == "COMPLETED", (root / "schedule.log").read_text()[-6000:]
+            traffic.wait_for_version("v0002", timeout_s=60)
+        finally:
+            traffic.finish()
 
     aliases = json.loads((root / "models" / "registry" / "aliases.json").read_text())
     gate = json.loads((root / "reports" / "gate.json").read_text())

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from lensmith.procutil import free_port
 from lensmith.testing.project import run
 
 CONTEXT_COLUMNS = ("site", "lighting", "camera", "batch")
@@ -136,3 +142,44 @@ class Traffic:
                 self.statuses.append(answer.status_code)
                 if answer.status_code == 200:
                     self.versions.add(answer.json()["model_version"])
+
+
+@contextmanager
+def background(command: list[str], cwd: Path, env: dict[str, str], log: Path, stop: int = signal.SIGTERM) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` running in its own process group until the block ends (`stop`, then SIGKILL after 30 s)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, stop)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+
+
+@contextmanager
+def running_service(project: Path, env: dict[str, str], ready_timeout_s: float = 120) -> Iterator[str]:
+    """`lensmith serve` (production from the registry) on a free port; yields its URL once /v1/ready is 200."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with background(lensmith("serve", "--port", str(port)), project, env, project / "serve.log") as proc:
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("the service did not become ready:\n" + (project / "serve.log").read_text()[-3000:])
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield url
+
+
+def running_schedule(project: Path, env: dict[str, str]) -> Any:
+    """`lensmith schedule` (the nightly and monitoring deployments served) against env's PREFECT_API_URL."""
+    return background(lensmith("schedule"), project, env, project / "schedule.log", stop=signal.SIGINT)
