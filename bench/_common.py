@@ -84,3 +84,12 @@ def test_scores(layout: Layout, model_dir: Path | None = None) -> dict[str, floa
         "test_macro_f1": float(f1_score(labels, pred, average="macro")),
         "n_test": int(len(labels)),
     }
+
+
+def cpu_flags() -> str:
+    """The CPU flags that change these figures (avx2, avx512f, avx512_vnni), comma-separated."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ",".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags) or "none of avx2/avx512f/avx512_vnni"

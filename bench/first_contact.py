@@ -28,15 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _common import cpu_flags  # noqa: E402
 from lensmith.sampledata import write_sample_set  # noqa: E402
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return ",".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags) or "none of avx2/avx512f/avx512_vnni"
 
 
 def tool_env() -> dict[str, str]:

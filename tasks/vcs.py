@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from lensmith.errors import LensmithError
+from lensmith.fsutil import write_json_atomic
 from tasks.dvc_runner import dvc_command, tool_env
 
 
@@ -18,6 +21,7 @@ class RemoteError(LensmithError):
 class RemoteResult:
     ran: bool
     detail: str
+    failed: bool = False  # the remote refused or could not be reached (after retries)
 
 
 def default_remote(root: Path) -> str | None:
@@ -38,6 +42,42 @@ def dvc_transfer(root: Path, verb: str, *targets: str, timeout_s: float = 3600) 
             return RemoteResult(True, "pulled what the remote has (some outputs not pushed yet): " + _last(output))
         raise RemoteError(f"dvc {verb} to remote {remote!r} failed: {_last(output, 6)}")
     return RemoteResult(True, _last(output))
+
+
+def checkout_local(root: Path) -> RemoteResult:
+    """`dvc checkout`: what a pull does after fetching, from the local cache only (the remote is down).
+    RemoteError naming the outputs when the cache lacks some of them."""
+    proc = dvc_command(root, "checkout")
+    if proc.returncode != 0:
+        raise RemoteError(f"the local DVC cache cannot restore every output either: {_last((proc.stdout + proc.stderr).strip(), 6)}")
+    return RemoteResult(True, "restored from the local DVC cache")
+
+
+# A push that failed is remembered here (not versioned) so the next run pushes before anything else.
+PENDING_PUSH = Path(".lensmith") / "push-pending.json"
+
+
+def mark_push_pending(root: Path, reason: str) -> Path:
+    path = root / PENDING_PUSH
+    since = (read_push_pending(root) or {}).get("since") or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(path, {"since": since, "reason": reason[-1000:]})
+    return path
+
+
+def read_push_pending(root: Path) -> dict[str, str] | None:
+    """The pending push's record ({since, reason}), or None when every run so far was pushed."""
+    path = root / PENDING_PUSH
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    return record if isinstance(record, dict) else {}
+
+
+def clear_push_pending(root: Path) -> None:
+    (root / PENDING_PUSH).unlink(missing_ok=True)
 
 
 def dvc_status_clean(root: Path) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lensmith.procutil import free_port
 from lensmith.testing.project import make_project, run, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
@@ -99,3 +100,30 @@ def test_rejected_candidate_keeps_production_and_is_recorded(nightly_project) ->
     gate = json.loads((root / "reports" / "gate.json").read_text())
     assert gate["passed"] is False and any("accuracy" in r for r in gate["reasons"])
     assert "rejected" in run(["git", "log", "-1", "--format=%s"], root).stdout
+
+
+def test_remote_down_loses_nothing_and_the_next_run_pushes_first(nightly_project) -> None:  # noqa: ANN001
+    root, env = nightly_project
+    dvc = [sys.executable, "-m", "dvc"]
+    dead = f"http://127.0.0.1:{free_port()}"
+    run([*dvc, "remote", "modify", "--local", "storage", "endpointurl", dead], root, env=env)  # the remote goes down
+    params = (root / "params.yaml").read_text().replace("epochs: 1", "epochs: 2")
+    (root / "params.yaml").write_text(params)
+    run(["git", "commit", "-qam", "two epochs"], root)
+    head = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+
+    down = run([sys.executable, "-m", "lensmith.cli", "nightly"], root, env=env, check=False, timeout=1500)
+    assert down.returncode != 0, down.stdout
+    assert "nothing is lost" in down.stderr and "push" in down.stderr, down.stderr[-3000:]
+    assert (root / ".lensmith" / "push-pending.json").is_file()
+    assert run(["git", "rev-parse", "HEAD"], root).stdout.strip() != head, "the run is recorded although the push failed"
+    assert run(["git", "status", "--porcelain", "--", "dvc.lock", "params.yaml"], root).stdout.strip() == ""
+
+    run([*dvc, "remote", "modify", "--local", "--unset", "storage", "endpointurl"], root, env=env)  # it is back
+    not_pushed = run([*dvc, "status", "--cloud", "--json"], root, env=env)
+    assert not_pushed.stdout.strip() not in ("", "{}"), "the remote cannot have the new run's outputs yet"
+    again = lensmith(root, "nightly", env=env)
+    assert "nightly: no-op" in again.stdout, again.stdout
+    assert not (root / ".lensmith" / "push-pending.json").exists()
+    synced = run([*dvc, "status", "--cloud", "--json"], root, env=env)
+    assert synced.stdout.strip() in ("", "{}"), f"the next run pushed what the failed push left: {synced.stdout[-2000:]}"

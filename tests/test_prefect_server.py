@@ -8,13 +8,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from prefect_server import PrefectServer, prefect_server  # noqa: F401  (fixture)
+from prefect_server import PrefectServer, api, prefect_server, wait_for_deployment, wait_for_flow_run  # noqa: F401  (fixture)
 from lensmith.testing.project import REPO, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -31,29 +29,6 @@ def served_project(tmp_path_factory: pytest.TempPathFactory, prefect_server: Pre
     training = [r for r in runs if r["name"] and r["state_type"] == "COMPLETED"]
     assert training, runs
     return root, training[0]["id"]
-
-
-def api(server: PrefectServer, method: str, path: str, **kwargs):  # noqa: ANN201, ANN003
-    """One API call; a 503 (Prefect's answer to errors a client can retry on, e.g. its SQLite database busy
-    with the served deployments' polling) is retried as Prefect's own client does."""
-    for wait in (0.5, 1, 2, 4, 8, None):
-        response = httpx.request(method, server.api_url + path, timeout=30, **kwargs)
-        if response.status_code != 503 or wait is None:
-            break
-        time.sleep(wait)
-    response.raise_for_status()
-    return response.json()
-
-
-def wait_for_deployment(server: PrefectServer, name: str, timeout_s: float = 120):  # noqa: ANN201
-    """The deployment `flow/deployment` once `lensmith schedule` has registered it, or None after the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            return api(server, "get", f"/deployments/name/{name}")
-        except httpx.HTTPStatusError:
-            time.sleep(1)
-    return None
 
 
 def test_flow_run_task_runs_and_artifacts_are_recorded(served_project, prefect_server: PrefectServer) -> None:  # noqa: ANN001, F811
@@ -112,13 +87,7 @@ def test_nightly_deployment_registers_with_cron_and_a_triggered_run_completes(se
         monitoring = wait_for_deployment(prefect_server, "lensmith-monitoring/drift-monitoring")
         assert monitoring is not None and monitoring["schedules"][0]["schedule"]["cron"] == "0 6 * * *"
         flow_run = api(prefect_server, "post", f"/deployments/{deployment['id']}/create_flow_run", json={})
-        state = None
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            state = api(prefect_server, "get", f"/flow_runs/{flow_run['id']}")["state_type"]
-            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            time.sleep(2)
+        state = wait_for_flow_run(prefect_server, flow_run["id"], 600)
         assert state == "COMPLETED", (root / "schedule.log").read_text()[-4000:]
     finally:
         os.killpg(proc.pid, signal.SIGINT)
