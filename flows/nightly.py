@@ -19,6 +19,7 @@ from flows.training import training_flow
 from lensmith.params import load_params
 from lensmith.projectpin import pinned_project
 from tasks.pipeline import git_versioned_outputs
+from tasks.runners import check_task_runner_reachable
 from tasks.vcs import RemoteResult, dvc_status_clean, dvc_transfer, git_commit_run
 
 # Besides the git-tracked outputs of dvc.yaml's stages (metrics, plots: `cache: false`)
@@ -70,6 +71,7 @@ def nightly_flow(root: str = ".", params_file: str = "params.yaml") -> dict[str,
     root_path, params_path = pinned_project(root, params_file)  # a run's parameters cannot pick another project
     params = load_params(params_path)
     nightly = params.nightly
+    check_task_runner_reachable(params.orchestration)  # before the pull, not at the first stage
     pulled = pull_task(root_path)
     logger.info("pull: %s", pulled.detail)
     if nothing_changed_task(root_path):

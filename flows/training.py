@@ -22,7 +22,7 @@ from lensmith.layout import Layout
 from lensmith.params import load_params
 from lensmith.paramsfile import params_overridden
 from tasks.pipeline import flow_graph
-from tasks.runners import task_runner_for
+from tasks.runners import check_task_runner_reachable, task_runner_for
 from tasks.stages import stage_task
 
 def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
@@ -51,6 +51,7 @@ def training_flow(
     params_path = root_path / params_file if not Path(params_file).is_absolute() else Path(params_file)
     params = load_params(params_path, overrides or [])
     graph = flow_graph(root_path)
+    check_task_runner_reachable(params.orchestration)
     outcomes: dict[str, Any] = {}
     with params_overridden(params_path, overrides or []), task_runner_for(params) as runner:
         futures: dict[str, Any] = {}

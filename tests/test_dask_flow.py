@@ -1,0 +1,100 @@
+"""The training flow under the Dask task runner (issue #19): stages that parallelise internally run inside
+daemonic Dask worker processes, the whole flow equals the thread runner's, and an unreachable scheduler fails
+in seconds with its address."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from lensmith.demodata import generate_demo_dataset
+from lensmith.layout import Layout
+from lensmith.params import load_params
+from lensmith.procutil import free_port, pool_executor
+from lensmith.stages import run_stage
+from lensmith.testing.project import REPO, TINY_OVERRIDES, make_project, run, tool_env
+from tasks.runners import check_task_runner_reachable, dask_scheduler_problem
+
+# reports/metrics.json fields that differ between two runs of the same flow on the same runner (found by
+# comparing two thread-runner runs): wall times and throughputs, and the thread count evaluate measured with.
+RUN_DEPENDENT_KEYS = frozenset({"throughput", "seconds", "elapsed_s", "created", "git_commit"})
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Any]:
+    """One worker process, as `orchestration.task_runner: dask` starts them (daemonic, like every Nanny worker)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+def pool_kind() -> tuple[bool, str]:
+    return multiprocessing.current_process().daemon, type(pool_executor(2)).__name__
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pools_are_threads_inside_a_dask_worker_and_processes_here(dask_client: Any) -> None:
+    assert pool_kind() == (False, ProcessPoolExecutor.__name__)
+    assert dask_client.submit(pool_kind, pure=False).result() == (True, ThreadPoolExecutor.__name__)
+
+
+def test_demo_data_and_ingest_run_on_a_dask_worker_as_they_do_here(dask_client: Any, tmp_path: Path) -> None:
+    """The user's report: ingest's process pool inside a Dask worker raised "daemonic processes are not allowed
+    to have children". Now its (and demo data's) pool is a thread pool there, with the same output."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    options = {"sites": None, "seed": 3, "per_class": 8, "image_size": 48}  # 40 images: above ingest's pool threshold
+    generate_demo_dataset(here / "data/raw/demo", workers=1, **options)
+    dask_client.submit(generate_demo_dataset, there / "data/raw/demo", workers=2, **options).result()
+    assert tree_digest(there / "data/raw/demo") == tree_digest(here / "data/raw/demo")
+
+    base = TINY_OVERRIDES + ["validate.min_images_per_class=2"]
+    run_stage("ingest", load_params(REPO / "params.yaml", base + ["data.workers=1"]), Layout(here))
+    dask_client.submit(run_stage, "ingest", load_params(REPO / "params.yaml", base + ["data.workers=2"]), Layout(there)).result()
+    serial, on_worker = (pd.read_parquet(root / "data/manifest.parquet") for root in (here, there))
+    assert len(serial) == 40
+    pd.testing.assert_frame_equal(on_worker.drop(columns=["mtime_ns"]), serial.drop(columns=["mtime_ns"]))
+
+
+def test_a_dask_scheduler_answers_and_a_closed_port_is_named_in_seconds(dask_client: Any) -> None:
+    assert dask_scheduler_problem(dask_client.scheduler.address) is None
+    closed = f"tcp://127.0.0.1:{free_port()}"
+    params = load_params(REPO / "params.yaml", ["orchestration.task_runner=dask", f"orchestration.dask_address={closed}"])
+    start = time.perf_counter()
+    with pytest.raises(Exception, match=rf"orchestration.dask_address '{closed}': no Dask scheduler answers"):
+        check_task_runner_reachable(params.orchestration, timeout_s=2)
+    assert time.perf_counter() - start < 10
+    check_task_runner_reachable(load_params(REPO / "params.yaml", ["orchestration.task_runner=dask"]).orchestration)  # local
+
+
+@pytest.mark.slow
+def test_lensmith_run_with_an_unreachable_scheduler_is_a_clear_error_before_any_stage(tmp_path: Path) -> None:
+    root = make_project(tmp_path / "proj")
+    closed = f"tcp://127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    proc = run(
+        [sys.executable, "-m", "lensmith.cli", "run", "--set", "orchestration.task_runner=dask", "--set", f"orchestration.dask_address={closed}"],
+        root, env=tool_env(), check=False, timeout=120,
+    )
+    seconds = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert "orchestration.dask_address" in proc.stderr and closed in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (root / "data" / "manifest.parquet").exists() and not (root / "data" / "raw").exists()  # no stage ran
+    assert seconds < 45, seconds  # the CLI's own start (imports, ~10-20 s on 2 busy cores) + the 5 s check
