@@ -8,6 +8,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import torch
 from lensmith.demodata import generate_demo_dataset
 from lensmith.layout import Layout
 from lensmith.params import load_params
-from lensmith.procutil import free_port, pool_executor
+from lensmith.procutil import free_port, pool_executor, wait_until
 from lensmith.stages import run_stage
 from lensmith.testing.project import REPO, TINY_OVERRIDES, make_project, run, tool_env
 from tasks.runners import check_task_runner_reachable, dask_scheduler_problem
@@ -120,28 +122,64 @@ def weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def flow_run(root: Path, runner: str) -> str:
-    proc = run(
-        [sys.executable, "-m", "lensmith.cli", "run", "--set", f"orchestration.task_runner={runner}", "--set", "orchestration.dask_n_workers=2"],
-        root, timeout=600,
-    )
-    return proc.stdout
+@pytest.fixture
+def existing_cluster(tmp_path: Path) -> Iterator[str]:
+    """`dask scheduler` + `dask worker --nworkers 2` processes on loopback, as an operator starts them; its address."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = tool_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    logs = [open(tmp_path / name, "wb") for name in ("scheduler.log", "worker.log")]  # noqa: SIM115 - closed below
+    commands = [
+        ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        ["distributed.cli.dask_worker", address, "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+    ]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", *command], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        for command, log in zip(commands, logs, strict=True)
+    ]
+    try:
+        assert wait_until(lambda: dask_scheduler_problem(address, timeout_s=1) is None, timeout_s=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        for log in logs:
+            log.close()
+
+
+def flow_run(root: Path, sets: list[str]) -> str:
+    command = [sys.executable, "-m", "lensmith.cli", "run"]
+    for setting in sets:
+        command += ["--set", setting]
+    return run(command, root, timeout=600).stdout
+
+
+RUNNERS = {
+    "thread": ["orchestration.task_runner=thread"],
+    "dask-local": ["orchestration.task_runner=dask", "orchestration.dask_n_workers=2"],
+    "dask-existing": ["orchestration.task_runner=dask"],  # + dask_address, from the fixture
+}
 
 
 @pytest.mark.slow
-def test_training_flow_on_a_2_worker_dask_cluster_equals_the_thread_runner(tmp_path: Path) -> None:
+def test_training_flow_on_dask_clusters_equals_the_thread_runner(tmp_path: Path, existing_cluster: str) -> None:
     """`lensmith run` on tiny real demo data (demo data, ingest, validate, split, train, evaluate, export, drift
-    reference, gate), once per runner, each in a fresh project: the same metrics and the same weights."""
-    roots = {runner: make_project(tmp_path / runner) for runner in ("thread", "dask")}
-    outputs = {runner: flow_run(root, runner) for runner, root in roots.items()}
+    reference, gate) in a fresh project per runner: the thread runner, a local 2-worker Dask cluster, and an existing
+    cluster at orchestration.dask_address; the same metrics and the same weights."""
+    sets = {**RUNNERS, "dask-existing": [*RUNNERS["dask-existing"], f"orchestration.dask_address={existing_cluster}"]}
+    roots = {runner: make_project(tmp_path / runner) for runner in sets}
+    outputs = {runner: flow_run(roots[runner], sets[runner]) for runner in sets}
     for runner, stdout in outputs.items():
         assert "reports:" in stdout and " ran " in stdout, (runner, stdout[-2000:])
 
-    metrics = {r: json.loads((root / "reports" / "metrics.json").read_text()) for r, root in roots.items()}
-    assert without_run_dependent(metrics["dask"]) == without_run_dependent(metrics["thread"])
-    assert json.dumps(without_run_dependent(metrics["dask"]), sort_keys=True).encode() == json.dumps(without_run_dependent(metrics["thread"]), sort_keys=True).encode()
+    metrics = {r: without_run_dependent(json.loads((root / "reports" / "metrics.json").read_text())) for r, root in roots.items()}
+    as_bytes = {r: json.dumps(m, sort_keys=True).encode() for r, m in metrics.items()}
     weights = {r: weights_sha256(root / "models" / "candidate" / "model.pt") for r, root in roots.items()}
-    assert weights["dask"] == weights["thread"]
-    for name in ("data/manifest.parquet", "data/splits/train.parquet"):
-        frames = [pd.read_parquet(root / name).drop(columns=["mtime_ns"], errors="ignore") for root in roots.values()]
-        pd.testing.assert_frame_equal(frames[0], frames[1])
+    for runner in ("dask-local", "dask-existing"):
+        assert metrics[runner] == metrics["thread"], runner
+        assert as_bytes[runner] == as_bytes["thread"], runner
+        assert weights[runner] == weights["thread"], runner
+        for name in ("data/manifest.parquet", "data/splits/train.parquet"):
+            frames = [pd.read_parquet(roots[r] / name).drop(columns=["mtime_ns"], errors="ignore") for r in ("thread", runner)]
+            pd.testing.assert_frame_equal(frames[1], frames[0])
