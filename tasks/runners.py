@@ -22,8 +22,8 @@ from lensmith.errors import LensmithError
 from lensmith.params import OrchestrationParams, Params
 
 
-# A scheduler that answers does so in milliseconds; unchecked, a closed port costs distributed's 30 s connect
-# timeout, then Prefect's retries of the first task, then a flow failure far from the cause.
+# A scheduler that answers does so in milliseconds. Unchecked, a closed port surfaces at the flow's first task
+# submission, after distributed's 30 s connect timeout, as a flow-run OSError traceback naming no setting.
 DASK_CONNECT_TIMEOUT_S = 5.0
 
 
