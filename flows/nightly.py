@@ -26,6 +26,7 @@ from lensmith.params import load_params
 from lensmith.projectpin import pinned_project
 from lensmith.reviewed import git_tracked_paths
 from tasks.pipeline import git_versioned_outputs
+from tasks.runners import check_task_runner_reachable
 from tasks.vcs import (
     RemoteError,
     RemoteResult,
@@ -126,6 +127,7 @@ def nightly_flow(root: str = ".", params_file: str = "params.yaml") -> dict[str,
     root_path, params_path = pinned_project(root, params_file)  # a run's parameters cannot pick another project
     params = load_params(params_path)
     nightly = params.nightly
+    check_task_runner_reachable(params.orchestration)  # before the pull, not at the first stage
     pulled = pull_or_local(root_path, logger)
     logger.info("pull: %s", pulled.detail)
     pending = read_push_pending(root_path)

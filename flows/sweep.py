@@ -28,7 +28,7 @@ from prefect.logging import get_run_logger
 from lensmith.fsutil import write_bytes_atomic
 from lensmith.layout import SPLIT_NAMES, Layout
 from lensmith.params import Params, apply_overrides, load_params, params_from_dict, read_params_yaml
-from tasks.runners import task_runner_for
+from tasks.runners import check_task_runner_reachable, task_runner_for
 
 SWEEP_STAGES: tuple[str, ...] = ("train", "export", "evaluate")  # evaluation measures the exported model
 
@@ -117,6 +117,7 @@ def sweep_flow(
     root_path = Path(root).resolve()
     params_path = resolve_params_path(root_path, params_file)
     params = load_params(params_path, overrides or [])
+    check_task_runner_reachable(params.orchestration)
     configs = configs or [{}]
     all_params = [config_params(params_path, {**dict(_pairs(overrides or [])), **c}) for c in configs]
     scratch_parent = root_path / ".cache" / "sweeps"
@@ -177,6 +178,7 @@ def site_finetune_flow(
     """Fine-tune production for each site as an independent task on the task runner from params."""
     root_path = Path(root).resolve()
     params = load_params(resolve_params_path(root_path, params_file), (overrides or []) + ["train.num_threads=1"])
+    check_task_runner_reachable(params.orchestration)
     with task_runner_for(params) as runner:
         futures = [
             runner.submit(finetune_site, {"root": str(root_path), "params": params, "site": s, "register": register_versions})

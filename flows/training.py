@@ -23,7 +23,7 @@ from lensmith.params import load_params
 from lensmith.paramsfile import params_overridden
 from lensmith.reviewed import ensure_reviewed_folder
 from tasks.pipeline import flow_graph
-from tasks.runners import task_runner_for
+from tasks.runners import check_task_runner_reachable, task_runner_for
 from tasks.stages import stage_task
 
 def stage_order(graph: dict[str, tuple[str, ...]]) -> list[str]:
@@ -53,6 +53,7 @@ def training_flow(
     params = load_params(params_path, overrides or [])
     ensure_reviewed_folder(root_path / params.data.reviewed_dir)  # ingest's dep, even before the first correction
     graph = flow_graph(root_path)
+    check_task_runner_reachable(params.orchestration)
     outcomes: dict[str, Any] = {}
     with params_overridden(params_path, overrides or []), task_runner_for(params) as runner:
         futures: dict[str, Any] = {}

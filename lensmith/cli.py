@@ -257,7 +257,9 @@ def run(
     _check_prefect_api(params.orchestration.on_unreachable_server)
     wait_for_server = _start_prefect_api()
     from flows.training import training_flow
+    from tasks.runners import check_task_runner_reachable
 
+    check_task_runner_reachable(params.orchestration)  # a plain message, while the temporary server boots
     wait_for_server()
     result = training_flow(root=str(root.resolve()), params_file=str(params_file), overrides=overrides or [])
     for stage, info in result["stages"].items():
@@ -280,7 +282,9 @@ def nightly(params_file: ParamsOpt = Path("params.yaml"), root: RootOpt = Path("
     _check_prefect_api(params.orchestration.on_unreachable_server)
     wait_for_server = _start_prefect_api()
     from flows.nightly import nightly_flow
+    from tasks.runners import check_task_runner_reachable
 
+    check_task_runner_reachable(params.orchestration)
     wait_for_server()
     result = nightly_flow(root=str(root.resolve()), params_file=str(params_file))
     typer.echo(f"nightly: {result['status']} in {result['seconds']:.1f}s")

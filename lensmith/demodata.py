@@ -26,7 +26,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from functools import lru_cache
 from multiprocessing import get_context
@@ -41,6 +41,7 @@ from tqdm import tqdm
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_dir
 from lensmith.packing import pack_images
+from lensmith.procutil import pool_executor
 
 CLASSES: tuple[str, ...] = ("ok", "crack", "scratch", "stain", "pitting")
 TRAINING_SITES: tuple[str, ...] = ("A", "B")
@@ -548,8 +549,8 @@ def render_all(out: Path, seed: int, image_size: int, jobs: Sequence[ImageJob], 
                 rows.extend(render_chunk(out, seed, image_size, chunk))
                 progress.update(len(chunk))
             return rows
-        # spawn: safe even when the caller already runs threads (torch, prefect)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        # spawn: safe even when the caller already runs threads (torch, prefect); threads inside a Dask worker
+        with pool_executor(workers, get_context("spawn")) as pool:
             futures = {
                 pool.submit(render_chunk, out, seed, image_size, chunk): len(chunk)
                 for chunk in chunked(jobs, chunk_size)

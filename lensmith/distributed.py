@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lensmith.procutil import available_cores
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -78,8 +80,9 @@ def rank_device(device: torch.device, dist_ctx: DistContext) -> torch.device:
 
 
 def default_threads(dist_ctx: DistContext) -> int:
-    """CPU threads per process when train.num_threads is 0: the cores shared among the ranks on this machine."""
-    cores = os.cpu_count() or 1
+    """CPU threads per process when train.num_threads is 0: the cores this process may use (its affinity and
+    container quota, not the host's count: a Dask worker in a pod), shared among the ranks on this machine."""
+    cores = available_cores()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dist_ctx.world_size))
     return max(1, cores // local_world) if dist_ctx.enabled else cores
 

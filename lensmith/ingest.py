@@ -22,7 +22,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +38,7 @@ from lensmith.imagestats import image_stats, perceptual_hash
 from lensmith.labelslock import allowed_labels
 from lensmith.layout import Layout
 from lensmith.params import Params
+from lensmith.procutil import pool_executor
 from lensmith.schema import IMAGE_COLUMNS, MANIFEST_COLUMNS, MEMBER_COLUMNS
 from lensmith.shards import ImageRef, read_image_bytes
 from lensmith.sources import (
@@ -221,7 +222,7 @@ def process_items(
             return results
         size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * 8))))
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
+            with pool_executor(workers, pool_context()) as pool:  # threads inside a Dask worker
                 futures = [pool.submit(ingest_chunk, chunk, limits, s3) for chunk in chunked(items, size)]
                 for future in as_completed(futures):
                     done = future.result()

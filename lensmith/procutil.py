@@ -1,14 +1,17 @@
-"""Small process helpers: free ports, waiting for readiness, the cores this process may use."""
+"""Small process helpers: free ports, waiting for readiness, the cores this process may use, pools it may start."""
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing.context import BaseContext
 from pathlib import Path
 
 
@@ -68,3 +71,16 @@ def available_cores() -> int:
         cores = os.cpu_count() or 1
     limit = cgroup_cpu_limit()
     return max(1, min(cores, math.ceil(limit))) if limit else cores
+
+
+def may_start_processes() -> bool:
+    """False in a daemonic process (a Dask worker, a multiprocessing pool worker): Python refuses it children
+    ("daemonic processes are not allowed to have children")."""
+    return not multiprocessing.current_process().daemon
+
+
+def pool_executor(workers: int, mp_context: BaseContext | None = None) -> Executor:
+    """A pool of `workers` processes, or of `workers` threads where this process may not start processes."""
+    if may_start_processes():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp_context)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pool")

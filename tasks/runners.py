@@ -6,9 +6,15 @@
   (workers on other machines need the same code installed and the data reachable: S3, see
   lensmith/remote.py and docs/deployment.md).
 - ray: prefect-ray's RayTaskRunner when the `ray` extra is installed; a clear error otherwise.
+
+`check_task_runner_reachable` is the flows' preflight: an existing Dask cluster that does not answer fails in
+seconds with its address, before any stage runs.
 """
 
 from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -16,8 +22,17 @@ from lensmith.errors import LensmithError
 from lensmith.params import OrchestrationParams, Params
 
 
+# A scheduler that answers does so in milliseconds. Unchecked, a closed port surfaces at the flow's first task
+# submission, after distributed's 30 s connect timeout, as a flow-run OSError traceback naming no setting.
+DASK_CONNECT_TIMEOUT_S = 5.0
+
+
 class TaskRunnerUnavailableError(LensmithError):
     """The configured task runner's package is not installed."""
+
+
+class DaskSchedulerUnreachableError(LensmithError):
+    """orchestration.dask_address names no Dask scheduler that answers."""
 
 
 def task_runner_for(params: Params) -> TaskRunner:
@@ -79,3 +94,41 @@ def ray_task_runner() -> TaskRunner:
             "stack: ray adds ~20 packages); `pip install .[ray]`, or use 'dask' or 'thread'"
         ) from None
     return RayTaskRunner()
+
+
+async def _scheduler_identity(address: str, timeout_s: float) -> dict[str, object]:
+    from distributed.comm import connect
+
+    comm = await connect(address, timeout=timeout_s)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await asyncio.wait_for(comm.read(), timeout_s)
+    finally:
+        await comm.close()
+
+
+def dask_scheduler_problem(address: str, timeout_s: float = DASK_CONNECT_TIMEOUT_S) -> str | None:
+    """Why no Dask scheduler answers at `address` within about `timeout_s`, or None when one does."""
+    try:
+        # a thread of its own: the caller may already run an event loop (a Prefect flow)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            identity = pool.submit(asyncio.run, _scheduler_identity(address, timeout_s)).result()
+    except Exception as exc:  # noqa: BLE001 - anything that is not a scheduler's answer is the problem
+        return f"{type(exc).__name__}: {exc}"[:300]
+    if not isinstance(identity, dict) or identity.get("type") != "Scheduler":
+        return f"it answered, but not as a Dask scheduler ({str(identity)[:100]})"
+    return None
+
+
+def check_task_runner_reachable(orch: OrchestrationParams, timeout_s: float = DASK_CONNECT_TIMEOUT_S) -> None:
+    """Raise DaskSchedulerUnreachableError, naming orchestration.dask_address, when the existing Dask cluster the
+    flow would run on does not answer; nothing to check for a local cluster or the thread runner."""
+    if orch.task_runner != "dask" or not orch.dask_address:
+        return
+    problem = dask_scheduler_problem(orch.dask_address, timeout_s)
+    if problem is not None:
+        raise DaskSchedulerUnreachableError(
+            f"orchestration.dask_address {orch.dask_address!r}: no Dask scheduler answers there ({problem}). "
+            "Start one (`dask scheduler` and `dask worker ADDRESS` on the machines), fix the address, "
+            "or set orchestration.dask_address=null for a local cluster"
+        )

@@ -121,7 +121,7 @@ def test_a_failed_import_leaves_no_image_and_no_half_rows(tmp_path: Path, monkey
 def test_bad_corrections_are_reported_and_not_imported(tmp_path: Path) -> None:
     review_dir, reviewed = tmp_path / "serving" / "review", tmp_path / "data" / "reviewed"
     in_data = queued(review_dir, "in-data", png(tmp_path, 900))
-    twice = queued(review_dir, "twice", png(tmp_path, 901))
+    queued(review_dir, "twice", png(tmp_path, 901))
     pruned = queued(review_dir, "pruned", png(tmp_path, 902))
     (review_dir / "images" / f"{pruned}.png").unlink()
     corrections = {"in-data": ["crack"], "twice": ["crack", "ok"], "pruned": ["ok"]}

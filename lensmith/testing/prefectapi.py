@@ -49,6 +49,8 @@ def running_prefect_server(home: Path) -> Iterator[PrefectServer]:
         PREFECT_SERVER_API_HOST="127.0.0.1",
         PREFECT_SERVER_API_PORT=str(port),
         PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
+        # a run turned back by a deployment's concurrency limit is retried after this long (default 30 s)
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="5",
         DO_NOT_TRACK="1",
     )
     env.pop("PREFECT_API_URL", None)
