@@ -621,7 +621,19 @@ class ServeParams(Section):
         description="Review items older than this are removed (feedback items with a human label only after "
         "`review import` took them in): export, label and import more often than this; 0 = kept forever",
     )
-    feedback_window: int = Field(4096, ge=1, description="Recent predictions kept in memory for /v1/feedback")
+    feedback_window: int = Field(
+        4096, ge=1,
+        description="Recent predictions kept in memory for /v1/feedback (forgotten on restart); feedback on an older "
+        "prediction is answered 404 naming its review item when it has one",
+    )
+    max_context_fields: int = Field(
+        16, ge=0, le=256,
+        description="Context fields (the model's metadata columns: site, line, camera...) one predict request may carry, "
+        "as multipart fields or X-Lensmith-Context-<column> headers; more are refused (422)",
+    )
+    max_context_value_chars: int = Field(
+        128, ge=1, le=4096, description="Longest context value accepted (printable characters only); longer is refused (422)"
+    )
     live_window: int = Field(
         500, ge=1,
         description="Corrections of served decisions behind the live defect recall / false-alarm rate gauges (the last N)",
@@ -696,6 +708,11 @@ class DriftParams(Section):
         5.0, gt=0.0, description="Seconds to wait for the webhook; a failed call is logged, the alert and the retraining run stand"
     )
     seed: int = Field(0, description="Seed of the reference sample, the embedding PCA and the window sample, for repeatable drift reports")
+    where: list[str] = Field(
+        default_factory=list,
+        description="Filters of the current window, each `column=value` or `column=v1,v2` (all must hold): the prediction "
+        "log's context, a folder's metadata.csv column; `lensmith drift --where` overrides",
+    )
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
 
     @model_validator(mode="before")
@@ -715,6 +732,15 @@ class DriftParams(Section):
         if name is not None and not (isinstance(name, str) and ENV_NAME.fullmatch(name)):
             raise ValueError("drift.webhook_url_env must name an environment variable (letters, digits, _), not hold the URL")
         return data
+
+    @field_validator("where")
+    @classmethod
+    def _where_is_column_equals_values(cls, value: list[str]) -> list[str]:
+        for item in value:
+            column, equals, values = item.partition("=")
+            if not equals or not column.strip() or not all(v.strip() for v in values.split(",")):
+                raise ValueError(f"{item!r} is not a filter like site=C or site=C,D (column=value[,value...])")
+        return value
 
     @field_validator("since")
     @classmethod

@@ -21,10 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lensmith.errors import LensmithError
 from lensmith.livequality import feedback_outcome
 from lensmith.params import ServeParams
-from lensmith.serve.apierrors import ApiError, BodyLimitMiddleware, install_error_handlers
+from lensmith.serve.apierrors import ApiError, BodyLimitMiddleware, install_error_handlers, loggable
 from lensmith.serve.metrics import MetricsMiddleware
 from lensmith.serve.models import ModelSource, RegistrySource
 from lensmith.serve.predict import PredictEndpoint, PredictFastPath, json_response, predict_payload
+from lensmith.serve.review import item_for_prediction
 from lensmith.serve.schemas import ERRORS, PREDICT_BODY, ErrorOut, FeedbackIn, FeedbackOut, PredictResponse
 from lensmith.serve.security import configured_token
 from lensmith.serve.service import Service
@@ -32,6 +33,20 @@ from lensmith.serve.service import Service
 log = logging.getLogger("lensmith.serve")
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+
+
+def not_remembered_message(prediction_id: str, window: int, queued: dict[str, Any] | None) -> str:
+    """Why feedback cannot be taken for a prediction the service does not remember, and what to do instead."""
+    head = (
+        f"prediction {loggable(prediction_id, 64)!r} is not remembered: the service keeps only its last {window} predictions "
+        "(serve.feedback_window), in memory, and forgets them when it restarts"
+    )
+    if queued is None:
+        return head + "; the review queue holds no item for it (images are queued at prediction time only when they need review)"
+    return (
+        f"{head}; its image is in the review queue as item {queued.get('item_id')} (reason {queued.get('reason')}): "
+        "correct it there with `lensmith review export` and `lensmith review import`"
+    )
 
 
 def create_app(
@@ -89,11 +104,12 @@ def create_app(
             "preprocessing": model.onnx.preprocessing.to_dict(),
             "decision_rule": model.rule.as_dict() if model.rule is not None else None,
             "metadata": model.onnx.metadata,
+            "context_columns": list(model.metadata_columns),
             "loaded_at": model.loaded_at,
             "degraded": service.holder.degraded,
         }
 
-    # The body is parsed by parse_uploads and the token read from the header, not through FastAPI parameters
+    # The body is parsed by parse_form and the token read from the header, not through FastAPI parameters
     # (File() fields and the HTTPBearer dependency cost more per request than the rest of the handler);
     # openapi_extra documents the same request body and security as those parameters would. This route
     # documents the endpoint and answers when the app is mounted under a prefix; otherwise PredictFastPath
@@ -112,13 +128,15 @@ def create_app(
             raise ApiError(422, "invalid_request", "send either `label` (the correct class) or `wrong: true`, not both or neither")
         remembered = service.recent.get(body.prediction_id)
         if remembered is None:
-            raise ApiError(404, "unknown_prediction", f"no recent prediction with id {body.prediction_id!r}")
+            queued = await run_in_threadpool(item_for_prediction, service.queue.directory, body.prediction_id)
+            raise ApiError(404, "unknown_prediction", not_remembered_message(body.prediction_id, params.feedback_window, queued))
         if body.label is not None and body.label not in remembered.classes:
             raise ApiError(422, "unknown_label", f"{body.label!r} is not one of the model's classes {remembered.classes}")
         label = body.label if body.label is not None else "wrong"
         item = await run_in_threadpool(
             service.queue.add, image=remembered.image, sha256=remembered.prediction["image_sha256"],
             ext=remembered.ext, reason="feedback", prediction=remembered.prediction, feedback_label=label,
+            context=remembered.prediction.get("context"),
         )
         service.metrics.review.labels("feedback").inc()
         if body.label is not None:  # "wrong" without a class says nothing about defect vs good

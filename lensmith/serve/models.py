@@ -7,6 +7,10 @@ batch through it (outputs of the right shape, all finite) before one attribute a
 requests already holding the old model finish on it. A model that fails to load or to answer the probe
 never takes over: the old one keeps serving, the holder is `degraded` (serving an older model than the
 source names) and the same model is retried after reload_poll_s, doubling up to reload_backoff_max_s.
+
+A served model's metadata columns (the context a predict request may carry) come from its meta.json
+(`resolved.metadata_columns`): in its folder (a registry version), or the candidate's beside the export
+stage's folder when the ONNX file was exported from those very weights. Without one it takes no context.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from lensmith.errors import LensmithError
+from lensmith.jsondoc import dig, read_json_or_none
 from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
 from lensmith.onnxmodel import OnnxModel, onnx_file_for
 from lensmith.operating import DecisionRule
@@ -31,6 +36,9 @@ log = logging.getLogger("lensmith.serve")
 SERVED_FILES = (ONNX_FILE, OPTIMIZED_FILE, INT8_FILE, EXPORT_JSON)  # what decides the model a folder serves
 PROBE_BATCHES = (1, 2)  # warm-up batch sizes: one image, and more than one (a fixed batch dimension fails)
 VERSION_NAME = re.compile(r"^v\d+$")
+META_FILE = "meta.json"  # lensmith.modelio's
+CANDIDATE_DIR = "candidate"  # the train stage's folder, beside the export stage's (lensmith.layout)
+WEIGHTS_KEY = "lensmith.weights_sha256"  # the ONNX metadata naming the weights it was exported from
 
 
 class ModelSource(Protocol):
@@ -107,7 +115,27 @@ class ServedModel:
     variant: str
     file: str
     rule: DecisionRule | None = None  # how a prediction becomes a decision (the export's choice, from the file)
+    metadata_columns: tuple[str, ...] = ()  # the context a predict request may carry (lensmith.serve.context)
     loaded_at: float = field(default_factory=time.time)
+
+
+def model_meta(folder: Path, onnx: OnnxModel) -> dict[str, Any] | None:
+    """The served model's meta.json: the folder's own, else the candidate's beside the export stage's folder
+    when `onnx` was exported from the candidate's weights; None when neither."""
+    own = read_json_or_none(folder / META_FILE)
+    if isinstance(own, dict):
+        return own
+    candidate = read_json_or_none(folder.parent / CANDIDATE_DIR / META_FILE)
+    weights = onnx.metadata.get(WEIGHTS_KEY)
+    if isinstance(candidate, dict) and weights and candidate.get("weights_sha256") == weights:
+        return candidate
+    return None
+
+
+def metadata_columns_of(meta: dict[str, Any] | None) -> tuple[str, ...]:
+    """The metadata columns a model was trained with, as meta.json records them (lensmith.resolve)."""
+    columns = dig(meta, "resolved.metadata_columns")
+    return tuple(str(c) for c in columns) if isinstance(columns, list) else ()
 
 
 def load_served_model(location: Path, providers: list[str], variant: str, threads: int) -> ServedModel:
@@ -116,7 +144,10 @@ def load_served_model(location: Path, providers: list[str], variant: str, thread
     # a registry version folder is named v0003: that is the version people talk about
     folder = location if location.is_dir() else location.parent
     version = folder.name if folder.name.startswith("v") and folder.name[1:].isdigit() else onnx.version
-    return ServedModel(onnx=onnx, version=version, variant=chosen, file=path.name, rule=onnx.decision_rule())
+    return ServedModel(
+        onnx=onnx, version=version, variant=chosen, file=path.name, rule=onnx.decision_rule(),
+        metadata_columns=metadata_columns_of(model_meta(folder, onnx)),
+    )
 
 
 def warm_up(model: ServedModel) -> None:

@@ -10,7 +10,11 @@ model's input size (`DECODE_MARGIN`), its statistics measured on the reduced ima
 outlive the decode. At most serve.max_concurrent_decodes uploads are decoded at once. Overload is answered
 503 with Retry-After: when serve.max_queue requests are queued already (decoding, or waiting for a decode
 slot or a session run; checked before the body is read and again before decoding), and when a request misses
-its deadline (serve.request_timeout_s)."""
+its deadline (serve.request_timeout_s).
+
+The images' context (site, line, camera...: lensmith.serve.context) comes from the non-file multipart fields
+and the X-Lensmith-Context-* headers, is checked before decoding, and goes with every prediction: the answer,
+the prediction log, the review queue and the remembered prediction that feedback queues."""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from lensmith.imagestats import image_stats
 from lensmith.params import ServeParams
 from lensmith.serve.apierrors import ApiError, http_error_response
 from lensmith.serve.batching import QueueFull
+from lensmith.serve.context import context_headers, request_context
 from lensmith.serve.models import ServedModel
 from lensmith.serve.multipart import MalformedMultipart, Part, boundary_of, parse_form_data
 from lensmith.serve.security import bearer_from_header
@@ -115,9 +120,15 @@ def is_image_content_type(content_type: str | None) -> bool:
     return bool(content_type) and content_type.split(";")[0].strip().lower().startswith("image/")
 
 
-def parse_uploads(content_type: str, body: bytes) -> list[Part]:
-    """The images of a predict request: the multipart part `file` and every part `files`, in order.
-    `body` is bounded by BodyLimitMiddleware (413 beyond serve.max_upload_bytes).
+@dataclass(frozen=True)
+class PredictForm:
+    uploads: list[Part]  # the images: the part `file` and every part `files`, in order
+    fields: list[Part]  # every other non-file part: the images' context (lensmith.serve.context)
+
+
+def parse_form(content_type: str, body: bytes) -> PredictForm:
+    """The images of a predict request (the multipart part `file` and every part `files`, in order) and its
+    other non-file fields. `body` is bounded by BodyLimitMiddleware (413 beyond serve.max_upload_bytes).
 
     Empty body vs. a multipart body with other fields vs. no multipart at all: each error says what to send."""
     boundary = boundary_of(content_type)
@@ -143,7 +154,7 @@ def parse_uploads(content_type: str, body: bytes) -> list[Part]:
         if not fields:
             raise ApiError(400, "empty_body", "no image in the request: use multipart field 'file' (one) or 'files' (several)")
         raise ApiError(400, "wrong_field", f"unexpected multipart field(s) {fields[:5]}: use 'file' (one image) or 'files' (several)")
-    return uploads
+    return PredictForm(uploads, [p for p in parts if p.filename is None and p.name not in ("file", "files")])
 
 
 def prepare(
@@ -183,9 +194,10 @@ async def prepare_in_pool(service: Service, datas: list[bytes], opened: list[Ima
 
 
 def build_predictions(
-    outputs: list[RunOutput], model: ServedModel, params: ServeParams, latency_ms: float, decoded: list[DecodedUpload]
+    outputs: list[RunOutput], model: ServedModel, params: ServeParams, latency_ms: float, decoded: list[DecodedUpload],
+    context: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One `Prediction`-shaped dict per image."""
+    """One `Prediction`-shaped dict per image; every one carries the request's `context` (None: none sent)."""
     return [
         {
             "id": out.id,
@@ -198,6 +210,7 @@ def build_predictions(
             "model_version": model.version,
             "latency_ms": latency_ms,
             "image_sha256": upload.sha256,
+            "context": context,
         }
         for out, upload in zip(outputs, decoded)
     ]
@@ -207,7 +220,9 @@ def queue_low_confidence(service: Service, predictions: list[dict[str, Any]], de
     for prediction, upload in zip(predictions, decoded):
         if prediction["needs_review"]:
             reason = "review_band" if prediction["decision"] == "review" else "low_confidence"
-            service.queue.offer(image=upload.data, sha256=upload.sha256, ext=upload.ext, reason=reason, prediction=prediction)
+            service.queue.offer(
+                image=upload.data, sha256=upload.sha256, ext=upload.ext, reason=reason, prediction=prediction, context=prediction["context"]
+            )
             service.metrics.review.labels(reason).inc()
 
 
@@ -241,6 +256,7 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
                 "mode": upload.mode,
                 "decode_reduction": upload.reduction,
                 **upload.stats,
+                "context": prediction["context"],
             }
         )
         service.recent.add(prediction["id"], Remembered(
@@ -260,7 +276,9 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
         async with asyncio.timeout(params.request_timeout_s):
             body = await request.body()
             reading = False
-            model, decoded, outputs = await infer(service, request.headers.get("content-type", ""), body)
+            model, decoded, outputs, context = await infer(
+                service, request.headers.get("content-type", ""), body, context_headers(request.scope["headers"])
+            )
     except TimeoutError:
         if reading:
             service.metrics.rejected.labels("body_timeout").inc()
@@ -268,23 +286,28 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
         service.metrics.rejected.labels("deadline").inc()
         raise overloaded(f"no answer within {params.request_timeout_s} s (serve.request_timeout_s): the service is overloaded; retry shortly") from None
     latency_ms = (time.perf_counter() - started) * 1000.0
-    predictions = build_predictions(outputs, model, params, latency_ms, decoded)
+    predictions = build_predictions(outputs, model, params, latency_ms, decoded, context)
     if any(p["needs_review"] for p in predictions):  # file writes: not on the event loop
         await run_in_threadpool(queue_low_confidence, service, predictions, decoded)
     record(service, predictions, decoded, model)
     return {"predictions": predictions, "model_version": model.version, "latency_ms": latency_ms}
 
 
-async def infer(service: Service, content_type: str, body: bytes) -> tuple[ServedModel, list[DecodedUpload], list[RunOutput]]:
-    """A request body's uploads checked (headers first), decoded and run in a micro-batch."""
+async def infer(
+    service: Service, content_type: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[ServedModel, list[DecodedUpload], list[RunOutput], dict[str, str] | None]:
+    """A request body's uploads checked (headers first), decoded and run in a micro-batch; with the request's
+    context, from its fields and its X-Lensmith-Context-* `headers` (lensmith.serve.context.context_headers)."""
     params = service.params
-    uploads = parse_uploads(content_type, body)
+    form = parse_form(content_type, body)
+    uploads = form.uploads
     if len(uploads) > params.max_images_per_request:
         raise ApiError(400, "too_many_images", f"{len(uploads)} images sent; at most {params.max_images_per_request} per request")
     for upload in uploads:
         if not is_image_content_type(upload.content_type):
             raise ApiError(415, "unsupported_media_type", f"content type {upload.content_type!r} is not an image type (image/*)")
     model = service.require_model()
+    context = request_context(form.fields, headers or [], model.metadata_columns, model.version, params)
     datas = [u.data for u in uploads]
     opened = read_headers(datas, params)  # 413 / 415 / 400 before any decoding
     service.check_queue()
@@ -301,7 +324,7 @@ async def infer(service: Service, content_type: str, body: bytes) -> tuple[Serve
     except QueueFull:  # not expected (admitted above); the batcher keeps its own bound all the same
         service.metrics.rejected.labels("queue_full").inc()
         raise overloaded(f"{service.batcher.waiting} requests are waiting for inference (serve.max_queue); retry shortly") from None
-    return model, decoded, outputs
+    return model, decoded, outputs, context
 
 
 def json_response(payload: dict[str, Any], status: int = 200) -> Response:

@@ -77,6 +77,7 @@ LOCK_FILE = ".lock"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 PRUNE_INTERVAL_S = 60.0  # retention passes between size-triggered ones
 PRUNE_TO = 0.9  # a size-triggered pass frees down to this share of review_max_bytes
+FIND_MAX_BYTES = 8 * 1024 * 1024  # of queue.jsonl searched for a prediction's item (~25k items): a 404 stays cheap
 CSV_COLUMNS = (
     "item_id",
     "image",
@@ -153,7 +154,11 @@ def append_line(path: Path, line: str) -> None:
         os.close(fd)
 
 
-def new_item(sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None) -> dict[str, Any]:
+def new_item(
+    sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None, context: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One queue.jsonl item. `context`: the image's context as the predict request sent it (column -> value:
+    site, line, camera...; lensmith.serve.context), None when it sent none; items from before context have no key."""
     return {
         "item_id": uuid.uuid4().hex,
         "time": time.strftime(TIME_FORMAT, time.gmtime()),
@@ -165,6 +170,7 @@ def new_item(sha256: str, ext: str, reason: str, prediction: dict[str, Any], fee
         "confidence": prediction.get("confidence"),
         "model_version": prediction.get("model_version"),
         "feedback_label": feedback_label,
+        "context": context,
     }
 
 
@@ -197,9 +203,13 @@ class ReviewQueue:
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def add(self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None) -> str:
-        """Queue one image; returns the new item id. Raises OSError when it cannot be stored (disk full, ...)."""
-        item = new_item(sha256, ext, reason, prediction, feedback_label)
+    def add(
+        self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None,
+        context: dict[str, str] | None = None,
+    ) -> str:
+        """Queue one image (with its `context`, see `new_item`); returns the new item id. Raises OSError when it
+        cannot be stored (disk full, ...)."""
+        item = new_item(sha256, ext, reason, prediction, feedback_label, context)
         line = json.dumps(item, separators=(",", ":")) + "\n"
         with self._locked():
             image_path = self.image_path(sha256, ext)
@@ -216,12 +226,15 @@ class ReviewQueue:
         return item["item_id"]
 
     def offer(
-        self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None
+        self, *, image: bytes, sha256: str, ext: str, reason: str, prediction: dict[str, Any], feedback_label: str | None = None,
+        context: dict[str, str] | None = None,
     ) -> str | None:
         """`add`, for items nobody waits for (low confidence): the item id, or None when it could not be stored;
         the failure is counted and logged at most once a minute, never raised."""
         try:
-            return self.add(image=image, sha256=sha256, ext=ext, reason=reason, prediction=prediction, feedback_label=feedback_label)
+            return self.add(
+                image=image, sha256=sha256, ext=ext, reason=reason, prediction=prediction, feedback_label=feedback_label, context=context
+            )
         except OSError as exc:
             with self._stats_lock:
                 self._dropped["write_error"] += 1
@@ -414,6 +427,30 @@ def plan_pruning(entries: list[QueueEntry], retention: Retention, now: float) ->
 def read_queue(directory: Path) -> list[dict[str, Any]]:
     """Every queue item, oldest first (lines cut short by a crash are skipped)."""
     return [item for _, item in queue_lines(directory) if item is not None]
+
+
+def queue_tail(directory: Path, max_bytes: int) -> list[bytes]:
+    """The whole lines among the last `max_bytes` of queue.jsonl, oldest first (none when it is missing)."""
+    try:
+        with open(Path(directory) / QUEUE_FILE, "rb") as fh:
+            start = max(0, fh.seek(0, os.SEEK_END) - max_bytes)
+            fh.seek(start)
+            lines = fh.read().split(b"\n")
+    except OSError:
+        return []
+    return lines[1:] if start > 0 else lines  # the first line read may be cut
+
+
+def item_for_prediction(directory: Path, prediction_id: str, max_bytes: int = FIND_MAX_BYTES) -> dict[str, Any] | None:
+    """The newest queue item of prediction `prediction_id` within the last `max_bytes` of queue.jsonl, or None.
+    For a feedback on a prediction the service no longer remembers: bounded, since a queue may hold a gigabyte."""
+    needle = json.dumps(prediction_id).encode()  # as `add` writes it; a cheap test before parsing a line
+    for line in reversed(queue_tail(directory, max_bytes)):
+        if needle in line:
+            item = parse_item(line.decode("utf-8", errors="replace"))
+            if item is not None and item.get("prediction_id") == prediction_id:
+                return item
+    return None
 
 
 # ---- export ---------------------------------------------------------------------------------------------

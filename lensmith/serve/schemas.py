@@ -24,6 +24,9 @@ class Prediction(BaseModel):
     model_version: str
     latency_ms: float
     image_sha256: str
+    context: dict[str, str] | None = Field(
+        None, description="The images' context as the request sent it (the model's metadata columns: site, line, camera...); null when none"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -55,12 +58,20 @@ class ErrorOut(BaseModel):
 ERRORS = {s: {"model": ErrorOut} for s in (400, 401, 403, 404, 409, 413, 415, 422, 503)}
 
 BINARY = {"type": "string", "contentMediaType": "application/octet-stream"}
-PREDICT_BODY = {  # what FastAPI generated for the optional File() parameters `file` and `files`
+CONTEXT_FIELDS = (
+    "Any other (non-file) field is the images' context, one value for every image of the request: a metadata column of "
+    "the served model (GET /v1/model `context_columns`, e.g. site=C), at most serve.max_context_fields fields of at most "
+    "serve.max_context_value_chars printable characters; the same may be sent as headers X-Lensmith-Context-<column>. "
+    "Another field is refused (422 unknown_context)."
+)
+PREDICT_BODY = {  # what FastAPI generated for the optional File() parameters `file` and `files`, plus the context fields
     "content": {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
                 "title": "PredictUpload",
+                "description": CONTEXT_FIELDS,
+                "additionalProperties": {"type": "string", "minLength": 1, "description": "A context value (e.g. the site)"},
                 "properties": {
                     "file": {"anyOf": [BINARY, {"type": "null"}], "title": "File", "description": "One image"},
                     "files": {"anyOf": [{"type": "array", "items": BINARY}, {"type": "null"}], "title": "Files", "description": "Several images"},
