@@ -1,7 +1,7 @@
 """Drift monitoring: a scheduled check that, on trigger, starts the nightly retraining deployment.
 
-monitoring_flow: run `lensmith drift` on drift.current (default: the prediction log over drift.since),
-publish the decision as a markdown artifact, and when it says retrain: start the nightly deployment
+monitoring_flow: run `lensmith drift` on drift.current (default: the prediction log over drift.since), cut by
+`where` (default drift.where, e.g. ["site=C"]: one site's images only), publish the decision as a markdown artifact, and when it says retrain: start the nightly deployment
 with run_deployment (timeout=0: fire and forget), log an alert, and post it to the webhook whose URL is in
 the environment variable named by drift.webhook_url_env (default LENSMITH_DRIFT_WEBHOOK_URL) when it is set
 (the URL is a secret: never in params.yaml, logged as scheme://host only; a failing webhook is logged, never fatal).
@@ -28,12 +28,12 @@ NIGHTLY_FLOW_NAME = "lensmith-nightly"
 
 
 @task(name="drift-check", cache_policy=NO_CACHE)
-def drift_task(root: str, params_file: str, source: str, since: str | None) -> dict[str, Any]:
+def drift_task(root: str, params_file: str, source: str, since: str | None, where: list[str] | None = None) -> dict[str, Any]:
     from lensmith.drift.report import run_drift
 
     root_path = Path(root)
     params = load_params(root_path / params_file)
-    result = run_drift(params, Layout(root_path), source, since=since)
+    result = run_drift(params, Layout(root_path), source, since=since, where=where)
     return result.report
 
 
@@ -72,13 +72,15 @@ def start_retraining_task(deployment_name: str, root: str, params_file: str) -> 
 
 
 @flow(name="lensmith-monitoring", log_prints=True)
-def monitoring_flow(root: str = ".", params_file: str = "params.yaml", current: str | None = None, since: str | None = None) -> dict[str, Any]:
+def monitoring_flow(
+    root: str = ".", params_file: str = "params.yaml", current: str | None = None, since: str | None = None, where: list[str] | None = None
+) -> dict[str, Any]:
     logger = get_run_logger()
     root_path, params_path = pinned_project(root, params_file)  # a run's parameters cannot pick another project
     root = str(root_path)
     params: Params = load_params(params_path)
     source = current or params.drift.current or LOG_SOURCE
-    report = drift_task(root, params_file, source, since)
+    report = drift_task(root, params_file, source, since, where)
     decision = report["decision"]
     flow_run = None
     if decision["retrain"]:

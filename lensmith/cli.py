@@ -532,6 +532,14 @@ def drift(
     ],
     since: Annotated[Optional[str], typer.Option(help="Prediction-log window, e.g. 12h, 7d (default: drift.since)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Registry alias/version or 'candidate' (default: drift.model)")] = None,
+    where: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--where",
+            help="Only the images whose column has this value, e.g. site=C or site=C,D (repeatable, all must hold): the "
+            "prediction log's context, a folder's metadata.csv column (default: drift.where)",
+        ),
+    ] = None,
     params_file: ParamsOpt = Path("params.yaml"),
     overrides: SetOpt = None,
     root: RootOpt = Path("."),
@@ -540,7 +548,7 @@ def drift(
     from lensmith.drift.report import run_drift
 
     params, layout = _context(params_file, overrides, root)
-    typer.echo(str(run_drift(params, layout, current, since=since, model=model)))
+    typer.echo(str(run_drift(params, layout, current, since=since, model=model, where=where or None)))
 
 
 @app.command()

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from servekit import copy_project, tiny_params
 
-from lensmith.drift.current import load_log_window, parse_duration, read_log_records
+from lensmith.drift.current import WindowFilterError, load_log_window, parse_duration, parse_where, read_log_records
 from lensmith.drift.embeddings import EmbeddingModel, fit_projection
 from lensmith.drift.reference import build_reference, load_reference, onnx_model_path
 from lensmith.drift.report import run_drift
@@ -243,11 +243,12 @@ def test_registry_version_carries_its_reference_and_an_older_one_falls_back_to_t
 # ---- the prediction log ------------------------------------------------------------------------------
 
 
-def log_record(when: datetime, label: str, confidence: float, brightness: float) -> dict:
+def log_record(when: datetime, label: str, confidence: float, brightness: float, context: dict | None = None) -> dict:
     return {
         "id": f"{when.timestamp()}", "time": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"), "model_version": "v",
         "label": label, "confidence": confidence, "image_sha256": "ab", "width": 64, "height": 64,
         "brightness": brightness, "contrast": 20.0, "sharpness": 100.0, "mean_r": brightness, "mean_g": brightness, "mean_b": brightness,
+        "context": context,
     }
 
 
@@ -277,6 +278,64 @@ def test_a_long_log_window_is_sampled_with_a_seed(tmp_path: Path) -> None:
     assert sampled.frame["brightness"].tolist() == load_log_window(tmp_path, "7d", now=now, max_images=10, seed=3).frame["brightness"].tolist()
     assert any("sample of 10" in n for n in sampled.notes)
     assert load_log_window(tmp_path, "7d", now=now, max_images=100).n_images == 50
+
+
+def mixed_site_log(folder: Path, now: datetime) -> None:
+    """Site A and site B at the lighting of the reference, site C darker; two old records without context."""
+    sites = [("A", 100.0), ("B", 100.0), ("C", 40.0)]
+    records = []
+    for i in range(60):
+        site, brightness = sites[i % 3]
+        records.append(log_record(now - timedelta(minutes=10 + i), "ok", 0.9, brightness + i % 7, {"site": site, "line": str(i % 2)}))
+    records += [log_record(now - timedelta(hours=2), "ok", 0.9, 100.0), log_record(now - timedelta(hours=3), "ok", 0.9, 100.0)]
+    write_log(folder, records, torn_tail=False)
+
+
+def test_log_window_is_cut_by_the_records_context_and_carries_it(tmp_path: Path) -> None:
+    now = datetime(2024, 5, 10, tzinfo=timezone.utc)
+    mixed_site_log(tmp_path, now)
+    window = load_log_window(tmp_path, "7d", now=now, where=parse_where(["site=C,B", "line=1"]))
+    assert window.n_images == 20 and set(window.frame["site"]) == {"B", "C"} and set(window.frame["line"]) == {"1"}
+    assert window.where == ["site=C,B", "line=1"] and window.n_before_where == 62
+    assert "where site=C,B line=1" in window.description and any("20 of 62" in n for n in window.notes)
+    everything = load_log_window(tmp_path, "7d", now=now)
+    assert everything.n_images == 62 and everything.frame["site"].isna().sum() == 2 and everything.n_before_where is None
+    with pytest.raises(WindowFilterError, match=r"--where plant=x: unknown column 'plant'.*\['line', 'site'\]"):
+        load_log_window(tmp_path, "7d", now=now, where=parse_where(["plant=x"]))
+    with pytest.raises(WindowFilterError, match=r"empty window after --where site=Z: none of its 62 images match .*'A': 20"):
+        load_log_window(tmp_path, "7d", now=now, where=parse_where(["site=Z"]))
+    for bad in (["site"], ["site="], ["=C"], ["site=C,"], ["site=C", "site=D"]):
+        with pytest.raises(DataError, match="--where"):
+            parse_where(bad)
+
+
+def test_cli_drift_where_on_a_prediction_log_with_mixed_sites(work: Layout) -> None:
+    from lensmith.cli import app
+
+    mixed_site_log(work.root / "serving/predictions", datetime.now(timezone.utc))
+    params_file = work.root / "params.yaml"
+    params_file.write_text(json.dumps(drift_params().model_dump(mode="json")))
+    base = ["drift", "--current", "log", "--since", "1d", "--params", str(params_file), "--root", str(work.root)]
+    runner = CliRunner()
+    ok = runner.invoke(app, [*base, "--where", "site=C"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((work.reports / "drift.json").read_text())
+    assert report["current"]["where"] == ["site=C"] and report["current"]["n_images"] == 20 and report["current"]["n_before_where"] == 62
+    assert "where site=C" in ok.output and "where site=C" in (work.reports / "drift.html").read_text()
+    unknown = runner.invoke(app, [*base, "--where", "plant=x"])
+    assert unknown.exit_code == 1 and "unknown column 'plant'" in unknown.output
+    empty = runner.invoke(app, [*base, "--where", "site=Z"])
+    assert empty.exit_code == 1 and "empty window after --where site=Z" in empty.output
+
+
+def test_a_folder_window_is_cut_by_its_metadata_csv_column(work: Layout) -> None:
+    metadata = pd.read_csv(work.root / "data/raw/demo/metadata.csv")
+    site = str(metadata["site"].iloc[0])
+    result = run_drift(drift_params(where=[f"site={site}"]), work, "data/raw/demo")
+    assert result.report["current"]["where"] == [f"site={site}"]
+    assert result.report["current"]["n_images"] == (metadata["site"] == site).sum() < len(metadata)
+    with pytest.raises(WindowFilterError, match="unknown column 'plant'.*'lighting'"):
+        run_drift(drift_params(), work, "data/raw/demo", where=["plant=x"])
 
 
 def test_log_window_confidence_drop_triggers_retrain(work: Layout) -> None:

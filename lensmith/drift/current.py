@@ -6,13 +6,18 @@ files at the root are unlabelled), read with ingest's reader (local or S3 mirror
 lensmith.imageio and measured with lensmith.imagestats. Files that fail are quarantined with a reason,
 counted, and never stop the run. Decoding runs in a process pool and yields chunks, so the caller can
 compute embeddings on one chunk while the workers decode the next.
+
+`--where site=C` (`WindowFilter`) cuts the window before it is sampled or decoded: prediction-log records by the
+context the service logged with them, folder images by their metadata.csv column. An unknown column, or nothing
+left after the cut, is a `WindowFilterError` naming the filter and the counts.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -42,10 +47,76 @@ from lensmith.sources import (
 )
 
 STAT_COLUMNS: tuple[str, ...] = (*IMAGE_STAT_COLUMNS, "width", "height")
+LOG_COLUMNS: tuple[str, ...] = ("path", *STAT_COLUMNS, "predicted_label", "confidence", "model_version", "time")
+NOT_CONTEXT = frozenset((*LOG_COLUMNS, "label"))  # a log window's own columns: a context column never replaces one
 LOG_SOURCE = "log"
 LOG_PREFIX = "predictions-"  # lensmith.serve.predlog's file names
 DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 CHUNK = 128
+
+
+# ---- the --where filter -------------------------------------------------------------------------------
+
+
+class WindowFilterError(DataError):
+    """A --where filter that names an unknown column, or leaves nothing of the window."""
+
+
+@dataclass(frozen=True)
+class WindowFilter:
+    """`column=v1,v2`: the images whose `column` is one of `values`."""
+
+    column: str
+    values: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.column}={','.join(self.values)}"
+
+
+def parse_where(texts: Sequence[str]) -> list[WindowFilter]:
+    """`["site=C,D", "line=3"]` -> filters that must all hold (one per column)."""
+    filters: dict[str, WindowFilter] = {}
+    for text in texts:
+        column, equals, values = text.partition("=")
+        column, wanted = column.strip(), tuple(v.strip() for v in values.split(","))
+        if not equals or not column or not all(wanted):
+            raise DataError(f"--where {text!r} is not a filter like site=C or site=C,D (column=value[,value...])")
+        if column in filters:
+            raise DataError(f"--where names {column!r} twice: give its values once, comma-separated ({column}=A,B)")
+        filters[column] = WindowFilter(column, wanted)
+    return list(filters.values())
+
+
+def where_text(filters: Sequence[WindowFilter]) -> str:
+    return " ".join(str(f) for f in filters)
+
+
+def cell_text(value: Any) -> str | None:
+    """A metadata or context value as the filter compares it: text (3.0 read from a CSV as 3), None when missing."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def matching_positions(rows: Sequence[Mapping[str, Any]], filters: Sequence[WindowFilter], known: Sequence[str], what: str) -> list[int]:
+    """Positions of the `rows` (column -> value) that every filter matches; WindowFilterError for a column not
+    in `known` (what the window's `what` carry) or when none match."""
+    for f in filters:
+        if f.column not in known:
+            shown = sorted(known) or "none"
+            raise WindowFilterError(f"--where {f}: unknown column {f.column!r}; the window's {what} carry the columns {shown}")
+    texts = [{f.column: cell_text(row.get(f.column)) for f in filters} for row in rows]
+    kept = [i for i, row in enumerate(texts) if all(row[f.column] in f.values for f in filters)]
+    if not kept:
+        seen = {f.column: dict(Counter(str(row[f.column]) for row in texts).most_common(10)) for f in filters}
+        raise WindowFilterError(f"empty window after --where {where_text(filters)}: none of its {len(rows)} images match (values seen: {seen})")
+    return kept
+
+
+def where_note(filters: Sequence[WindowFilter], kept: int, total: int) -> list[str]:
+    return [f"the window is cut by --where {where_text(filters)}: {kept} of {total} images"] if filters else []
 
 
 # ---- durations and the prediction log ------------------------------------------------------------------
@@ -137,6 +208,8 @@ class CurrentWindow:
     rejections: list[Rejection] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     n_in_window: int | None = None  # before sampling; None = not sampled
+    where: list[str] = field(default_factory=list)  # the --where filters that cut it (`WindowFilter` as text)
+    n_before_where: int | None = None  # images before those filters; None = not filtered
 
     @property
     def n_images(self) -> int:
@@ -147,30 +220,56 @@ class CurrentWindow:
         return "label" in self.frame.columns and self.frame["label"].notna().any()
 
 
+def record_context(record: dict[str, Any]) -> dict[str, Any]:
+    """The context the service logged with a prediction (column -> value); {} for none or older records."""
+    context = record.get("context")
+    return context if isinstance(context, dict) else {}
+
+
+def records_where(records: list[dict[str, Any]], filters: Sequence[WindowFilter]) -> list[dict[str, Any]]:
+    """The records whose logged context every filter matches (all of them without filters or records)."""
+    if not filters or not records:
+        return records
+    contexts = [record_context(r) for r in records]
+    known = sorted({str(column) for context in contexts for column in context})
+    return [records[i] for i in matching_positions(contexts, filters, known, "prediction-log records' context")]
+
+
 def load_log_window(
-    directory: Path, since: str, now: datetime | None = None, max_images: int | None = None, seed: int = 0
+    directory: Path, since: str, now: datetime | None = None, max_images: int | None = None, seed: int = 0,
+    where: Sequence[WindowFilter] = (),
 ) -> CurrentWindow:
-    """The prediction log's records in the last `since`: stats, predicted label and confidence per image
-    (a seeded sample of `max_images` records when there are more)."""
+    """The prediction log's records in the last `since` whose context matches `where`: stats, predicted label,
+    confidence and context columns per image (a seeded sample of `max_images` records when there are more)."""
     if not Path(directory).is_dir():
         raise DataError(f"prediction log folder {directory} does not exist; is the service logging (serve.log_dir)?")
     cutoff = (now or datetime.now(timezone.utc)) - parse_duration(since)
     read = read_log_records(Path(directory), cutoff)
-    n = len(read.records)
+    records = records_where(read.records, where)
+    n = len(records)
     limit = n if max_images is None else max_images
-    rows = [log_row(read.records[i]) for i in sampled_positions(n, limit, seed)]
-    frame = pd.DataFrame(rows, columns=["path", *STAT_COLUMNS, "predicted_label", "confidence", "model_version", "time"])
-    notes = ["the prediction log holds no pixels: embedding drift is not measured for log windows", *sampling_note(n, limit)]
+    rows = [log_row(records[i]) for i in sampled_positions(n, limit, seed)]
+    frame = pd.DataFrame(rows, columns=[*LOG_COLUMNS, *sorted({c for row in rows for c in row} - NOT_CONTEXT)])
+    notes = [
+        "the prediction log holds no pixels: embedding drift is not measured for log windows",
+        *where_note(where, n, len(read.records)), *sampling_note(n, limit),
+    ]
     if read.unreadable_lines:
         notes.append(f"{read.unreadable_lines} unreadable log line(s) skipped")
     versions = sorted(frame["model_version"].dropna().astype(str).unique())
     if len(versions) > 1:
         notes.append(f"the window mixes model versions {versions}: prediction drift compares them together")
     description = f"prediction log {directory} since {cutoff.isoformat(timespec='seconds')} ({since})"
-    return CurrentWindow(description, "log", frame, notes=notes, n_in_window=n)
+    if where:
+        description += f" where {where_text(where)}"
+    return CurrentWindow(
+        description, "log", frame, notes=notes, n_in_window=n,
+        where=[str(f) for f in where], n_before_where=len(read.records) if where else None,
+    )
 
 
 def log_row(record: dict[str, Any]) -> dict[str, Any]:
+    """One record as a window row, with its context columns (but none named like a window's own column)."""
     row = {c: pd.to_numeric(record.get(c), errors="coerce") for c in STAT_COLUMNS}
     row.update(
         path=record.get("image_sha256") or record.get("id"),
@@ -179,12 +278,28 @@ def log_row(record: dict[str, Any]) -> dict[str, Any]:
         model_version=record.get("model_version"),
         time=record.get("time"),
     )
+    row.update({str(k): cell_text(v) for k, v in record_context(record).items() if str(k) not in NOT_CONTEXT})
     return row
 
 
 def list_window(source: str, params: Params, layout: Layout) -> SourceListing:
     """Images under `source` via the ingest listing and its checks; images at the root are kept, unlabelled."""
     return list_source(params.data.model_copy(update={"source": source}), layout, root_label="")
+
+
+def items_where(listing: SourceListing, filters: Sequence[WindowFilter]) -> list[SourceItem]:
+    """The listed images whose metadata.csv row every filter matches (all of them without filters)."""
+    if not filters or not listing.items:
+        return listing.items
+    metadata = listing.metadata
+    if metadata is None:
+        raise WindowFilterError(
+            f"--where {where_text(filters)}: {listing.description} has no metadata.csv (or manifest metadata columns), "
+            "so its images carry no columns to filter on"
+        )
+    rows = metadata.reindex([item.path for item in listing.items]).to_dict("records")
+    kept = matching_positions(rows, filters, [str(c) for c in metadata.columns], "metadata.csv rows")
+    return [listing.items[i] for i in kept]
 
 
 @dataclass

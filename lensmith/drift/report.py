@@ -9,7 +9,8 @@ One Evidently 0.7 report:
   a model is overconfident on what it was trained on).
 - ClassificationPreset when every current image has a label the model knows.
 Outputs: reports/drift.html (self-contained), reports/drift.json, reports/drift.prom (Prometheus text),
-reports/drift_quarantine.csv.
+reports/drift_quarantine.csv. A window cut by `--where site=C` (drift.where) records its filters in
+`current.where` and the images before them in `current.n_before_where`.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ import pandas as pd
 from lensmith.drift.current import (
     STAT_COLUMNS,
     CurrentWindow,
+    WindowFilter,
     decoded_chunks,
+    items_where,
     list_window,
     load_log_window,
     log_directory,
+    parse_where,
     sampled_positions,
     sampling_note,
+    where_note,
+    where_text,
 )
 from lensmith.drift.embeddings import EmbeddingModel
 from lensmith.drift.reference import Reference, load_reference, onnx_model_path, reference_paths
@@ -119,15 +125,19 @@ class CurrentData:
     decode_seconds: float = 0.0
 
 
-def embed_image_window(source: str, params: Params, layout: Layout, model_dir: Path, reference: Reference) -> CurrentData:
-    """Decode the window's images (pool) and embed them chunk by chunk with ONNX Runtime."""
+def embed_image_window(
+    source: str, params: Params, layout: Layout, model_dir: Path, reference: Reference, where: list[WindowFilter] | None = None
+) -> CurrentData:
+    """Decode the window's images matching `where` (pool) and embed them chunk by chunk with ONNX Runtime."""
     listing = list_window(source, params, layout)
     if not listing.items:
         rejected = f" ({len(listing.rejections)} unusable entries)" if listing.rejections else ""
         raise DataError(f"empty window: no images under {listing.description}{rejected}; nothing to compare")
+    where = where or []
+    matching = items_where(listing, where)
     model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir)
-    n_listed, limit = len(listing.items), params.drift.max_window_images
-    items = [listing.items[i] for i in sampled_positions(n_listed, limit, params.drift.seed)]
+    n_listed, limit = len(matching), params.drift.max_window_images
+    items = [matching[i] for i in sampled_positions(n_listed, limit, params.drift.seed)]
     rows, embeddings, probabilities, rejections = [], [], [], list(listing.rejections)
     started, embed_s = time.perf_counter(), 0.0
     for chunk in decoded_chunks(items, params, model.preprocessing):
@@ -140,7 +150,12 @@ def embed_image_window(source: str, params: Params, layout: Layout, model_dir: P
             embeddings.append(out.embeddings)
             probabilities.append(out.probabilities)
     frame = pd.DataFrame(rows, columns=["path", "label", *STAT_COLUMNS])
-    window = CurrentWindow(listing.description, "images", frame, rejections, sampling_note(n_listed, limit), n_listed)
+    description = listing.description + (f" where {where_text(where)}" if where else "")
+    notes = [*where_note(where, n_listed, len(listing.items)), *sampling_note(n_listed, limit)]
+    window = CurrentWindow(
+        description, "images", frame, rejections, notes, n_listed,
+        where=[str(f) for f in where], n_before_where=len(listing.items) if where else None,
+    )
     if frame.empty:
         return CurrentData(window, frame)
     probs = np.concatenate(probabilities)
@@ -151,12 +166,14 @@ def embed_image_window(source: str, params: Params, layout: Layout, model_dir: P
     return CurrentData(window, frame, embedding_seconds=embed_s, decode_seconds=time.perf_counter() - started - embed_s)
 
 
-def load_current(source: str, since: str, params: Params, layout: Layout, model_dir: Path, reference: Reference) -> CurrentData:
+def load_current(
+    source: str, since: str, params: Params, layout: Layout, model_dir: Path, reference: Reference, where: list[WindowFilter] | None = None
+) -> CurrentData:
     directory = log_directory(source, params, layout)
     if directory is not None:
-        window = load_log_window(directory, since, max_images=params.drift.max_window_images, seed=params.drift.seed)
+        window = load_log_window(directory, since, max_images=params.drift.max_window_images, seed=params.drift.seed, where=where or [])
         return CurrentData(window, window.frame)
-    return embed_image_window(source, params, layout, model_dir, reference)
+    return embed_image_window(source, params, layout, model_dir, reference, where)
 
 
 def check_not_empty(current: CurrentData, quarantine: Path) -> None:
@@ -342,7 +359,9 @@ def decision_banner(decision: Decision, report: dict[str, Any]) -> str:
     return (
         f'<div style="font-family:sans-serif;padding:12px 16px;margin:8px;border-left:6px solid {colour};background:#f7f7f7">'
         f"<b>Lensmith drift: {html.escape(decision.reason)}</b><br>"
-        f"window: {report['current']['n_images']} images from {html.escape(str(report['current']['source']))}; "
+        f"window: {report['current']['n_images']} images from {html.escape(str(report['current']['source']))}"
+        + (f" (cut by --where {html.escape(' '.join(report['current']['where']))})" if report["current"]["where"] else "")
+        + "; "
         f"drifted {report['drifted_columns']}/{report['n_columns']} columns (share {report['drifted_share']:.2f}); "
         f"mean confidence {now} vs reference {conf['reference']:.3f}; model {html.escape(str(report['model']['version']))}"
         + "".join(f"<br>note: {html.escape(n)}" for n in report["notes"])
@@ -407,14 +426,18 @@ def prometheus_text(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_drift(params: Params, layout: Layout, source: str, since: str | None = None, model: str | None = None) -> DriftResult:
-    """Compare `source` (folder, s3:// prefix, or the prediction log) with the model's reference; write the reports."""
+def run_drift(
+    params: Params, layout: Layout, source: str, since: str | None = None, model: str | None = None, where: list[str] | None = None
+) -> DriftResult:
+    """Compare `source` (folder, s3:// prefix, or the prediction log), cut by `where` (["site=C"]; default
+    drift.where), with the model's reference; write the reports."""
     dp = params.drift
     started = time.perf_counter()
+    filters = parse_where(dp.where if where is None else where)
     evidently_import = preload_evidently()
     model_dir = resolve_model_dir(layout, model or dp.model)
     reference = reference_for(layout, model_dir)
-    current = load_current(source, since or dp.since, params, layout, model_dir, reference)
+    current = load_current(source, since or dp.since, params, layout, model_dir, reference, filters)
     quarantine = layout.reports / DRIFT_QUARANTINE
     write_csv_atomic(quarantine, pd.DataFrame([r.__dict__ for r in current.window.rejections], columns=["path", "reason", "detail"]))
     check_not_empty(current, quarantine)
@@ -459,6 +482,8 @@ def run_drift(params: Params, layout: Layout, source: str, since: str | None = N
             "kind": current.window.kind,
             "n_images": int(len(frame)),
             "n_in_window": current.window.n_in_window,
+            "where": current.window.where,
+            "n_before_where": current.window.n_before_where,
             "n_quarantined": len(current.window.rejections),
             "quarantine_reasons": reason_counts(current.window.rejections),
             "quarantine": str(quarantine),
