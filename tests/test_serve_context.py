@@ -18,7 +18,7 @@ from lensmith.params import ServeParams
 from lensmith.serve.app import create_app
 from lensmith.serve.models import PathSource
 from lensmith.serve.predlog import read_log
-from lensmith.serve.review import item_for_prediction, read_queue
+from lensmith.serve.review import read_queue
 
 pytestmark = pytest.mark.timeout(900)
 TOKEN = "test-token-123"
@@ -164,7 +164,7 @@ def test_feedback_after_a_restart_is_a_clear_404_naming_the_review_item(layout: 
 
 
 def test_the_queue_search_for_a_prediction_is_bounded_to_the_queues_tail(tmp_path: Path) -> None:
-    from lensmith.serve.review import ReviewQueue
+    from lensmith.serve.review import ReviewQueue, item_for_prediction
 
     queue = ReviewQueue(tmp_path)
     first = queue.add(image=b"a", sha256="a" * 64, ext="jpg", reason="low_confidence", prediction={"id": "p1"}, context={"site": "A"})
