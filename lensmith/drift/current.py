@@ -105,8 +105,8 @@ def matching_positions(rows: Sequence[Mapping[str, Any]], filters: Sequence[Wind
     in `known` (what the window's `what` carry) or when none match."""
     for f in filters:
         if f.column not in known:
-            shown = sorted(known) or "none"
-            raise WindowFilterError(f"--where {f}: unknown column {f.column!r}; the window's {what} carry the columns {shown}")
+            shown = f"the columns {sorted(known)}" if known else "no columns"
+            raise WindowFilterError(f"--where {f}: unknown column {f.column!r}; the window's {what} carry {shown}")
     texts = [{f.column: cell_text(row.get(f.column)) for f in filters} for row in rows]
     kept = [i for i, row in enumerate(texts) if all(row[f.column] in f.values for f in filters)]
     if not kept:
@@ -297,7 +297,8 @@ def items_where(listing: SourceListing, filters: Sequence[WindowFilter]) -> list
             f"--where {where_text(filters)}: {listing.description} has no metadata.csv (or manifest metadata columns), "
             "so its images carry no columns to filter on"
         )
-    rows = metadata.reindex([item.path for item in listing.items]).to_dict("records")
+    unique = metadata[~metadata.index.duplicated(keep="first")]  # a manifest may list a path twice
+    rows = unique.reindex([item.path for item in listing.items]).to_dict("records")
     kept = matching_positions(rows, filters, [str(c) for c in metadata.columns], "metadata.csv rows")
     return [listing.items[i] for i in kept]
 

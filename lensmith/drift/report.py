@@ -359,9 +359,7 @@ def decision_banner(decision: Decision, report: dict[str, Any]) -> str:
     return (
         f'<div style="font-family:sans-serif;padding:12px 16px;margin:8px;border-left:6px solid {colour};background:#f7f7f7">'
         f"<b>Lensmith drift: {html.escape(decision.reason)}</b><br>"
-        f"window: {report['current']['n_images']} images from {html.escape(str(report['current']['source']))}"
-        + (f" (cut by --where {html.escape(' '.join(report['current']['where']))})" if report["current"]["where"] else "")
-        + "; "
+        f"window: {report['current']['n_images']} images from {html.escape(str(report['current']['source']))}; "
         f"drifted {report['drifted_columns']}/{report['n_columns']} columns (share {report['drifted_share']:.2f}); "
         f"mean confidence {now} vs reference {conf['reference']:.3f}; model {html.escape(str(report['model']['version']))}"
         + "".join(f"<br>note: {html.escape(n)}" for n in report["notes"])

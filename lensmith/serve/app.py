@@ -28,7 +28,7 @@ from lensmith.serve.predict import PredictEndpoint, PredictFastPath, json_respon
 from lensmith.serve.review import item_for_prediction
 from lensmith.serve.schemas import ERRORS, PREDICT_BODY, ErrorOut, FeedbackIn, FeedbackOut, PredictResponse
 from lensmith.serve.security import configured_token
-from lensmith.serve.service import Service
+from lensmith.serve.service import RECENT_BYTES_LIMIT, Service
 
 log = logging.getLogger("lensmith.serve")
 
@@ -39,7 +39,7 @@ def not_remembered_message(prediction_id: str, window: int, queued: dict[str, An
     """Why feedback cannot be taken for a prediction the service does not remember, and what to do instead."""
     head = (
         f"prediction {loggable(prediction_id, 64)!r} is not remembered: the service keeps only its last {window} predictions "
-        "(serve.feedback_window), in memory, and forgets them when it restarts"
+        f"(serve.feedback_window; at most {RECENT_BYTES_LIMIT // 2**20} MiB of their images), in memory, and forgets them when it restarts"
     )
     if queued is None:
         return head + "; the review queue holds no item for it (images are queued at prediction time only when they need review)"
