@@ -24,7 +24,7 @@ import pytest
 
 from lensmith.procutil import free_port
 from lensmith.sampledata import FASHION_MNIST_DIR, write_sample_set
-from lensmith.testing.project import make_project, run, tool_env
+from lensmith.testing.project import LENIENT_GATE, make_project, run, tool_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -186,9 +186,7 @@ def test_init_never_overwrites_a_project(tmp_path: Path) -> None:
 @pytest.fixture
 def served_project(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A demo project after `lensmith run` (tiny params, floors relaxed: this is about the path, not the model)."""
-    relaxed = ["gate.min_accuracy=0", "gate.min_macro_f1=0", "gate.min_positive_recall=0", "gate.max_ece=1",
-               "gate.max_robustness_drop=1", "gate.min_slice_accuracy=0", "export.int8=false"]
-    project = make_project(tmp_path / "proj", relaxed)
+    project = make_project(tmp_path / "proj", [*LENIENT_GATE, "export.int8=false"])
     proc = run(lensmith("run"), project, timeout=1500)
     assert "registered v0001 and promoted it to production" in proc.stdout, proc.stdout
     port = free_port()

@@ -3,16 +3,14 @@ headless Chromium), and the nightly deployment registered with its cron schedule
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from prefect_server import PrefectServer, api, prefect_server, wait_for_deployment, wait_for_flow_run  # noqa: F401  (fixture)
+from lensmith.testing.flywheel import running_schedule
 from lensmith.testing.project import REPO, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -74,12 +72,7 @@ def test_ui_shows_the_flow_run_its_tasks_and_metrics_artifact(served_project, pr
 
 def test_nightly_deployment_registers_with_cron_and_a_triggered_run_completes(served_project, prefect_server: PrefectServer) -> None:  # noqa: ANN001, F811
     root, _ = served_project
-    log = open(root / "schedule.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lensmith.cli", "schedule"], cwd=root, env=prefect_server.env(),
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    try:
+    with running_schedule(root, prefect_server.env()):
         deployment = wait_for_deployment(prefect_server, "lensmith-nightly/nightly-retraining")
         assert deployment is not None, (root / "schedule.log").read_text()[-3000:]
         schedules = [s["schedule"] for s in deployment["schedules"]]
@@ -89,10 +82,3 @@ def test_nightly_deployment_registers_with_cron_and_a_triggered_run_completes(se
         flow_run = api(prefect_server, "post", f"/deployments/{deployment['id']}/create_flow_run", json={})
         state = wait_for_flow_run(prefect_server, flow_run["id"], 600)
         assert state == "COMPLETED", (root / "schedule.log").read_text()[-4000:]
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()

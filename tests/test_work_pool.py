@@ -4,10 +4,7 @@ them; two runs triggered at once, the second waits for the first (the deployment
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,17 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from prefect_server import PrefectServer, prefect_server  # noqa: F401  (fixture)
+from lensmith.testing.background import background
+from lensmith.testing.prefectapi import FINAL_STATES, api
 from lensmith.testing.project import REPO, make_project, run
 
 pytestmark = pytest.mark.slow
 
 POOL = "lensmith-process"  # prefect.yaml's work pool
 NIGHTLY = "lensmith-nightly/nightly-retraining"
-FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 @dataclass(frozen=True)
@@ -35,38 +32,10 @@ class PoolProject:
     worker_log: Path
 
 
-def get_json(server: PrefectServer, method: str, path: str, **kwargs: Any) -> Any:
-    for wait in (0.5, 1, 2, 4, None):  # 503: Prefect's SQLite busy, retried as its own client does
-        response = httpx.request(method, server.api_url + path, timeout=30, **kwargs)
-        if response.status_code != 503 or wait is None:
-            break
-        time.sleep(wait)
-    response.raise_for_status()
-    return response.json()
-
-
 def pool_env(server: PrefectServer, root: Path) -> dict[str, str]:
     """The worker machine's environment: the server, the pinned project (prefect.yaml's pull step cds into it),
     a worker that polls every second instead of every 10."""
     return {**server.env(), "LENSMITH_ROOT": str(root), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
-
-
-def start_worker(root: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process", "--name", "test-worker"],
-            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +51,9 @@ def pool_project(tmp_path_factory: pytest.TempPathFactory, prefect_server: Prefe
     run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"], root, env=env)
     run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], root, env=env)
     log = root.parent / "worker.log"
-    worker = start_worker(root, env, log)
-    try:
+    worker = [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process", "--name", "test-worker"]
+    with background(worker, root, env, log):
         yield PoolProject(root, prefect_server, log)
-    finally:
-        stop(worker)
 
 
 def trigger(server: PrefectServer, name: str) -> str:
@@ -101,14 +68,14 @@ def trigger(server: PrefectServer, name: str) -> str:
 def wait_final(server: PrefectServer, run_ids: list[str], timeout_s: float) -> dict[str, dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     while True:
-        runs = {i: get_json(server, "get", f"/flow_runs/{i}") for i in run_ids}
-        if all(r["state_type"] in FINAL for r in runs.values()) or time.monotonic() > deadline:
+        runs = {i: api(server.api_url, "get", f"/flow_runs/{i}") for i in run_ids}
+        if all(r["state_type"] in FINAL_STATES for r in runs.values()) or time.monotonic() > deadline:
             return runs
         time.sleep(2)
 
 
 def state_names(server: PrefectServer, run_id: str) -> list[str]:
-    return [s["name"] for s in get_json(server, "get", "/flow_run_states/", params={"flow_run_id": run_id})]
+    return [s["name"] for s in api(server.api_url, "get", "/flow_run_states/", params={"flow_run_id": run_id})]
 
 
 def test_two_nightly_runs_on_the_work_pool_one_waits_then_both_complete(pool_project: PoolProject) -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +24,7 @@ from typing import Any
 import httpx
 
 from lensmith.procutil import free_port
+from lensmith.testing.background import background
 from lensmith.testing.project import run
 
 CONTEXT_COLUMNS = ("site", "lighting", "camera", "batch")
@@ -142,23 +141,6 @@ class Traffic:
                 self.statuses.append(answer.status_code)
                 if answer.status_code == 200:
                     self.versions.add(answer.json()["model_version"])
-
-
-@contextmanager
-def background(command: list[str], cwd: Path, env: dict[str, str], log: Path, stop: int = signal.SIGTERM) -> Iterator[subprocess.Popen[bytes]]:
-    """`command` running in its own process group until the block ends (`stop`, then SIGKILL after 30 s)."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, stop)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
 
 
 @contextmanager

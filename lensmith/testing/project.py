@@ -35,6 +35,16 @@ TINY_OVERRIDES = [
     "evaluate.worst_examples=4",
 ]
 
+# Gate floors off: tests about the pipeline's mechanics train models too small to pass the shipped floors.
+LENIENT_GATE = [
+    "gate.min_accuracy=0.0",
+    "gate.min_macro_f1=0.0",
+    "gate.min_positive_recall=0.0",
+    "gate.max_ece=1.0",
+    "gate.max_robustness_drop=1.0",
+    "gate.min_slice_accuracy=0.0",
+]
+
 
 def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
