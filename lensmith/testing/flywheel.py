@@ -28,6 +28,7 @@ from lensmith.testing.background import background
 from lensmith.testing.project import run
 
 CONTEXT_COLUMNS = ("site", "lighting", "camera", "batch")
+API_TOKEN = "flywheel-reviewer-token"  # feedback needs the service's LENSMITH_API_TOKEN
 
 
 def lensmith(*args: str) -> list[str]:
@@ -78,7 +79,8 @@ def correct_through_feedback(url: str, images: list[Labelled]) -> int:
             prediction = predict(client, url, image)["predictions"][0]
             if prediction.get("context") != image.context:
                 raise AssertionError(f"context not echoed: {prediction.get('context')} != {image.context}")
-            answer = client.post(f"{url}/v1/feedback", json={"prediction_id": prediction["id"], "label": image.label})
+            answer = client.post(f"{url}/v1/feedback", json={"prediction_id": prediction["id"], "label": image.label},
+                                 headers={"Authorization": f"Bearer {API_TOKEN}"})
             if answer.status_code != 201:
                 raise AssertionError(f"feedback answered {answer.status_code}: {answer.text[:500]}")
             sent += 1
@@ -148,6 +150,7 @@ def running_service(project: Path, env: dict[str, str], ready_timeout_s: float =
     """`lensmith serve` (production from the registry) on a free port; yields its URL once /v1/ready is 200."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    env = {**env, "LENSMITH_API_TOKEN": API_TOKEN}
     with background(lensmith("serve", "--port", str(port)), project, env, project / "serve.log") as proc:
         deadline = time.monotonic() + ready_timeout_s
         while True:
