@@ -110,10 +110,11 @@ def drifted_share(project: Path, window: Path, env: dict[str, str] | None = None
 
 @dataclass
 class Traffic:
-    """Requests sent back to back from a thread while something else happens; every status is kept."""
+    """Requests sent from a thread every `interval_s` while something else happens; every status is kept."""
 
     url: str
     image: Labelled
+    interval_s: float = 0.02  # ~50 requests/s: steady traffic that leaves the cores to the retraining
     statuses: list[int] = field(default_factory=list)
     versions: set[str] = field(default_factory=set)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -143,6 +144,7 @@ class Traffic:
                 self.statuses.append(answer.status_code)
                 if answer.status_code == 200:
                     self.versions.add(answer.json()["model_version"])
+                self.stop.wait(self.interval_s)
 
 
 @contextmanager
