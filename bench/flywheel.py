@@ -31,6 +31,7 @@ from lensmith.testing.flywheel import (  # noqa: E402
     Traffic,
     correct_through_feedback,
     demo_site_images,
+    drift_figures,
     drifted_share,
     lensmith,
     review_round_trip,
@@ -111,6 +112,8 @@ def one_turn(work: Path, args: argparse.Namespace) -> dict[str, object]:
                 after, version = served_accuracy(url, fresh)
                 drift_after = drifted_share(root, work / "fresh", env)
                 clock.lap("after: fresh site-C window scored and checked for drift")
+                # the retrained model itself, whether the gate promoted it or not
+                retrained_drift, retrained_accuracy = drift_figures(root, work / "fresh", env, model="candidate")
             gate = json.loads((root / "reports" / "gate.json").read_text())
             return {
                 "overrides": list(args.set),
@@ -131,6 +134,8 @@ def one_turn(work: Path, args: argparse.Namespace) -> dict[str, object]:
                 "site_c_accuracy_gain_points": round(100 * (after - before), 1),
                 "drifted_share_before": drift_before,
                 "drifted_share_after": drift_after,
+                "retrained_site_c_accuracy": retrained_accuracy,
+                "retrained_drifted_share": retrained_drift,
             }
     finally:
         stop_s3_server(s3)

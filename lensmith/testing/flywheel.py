@@ -102,10 +102,17 @@ def review_round_trip(project: Path, folder: Path) -> str:
     return run(lensmith("review", "import", str(table)), project).stdout
 
 
+def drift_figures(project: Path, window: Path, env: dict[str, str] | None = None, model: str = "production") -> tuple[float, float | None]:
+    """`lensmith drift` of a labelled folder against `model`'s reference: (drifted share, the model's accuracy on it)."""
+    run(lensmith("drift", "--current", str(window), "--model", model), project, env=env)
+    report = json.loads((project / "reports" / "drift.json").read_text())
+    quality = report.get("classification") or {}
+    return float(report["drifted_share"]), quality.get("accuracy")
+
+
 def drifted_share(project: Path, window: Path, env: dict[str, str] | None = None) -> float:
     """`lensmith drift` of a folder against production's reference: the share of drifted columns."""
-    run(lensmith("drift", "--current", str(window), "--model", "production"), project, env=env)
-    return float(json.loads((project / "reports" / "drift.json").read_text())["drifted_share"])
+    return drift_figures(project, window, env)[0]
 
 
 @dataclass
