@@ -144,12 +144,15 @@ class Threshold:
     calibrated_size: int | None  # the calibrated window size used
     null_windows: int
     source: str  # "calibrated" or "drift.share_threshold"
+    held_out_rows: int = 0
 
     def text(self) -> str:
         if self.false_alarm_rate is None:
             return f"drift.share_threshold {self.share:.2f} (not calibrated)"
+        # fewer held-out rows than the window: each is drawn several times, so the null is wider than fresh data's
+        resampled = f" resampled from {self.held_out_rows} held-out rows," if self.held_out_rows < (self.calibrated_size or 0) else ""
         return (f"calibrated threshold {self.share:.2f} (expected false-alarm rate {self.false_alarm_rate:.1%} at "
-                f"{self.calibrated_size} images, {self.null_windows} held-out windows)")
+                f"{self.calibrated_size} images,{resampled} {self.null_windows} held-out windows)")
 
 
 def nearest_size(sizes: Sequence[int], n: int) -> int:
@@ -188,7 +191,7 @@ def slice_threshold(
     shares = null_shares(drifted, calibration["columns"], columns)
     n_columns = len([c for c in calibration["columns"] if c in set(columns)])
     share, rate = share_threshold(shares, n_columns, alpha)
-    return Threshold(share, rate, size, len(drifted), "calibrated")
+    return Threshold(share, rate, size, len(drifted), "calibrated", int(entry.get("held_out_rows", 0)))
 
 
 def calibration_matches(calibration: dict[str, Any] | None, p_value: float, min_effect: float) -> bool:
