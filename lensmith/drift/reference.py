@@ -37,7 +37,7 @@ from lensmith.imageio import load_image
 from lensmith.imagestats import image_stats
 from lensmith.layout import ONNX_FILE, Layout
 from lensmith.params import DriftParams, Params
-from lensmith.resolve import metadata_columns
+from lensmith.resolve import group_column_of, metadata_columns
 from lensmith.shards import ImageRef, frame_image_refs
 from lensmith.split import read_split_frame
 from lensmith.splitdata import image_hashes
@@ -151,12 +151,22 @@ def calibration_sizes(dp: DriftParams) -> list[int]:
     return sizes or [dp.max_window_images]
 
 
-def reference_calibration(frame: pd.DataFrame, columns: list[str], slice_columns: list[str], dp: DriftParams) -> dict[str, Any] | None:
-    """Null windows from the held-out rows per slice (WHOLE and each slice value with enough rows); None without them."""
+def resampling_group(frame: pd.DataFrame, context_columns: list[str]) -> str | None:
+    """The column whose groups (batches) null windows are drawn by: the split's group, else a batch-like metadata column."""
+    if GROUP_COLUMN in frame.columns and frame[GROUP_COLUMN].notna().any():
+        return GROUP_COLUMN
+    return group_column_of(context_columns)
+
+
+def reference_calibration(
+    frame: pd.DataFrame, columns: list[str], slice_columns: list[str], dp: DriftParams, group: str | None = GROUP_COLUMN
+) -> dict[str, Any] | None:
+    """Null windows from the held-out rows per slice (WHOLE and each slice value with enough rows), drawn by `group`;
+    None without held-out rows."""
     train, held_out = frame[frame["split"] == REFERENCE_SPLIT], frame[frame["split"] == HELD_OUT_SPLIT]
     if held_out.empty or dp.calibration_windows == 0:
         return None
-    group = GROUP_COLUMN if GROUP_COLUMN in frame.columns else None
+    group = group if group in frame.columns else None
     sizes = calibration_sizes(dp)
 
     def one(ref: pd.DataFrame, out: pd.DataFrame) -> dict[str, Any]:
@@ -232,7 +242,7 @@ def build_reference(params: Params, layout: Layout, model_dir: Path) -> Path:
         "params": dp.model_dump(mode="json", exclude={"finetune"}),
         "context_columns": context_columns,
         "slices": {"columns": slice_columns, "reason": slice_reason},
-        "calibration": reference_calibration(frame, [*STAT_COLUMNS, *columns], slice_columns, dp),
+        "calibration": reference_calibration(frame, [*STAT_COLUMNS, *columns], slice_columns, dp, resampling_group(frame, context_columns)),
     }
     parquet_path, json_path = reference_paths(model_dir)
     write_parquet_atomic(parquet_path, frame)

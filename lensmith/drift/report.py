@@ -61,7 +61,7 @@ from lensmith.drift.trigger import Decision, SliceVerdict, decide_slices, relati
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path, file_sha256, write_csv_atomic, write_json_atomic, write_text_atomic
 from lensmith.layout import Layout
-from lensmith.params import Params
+from lensmith.params import AUTO, Params
 
 DRIFT_JSON = "drift.json"
 DRIFT_PROM = "drift.prom"  # Prometheus text for a textfile collector
@@ -381,7 +381,7 @@ def class_distribution(labels: pd.Series, classes: list[str]) -> dict[str, float
 
 def window_slice_columns(reference: Reference, dp: Any) -> list[str]:
     """The columns the window is sliced by: those the reference was calibrated per (auto), or drift.slice_by."""
-    return reference.slice_columns if dp.slice_by == "auto" else [c for c in dp.slice_by]
+    return reference.slice_columns if dp.slice_by == AUTO else list(dp.slice_by)
 
 
 def reference_slice_counts(rows: pd.DataFrame, keys: pd.Series) -> dict[str, int]:
