@@ -172,6 +172,30 @@ def demo_summary(rows: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def rescore(csv: Path, layout: Layout, params: Params) -> pd.DataFrame:
+    """Windows measured earlier (a --csv file), judged again at thresholds calibrated by this code on the stored
+    reference rows of `layout` (as a rebuild would, without embedding the images again). A window's per-slice
+    drifted share depends on the window and the reference's training rows only, not on the calibration, so a change
+    of calibration is measured without generating the windows again."""
+    from lensmith.drift.calibration import slice_threshold
+    from lensmith.drift.reference import load_reference, reference_calibration, resampling_group
+
+    reference = load_reference(layout.candidate)
+    columns = [*reference.meta["stat_columns"], *reference.embedding_columns]
+    dp = params.drift
+    calibration = reference_calibration(reference.frame, columns, reference.slice_columns, dp,
+                                        resampling_group(reference.frame, reference.context_columns))
+    rows = pd.read_csv(csv)
+    keys = ["site=" + s if s in ("A", "B") else "all" for s in rows["site"]]  # site C: a new value, the whole reference
+    thresholds = [slice_threshold(calibration, k, columns, int(n), dp.false_alarm_rate, dp.share_threshold)
+                  for k, n in zip(keys, rows["n_measured"])]
+    rows["threshold"] = [t.share for t in thresholds]
+    rows["expected_fa"] = [t.false_alarm_rate for t in thresholds]
+    rows["drift"] = (rows["share"] >= rows["threshold"] - 1e-9) | (rows["site"] == "C")
+    rows["retrain"] = rows["drift"] | (rows["conf_drop"] >= dp.confidence_drop)
+    return rows
+
+
 # ---- Fashion-MNIST ------------------------------------------------------------------------------------------
 
 
@@ -239,7 +263,12 @@ def main() -> None:
                         help="work folder to keep (default: a temp folder, removed); a kept trained model is reused")
     parser.add_argument("--csv", type=Path, default=None, help="append each window's row to this CSV")
     parser.add_argument("--budget-minutes", type=float, default=None, help="start no new window after this long")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="a --csv of earlier windows: judge them again at the thresholds of the reference in --keep DIR")
     args = parser.parse_args()
+    if args.rescore is not None:
+        print(demo_summary(rescore(args.rescore, Layout(args.keep / "demo"), bench_params(epochs=3))).to_string(index=False))
+        return
     root = args.keep or Path(tempfile.mkdtemp(prefix="lensmith-drift-cal-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
