@@ -198,3 +198,12 @@ def test_cli_drift_compares_each_site_with_its_slice_and_states_the_false_alarm_
     report = json.loads((root / "reports/drift.json").read_text())
     assert [v["status"] for v in report["slices"]] == ["new_value"] and report["decision"]["retrain"]
     assert "site=C: a value the reference has never seen" in new_site.output
+
+
+def test_held_out_windows_are_drawn_by_batch_when_the_split_carries_no_group(rng: np.random.Generator) -> None:
+    from lensmith.drift.reference import resampling_group
+
+    frame = site_rows("A", 50, rng).rename(columns={"group": "batch"})
+    assert resampling_group(frame, ["site", "batch"]) == "batch"
+    assert resampling_group(site_rows("A", 50, rng), ["site"]) == "group"
+    assert resampling_group(frame.drop(columns="batch"), ["site"]) is None
