@@ -1,14 +1,21 @@
-"""Drift calibration: is the retrain trigger right on shifted data and quiet on same-distribution data?
+"""Drift calibration: is the retrain trigger quiet on fresh same-site data and loud on a new site or new light?
 
-1. Demo data: train (lensmith.train.run_train) + export (lensmith.export.run_export) on sites A/B,
-   build the drift reference, then
-   - site C (darker, warmer light, other gloss) must be flagged;
-   - 20 random windows of new, unseen A/B images (another seed: new batches) may raise at most 1 alarm.
+1. Demo data: train (lensmith.train.run_train) + export (lensmith.export.run_export) on sites A/B, build the drift
+   reference (slices by site, false-alarm calibration on the held-out batches), then per window size
+   (--sizes, default 1000 100 5000) through `run_drift`, the code behind `lensmith drift`:
+   - per training site A and B, --windows fresh same-site windows, each `lensmith demo-data --site S` with a new
+     seed (new batches, nothing else changed): every retrain is a false alarm (target <= 1 in 20);
+   - --shift-windows windows of site C (held back: darker, warmer light, other gloss; a new site value), which must
+     be flagged (target >= 19 in 20), and of site A with the light dimmed (brightness x0.75, site=A kept: compared
+     with the site-A slice), which should be.
+   Windows larger than drift.max_window_images (1000) are measured on its seeded sample, as in production.
 2. Fashion-MNIST (Debian dataset-fashion-mnist): the same on a model trained on its train set;
    the plain test set must not be flagged, a brightness/contrast-shifted test set must be.
 
-Usage: .venv/bin/python bench/drift_calibration.py [--windows 20] [--window-size 100] [--seed 0] [--keep DIR]
-Prints one line per check and a summary table (the README figures).
+Usage: .venv/bin/python bench/drift_calibration.py [--windows 20] [--shift-windows 20] [--sizes 1000 100 5000]
+       [--per-class 300] [--seed 0] [--skip fmnist] [--keep DIR] [--csv FILE] [--budget-minutes M]
+Prints one line per window (and appends it to --csv), then the per-size, per-site table (the README figures).
+With --budget-minutes it stops starting new windows after that long and says what was run.
 """
 
 from __future__ import annotations
@@ -64,14 +71,6 @@ def write_splits(layout: Layout, frame: pd.DataFrame, split: pd.Series) -> None:
         frame[split == name].reset_index(drop=True).to_parquet(layout.split_file(name), index=False)
 
 
-def copy_window(files: list[Path], labels: list[str], target: Path) -> Path:
-    for i, (file, label) in enumerate(zip(files, labels)):
-        out = target / label / f"{i:05d}{file.suffix}"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(file, out)
-    return target
-
-
 def check(layout: Layout, params: Params, source: Path, name: str) -> dict:
     result = run_drift(params, layout, str(source))
     r = result.report
@@ -92,33 +91,108 @@ def check(layout: Layout, params: Params, source: Path, name: str) -> dict:
 # ---- demo data ----------------------------------------------------------------------------------------------
 
 
-def demo_checks(root: Path, windows: int, window_size: int, per_class: int, seed: int = 0) -> list[dict]:
+def demo_project(root: Path, per_class: int) -> tuple[Layout, Params]:
     from bench._common import split_by_batch
     from lensmith.demodata import generate_demo_dataset
 
     layout = Layout(root / "demo")
+    params = bench_params(epochs=3)
+    if (layout.candidate / "drift_reference.json").is_file():
+        build_reference(params, layout, layout.candidate)  # the model is kept; the reference follows the code
+        return layout, params
     raw = layout.root / "data/raw/demo"
     generate_demo_dataset(raw, sites=None, seed=0, per_class=per_class, image_size=64)
     meta = pd.read_csv(raw / "metadata.csv")
     meta["file"] = [str(raw / p) for p in meta["path"]]
     write_splits(layout, meta, split_by_batch(meta))
-    params = bench_params(epochs=3)
     print(f"demo: trained + exported + reference in {train_and_export(layout, params):.0f}s", flush=True)
+    return layout, params
 
+
+def dimmed(folder: Path, factor: float) -> Path:
+    """The window with every image's brightness scaled in place (metadata.csv kept: the same site, new light)."""
+    from PIL import ImageEnhance
+
+    for file in sorted(folder.rglob("*.jpg")):
+        ImageEnhance.Brightness(Image.open(file).convert("RGB")).enhance(factor).save(file, quality=95)
+    return folder
+
+
+def window_check(layout: Layout, params: Params, folder: Path, kind: str, site: str, size: int, number: int) -> dict:
+    result = run_drift(params, layout, str(folder))
+    r = result.report
+    judged = [v for v in r["slices"] if v["judged"]]
+    row = {
+        "kind": kind, "site": site, "size": size, "window": number, "n_measured": r["current"]["n_images"],
+        "slices": " ".join(f"{v['key']}:{v['status']}" for v in r["slices"]),
+        "share": max((v["drifted_share"] or 0.0) for v in judged) if judged else None,
+        "threshold": min((v["threshold"] for v in judged if v["threshold"] is not None), default=None),
+        "expected_fa": r["false_alarm"]["expected"],
+        "drift": r["drift_detected"], "retrain": result.decision.retrain,
+        "conf_drop": r["confidence"]["relative_drop"], "seconds": r["seconds"]["total"],
+    }
+    print(row, flush=True)
+    return row
+
+
+def demo_checks(root: Path, windows: int, shift_windows: int, sizes: list[int], per_class: int, seed: int,
+                deadline: float, csv: Path | None) -> list[dict]:
+    from lensmith.demodata import generate_demo_dataset
+
+    layout, params = demo_project(root, per_class)
+    plan = [(size, kind, site, w) for size in sizes
+            for kind, site, count in (("fresh", "A", windows), ("fresh", "B", windows), ("site C", "C", shift_windows),
+                                      ("dimmed A", "A", shift_windows))
+            for w in range(count)]
     rows = []
-    site_c = root / "site_c"
-    generate_demo_dataset(site_c, sites=["C"], seed=0, per_class=max(20, window_size // 5), image_size=64)
-    rows.append(check(layout, params, site_c, "demo site C (held back)"))
-
-    fresh = root / "fresh_ab"
-    generate_demo_dataset(fresh, sites=None, seed=1 + seed, per_class=max(40, window_size // 2), image_size=64)
-    fresh_meta = pd.read_csv(fresh / "metadata.csv")
-    rng = np.random.default_rng(seed)
-    for w in range(windows):
-        pick = fresh_meta.iloc[rng.choice(len(fresh_meta), size=min(window_size, len(fresh_meta)), replace=False)]
-        folder = copy_window([fresh / p for p in pick["path"]], list(pick["label"]), root / f"window_{w:02d}")
-        rows.append(check(layout, params, folder, f"demo A/B window {w + 1}"))
+    for size, kind, site, w in plan:
+        if time.perf_counter() > deadline:
+            print(f"budget spent: {len(rows)} of {len(plan)} windows run", flush=True)
+            break
+        folder = root / "window"
+        window_seed = 1000 + seed * 100_000 + size * 10 + w  # a new seed per window: new batches
+        started = time.perf_counter()
+        generate_demo_dataset(folder, sites=[site], seed=window_seed, per_class=size // 5, image_size=64)
+        generated = time.perf_counter() - started
+        if kind == "dimmed A":
+            dimmed(folder, 0.75)
+        row = {**window_check(layout, params, folder, kind, site, size, w), "generate_s": round(generated, 1)}
+        rows.append(row)
+        if csv is not None:
+            pd.DataFrame([row]).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
         shutil.rmtree(folder)
+    return rows
+
+
+def demo_summary(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per size and kind/site: windows run and how many retrained (false alarms for fresh windows)."""
+    out = rows.groupby(["size", "kind", "site"], sort=False).agg(
+        windows=("retrain", "size"), retrained=("retrain", "sum"), max_share=("share", "max"),
+        threshold=("threshold", "median"), expected_fa=("expected_fa", "median"), seconds=("seconds", "median"))
+    return out.reset_index()
+
+
+def rescore(csv: Path, layout: Layout, params: Params) -> pd.DataFrame:
+    """Windows measured earlier (a --csv file), judged again at thresholds calibrated by this code on the stored
+    reference rows of `layout` (as a rebuild would, without embedding the images again). A window's per-slice
+    drifted share depends on the window and the reference's training rows only, not on the calibration, so a change
+    of calibration is measured without generating the windows again."""
+    from lensmith.drift.calibration import slice_threshold
+    from lensmith.drift.reference import load_reference, reference_calibration, resampling_group
+
+    reference = load_reference(layout.candidate)
+    columns = [*reference.meta["stat_columns"], *reference.embedding_columns]
+    dp = params.drift
+    calibration = reference_calibration(reference.frame, columns, reference.slice_columns, dp,
+                                        resampling_group(reference.frame, reference.context_columns))
+    rows = pd.read_csv(csv)
+    keys = ["site=" + s if s in ("A", "B") else "all" for s in rows["site"]]  # site C: a new value, the whole reference
+    thresholds = [slice_threshold(calibration, k, columns, int(n), dp.false_alarm_rate, dp.share_threshold)
+                  for k, n in zip(keys, rows["n_measured"])]
+    rows["threshold"] = [t.share for t in thresholds]
+    rows["expected_fa"] = [t.false_alarm_rate for t in thresholds]
+    rows["drift"] = (rows["share"] >= rows["threshold"] - 1e-9) | (rows["site"] == "C")
+    rows["retrain"] = rows["drift"] | (rows["conf_drop"] >= dp.confidence_drop)
     return rows
 
 
@@ -175,36 +249,43 @@ def fmnist_checks(root: Path, n_train: int, n_test: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=20)
-    parser.add_argument("--window-size", type=int, default=100)
+    parser.add_argument("--windows", type=int, default=20, help="fresh same-site windows per size and training site")
+    parser.add_argument("--shift-windows", type=int, default=20, help="site C and dimmed site-A windows per size")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100, 5000])
     parser.add_argument("--per-class", type=int, default=300,
                         help="demo training images per class (sites A+B): ~200 production batches. A reference of ~70 "
                         "batches (100/class) under-represents batch-level lighting/material and raises false alarms")
     parser.add_argument("--fmnist-train", type=int, default=2000)
     parser.add_argument("--fmnist-test", type=int, default=1000)
     parser.add_argument("--skip", choices=["demo", "fmnist"], default=None)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the same-distribution windows (new A/B images: demo seed 1 + SEED; window draw: SEED)")
-    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp folder, removed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh windows (each window: its own demo seed)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="work folder to keep (default: a temp folder, removed); a kept trained model is reused")
+    parser.add_argument("--csv", type=Path, default=None, help="append each window's row to this CSV")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="start no new window after this long")
+    parser.add_argument("--rescore", type=Path, default=None,
+                        help="a --csv of earlier windows: judge them again at the thresholds of the reference in --keep DIR")
     args = parser.parse_args()
+    if args.rescore is not None:
+        print(demo_summary(rescore(args.rescore, Layout(args.keep / "demo"), bench_params(epochs=3))).to_string(index=False))
+        return
     root = args.keep or Path(tempfile.mkdtemp(prefix="lensmith-drift-cal-"))
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    rows = []
+    deadline = started + 60 * args.budget_minutes if args.budget_minutes else float("inf")
+    demo_rows, rows = [], []
     try:
         if args.skip != "demo":
-            rows += demo_checks(root, args.windows, args.window_size, args.per_class, args.seed)
+            demo_rows = demo_checks(root, args.windows, args.shift_windows, args.sizes, args.per_class, args.seed, deadline, args.csv)
         if args.skip != "fmnist":
             rows += fmnist_checks(root, args.fmnist_train, args.fmnist_test)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    table = pd.DataFrame(rows)
-    print(table.to_string(index=False))
-    windows = table[table["check"].str.startswith("demo A/B window")]
-    if len(windows):
-        print(f"same-distribution windows: {int(windows['retrain'].sum())} false alarm(s) in {len(windows)} "
-              f"(max drifted share {windows['share'].max():.2f}; min confidence {windows['conf_now'].min():.3f})")
+    if demo_rows:
+        print(demo_summary(pd.DataFrame(demo_rows)).to_string(index=False))
+    if rows:
+        print(pd.DataFrame(rows).to_string(index=False))
     print(f"total {time.perf_counter() - started:.0f}s")
 
 

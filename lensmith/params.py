@@ -682,7 +682,7 @@ class DriftParams(Section):
     """Drift monitoring (`lensmith drift`, the monitoring deployment)."""
 
     embedding_dims: int = Field(16, ge=1, le=256, description="PCA components of the penultimate-layer embeddings")
-    share_threshold: float = Field(0.6, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts (calibrated: bench/drift_calibration.py)")
+    share_threshold: float = Field(0.6, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts, for a reference without a calibration (no validation batches) at its window size and slice")
     confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="Retrain when mean confidence drops this much (relative)")
     p_value: float = Field(0.05, gt=0.0, lt=1.0, description="Per-column significance of the KS / chi-square tests")
     min_window: int = Field(30, ge=1, description="Windows with fewer images are reported but never trigger")
@@ -712,6 +712,33 @@ class DriftParams(Section):
         default_factory=list,
         description="Filters of the current window, each `column=value` or `column=v1,v2` (all must hold): the prediction "
         "log's context, a folder's metadata.csv column; `lensmith drift --where` overrides",
+    )
+    slice_by: list[str] | Auto = Field(
+        AUTO,
+        description="Context columns (metadata.csv, the prediction log's context) whose values are compared with the "
+        "matching slice of the reference; auto = the metadata columns every production batch holds one value of "
+        "(site, line), none without a batch column; [] = the whole reference",
+    )
+    min_slice_rows: int = Field(
+        100, ge=1, description="Reference training rows a slice needs to be compared on its own; a smaller one is reported as too small"
+    )
+    min_effect: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="A column drifts when its p-value is below drift.p_value and its KS distance is at least this: "
+        "large windows do not flag trivial differences",
+    )
+    false_alarm_rate: float = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="Target false-alarm rate per window; the share threshold is calibrated to it on held-out reference "
+        "windows (validation batches, resampled) at the window's size",
+    )
+    calibration_windows: int = Field(
+        100, ge=0, le=10000, description="Resampled held-out windows per slice and size that calibrate the share threshold; 0 = none"
+    )
+    calibration_sizes: list[int] = Field(
+        default_factory=lambda: [100, 300, 1000],
+        description="Window sizes the reference is calibrated at (a window uses the nearest; larger ones are sampled "
+        "to drift.max_window_images)",
     )
     finetune: FinetuneParams = Field(default_factory=FinetuneParams)
 

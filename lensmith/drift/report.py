@@ -11,6 +11,14 @@ One Evidently 0.7 report:
 Outputs: reports/drift.html (self-contained), reports/drift.json, reports/drift.prom (Prometheus text),
 reports/drift_quarantine.csv. A window cut by `--where site=C` (drift.where) records its filters in
 `current.where` and the images before them in `current.n_before_where`.
+
+Like with like (lensmith.drift.slices): each slice of the window (its images' site, per metadata.csv or the
+prediction log's context) is compared with the matching slice of the reference's training rows, and Evidently's
+reference is those rows. The decision (lensmith.drift.calibration) is per slice: a column drifts when its KS p-value
+is below drift.p_value and its KS distance reaches drift.min_effect, and a slice drifts when the share of drifted
+columns reaches the threshold calibrated on held-out reference windows of its size (drift.share_threshold for a
+reference without a calibration). A value the reference never saw (a new site) is drift in itself. The report
+states the expected false-alarm rate of its window (`false_alarm`), per slice (`slices`).
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lensmith.drift.calibration import Threshold, calibration_matches, slice_threshold, sorted_columns, window_tests
 from lensmith.drift.current import (
+    NOT_CONTEXT,
     STAT_COLUMNS,
+    cell_text,
     CurrentWindow,
     WindowFilter,
     decoded_chunks,
@@ -45,11 +56,12 @@ from lensmith.drift.current import (
 )
 from lensmith.drift.embeddings import EmbeddingModel
 from lensmith.drift.reference import Reference, load_reference, onnx_model_path, reference_paths
-from lensmith.drift.trigger import Decision, decide, relative_drop
+from lensmith.drift.slices import NEW_VALUE, TOO_SMALL, WHOLE, WindowSlice, slice_keys, status_text, window_slices
+from lensmith.drift.trigger import Decision, SliceVerdict, decide_slices, relative_drop
 from lensmith.errors import DataError
 from lensmith.fsutil import atomic_path, file_sha256, write_csv_atomic, write_json_atomic, write_text_atomic
 from lensmith.layout import Layout
-from lensmith.params import Params
+from lensmith.params import AUTO, Params
 
 DRIFT_JSON = "drift.json"
 DRIFT_PROM = "drift.prom"  # Prometheus text for a textfile collector
@@ -80,6 +92,8 @@ class DriftResult:
             f"drift: {r['current']['n_images']} images from {r['current']['source']}",
             f"  drifted columns {r['drifted_columns']}/{r['n_columns']} (share {r['drifted_share']:.2f}); "
             f"mean confidence {now} vs reference {conf['reference']:.3f}",
+            f"  {false_alarm_text(r['false_alarm'])}",
+            *(f"  slice {v['key']}: {slice_text(v)}" for v in r["slices"] if len(r["slices"]) > 1 or v["key"] != WHOLE),
             f"  quarantined {r['current']['n_quarantined']} file(s)" + (f" -> {r['current']['quarantine']}" if r["current"]["n_quarantined"] else ""),
             f"  decision: {self.decision.reason}",
             *(f"  note: {n}" for n in r["notes"]),
@@ -149,7 +163,7 @@ def embed_image_window(
             embed_s += time.perf_counter() - t
             embeddings.append(out.embeddings)
             probabilities.append(out.probabilities)
-    frame = pd.DataFrame(rows, columns=["path", "label", *STAT_COLUMNS])
+    frame = with_context(pd.DataFrame(rows, columns=["path", "label", *STAT_COLUMNS]), listing.metadata)
     description = listing.description + (f" where {where_text(where)}" if where else "")
     notes = [*where_note(where, n_listed, len(listing.items)), *sampling_note(n_listed, limit)]
     window = CurrentWindow(
@@ -164,6 +178,19 @@ def embed_image_window(
     frame["predicted_label"] = [model.classes[i] for i in probs.argmax(axis=1)]
     frame["confidence"] = probs.max(axis=1)
     return CurrentData(window, frame, embedding_seconds=embed_s, decode_seconds=time.perf_counter() - started - embed_s)
+
+
+def with_context(frame: pd.DataFrame, metadata: pd.DataFrame | None) -> pd.DataFrame:
+    """The window's rows with their metadata.csv columns (site, ...) as text, matched by path."""
+    if metadata is None or frame.empty:
+        return frame
+    unique = metadata[~metadata.index.duplicated(keep="first")]
+    columns = [c for c in unique.columns if str(c) not in NOT_CONTEXT and c not in frame.columns]
+    context = unique.reindex(frame["path"])[columns].map(cell_text) if columns else None
+    if context is None:
+        return frame
+    context.index = frame.index
+    return pd.concat([frame, context.astype(object)], axis=1)
 
 
 def load_current(
@@ -225,18 +252,24 @@ def monitored_columns(current: pd.DataFrame, reference: Reference) -> list[str]:
     return [c for c in candidates if c in current.columns and current[c].notna().any()]
 
 
-def evidently_frames(current: pd.DataFrame, reference: Reference, columns: list[str], with_quality: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ref = reference.frame.copy()
+def evidently_frames(
+    current: pd.DataFrame, reference: Reference, columns: list[str], with_quality: bool, data_rows: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(current, reference) for Evidently. The reference's image columns come from `data_rows` (default: the rows drift
+    is measured against); its predictions (and labels, for quality) only from the validation rows, as separate rows."""
+    frame = reference.frame
     keep = [*columns, *PREDICTION_COLUMNS, "label"]
-    # predictions (and labels, for quality) come only from the validation rows
-    has_val = (ref["split"] == "val").any()
-    not_prediction_rows = ref["split"] != ("val" if has_val else "train")
-    ref.loc[not_prediction_rows, ["predicted_label", "confidence", "label"]] = np.nan
+    data = (reference.comparison_rows() if data_rows is None else data_rows).reindex(columns=keep).copy()
+    data[[*PREDICTION_COLUMNS, "label"]] = np.nan
+    has_val = (frame["split"] == "val").any()
+    predictions = frame[frame["split"] == ("val" if has_val else "train")].reindex(columns=keep).copy()
+    predictions[columns] = np.nan
+    ref = pd.concat([data, predictions], ignore_index=True)
     cur = current.reindex(columns=keep)
     if not with_quality:
         cur["label"] = np.nan
         ref["label"] = np.nan
-    return cur, ref.reindex(columns=keep)
+    return cur, ref
 
 
 def run_evidently(cur: pd.DataFrame, ref: pd.DataFrame, columns: list[str], with_quality: bool, dp: Any) -> Any:
@@ -318,12 +351,19 @@ def statistic(ref: pd.Series, cur: pd.Series, method: str) -> float | None:
     return float((((cur_counts - expected) ** 2)[mask] / expected[mask]).sum())
 
 
-def column_rows(results: dict[str, dict[str, Any]], cur: pd.DataFrame, ref: pd.DataFrame, reference: Reference) -> list[dict[str, Any]]:
+def column_rows(
+    results: dict[str, dict[str, Any]], cur: pd.DataFrame, ref: pd.DataFrame, reference: Reference, min_effect: float = 0.0
+) -> list[dict[str, Any]]:
+    """Per column: Evidently's p-value beside the test statistic; an image column drifts only when its KS distance
+    also reaches `min_effect` (the column test of lensmith.drift.calibration)."""
     rows = []
     for column, r in results.items():
         kind = "prediction" if column in PREDICTION_COLUMNS else "embedding" if column in reference.embedding_columns else "statistic"
+        value = statistic(ref[column], cur[column], r["method"])
         drifted = r["p_value"] < (r["threshold"] if r["threshold"] is not None else 0.05)
-        row = {"column": column, "kind": kind, "method": r["method"], "statistic": statistic(ref[column], cur[column], r["method"]), "p_value": r["p_value"], "threshold": r["threshold"], "drifted": bool(drifted)}
+        if kind != "prediction" and r["method"] == NUM_METHOD:
+            drifted = drifted and value is not None and value >= min_effect
+        row = {"column": column, "kind": kind, "method": r["method"], "statistic": value, "p_value": r["p_value"], "threshold": r["threshold"], "drifted": bool(drifted)}
         if cur[column].dtype.kind in "fiu":
             row.update(reference_mean=float(ref[column].dropna().mean()), current_mean=float(cur[column].dropna().mean()))
         rows.append(row)
@@ -334,6 +374,104 @@ def class_distribution(labels: pd.Series, classes: list[str]) -> dict[str, float
     counts = labels.dropna().astype(str).value_counts()
     total = max(int(counts.sum()), 1)
     return {c: float(counts.get(c, 0)) / total for c in sorted(set(classes) | set(counts.index))}
+
+
+# ---- slices and the calibrated decision ---------------------------------------------------------------
+
+
+def window_slice_columns(reference: Reference, dp: Any) -> list[str]:
+    """The columns the window is sliced by: those the reference was calibrated per (auto), or drift.slice_by."""
+    return reference.slice_columns if dp.slice_by == AUTO else list(dp.slice_by)
+
+
+def reference_slice_counts(rows: pd.DataFrame, keys: pd.Series) -> dict[str, int]:
+    counts = {str(k): int(v) for k, v in keys.dropna().value_counts().items()}
+    counts[WHOLE] = int(len(rows))
+    return counts
+
+
+def slice_verdict(
+    piece: WindowSlice, current: pd.DataFrame, rows: pd.DataFrame, columns: list[str], threshold: Threshold, dp: Any
+) -> SliceVerdict:
+    """Compare one slice of the window with its reference rows by the calibrated column test."""
+    n = len(piece.positions)
+    if piece.status == TOO_SMALL:
+        return SliceVerdict(piece.key, piece.status, n, piece.reference_rows, None, None, None, False, False, status_text(piece, dp.min_slice_rows))
+    tests = window_tests(sorted_columns(rows, columns), current.iloc[piece.positions], columns, dp.p_value, dp.min_effect)
+    share = sum(t.drifted for t in tests) / len(tests) if tests else 0.0
+    judged = n >= dp.min_window
+    new = piece.status == NEW_VALUE
+    drifted = judged and (new or share >= threshold.share)
+    label = "" if piece.key == WHOLE else f"{piece.key}: "
+    if new:
+        reason = f"{piece.key}: a value the reference has never seen (new slice); drifted share {share:.2f} against the whole reference"
+    elif not judged:
+        reason = f"{label}{n} image(s) < drift.min_window {dp.min_window}: reported, not judged"
+    else:
+        reason = f"{label}drifted share {share:.2f} {'>=' if drifted else '<'} {threshold.text()}"
+    return SliceVerdict(piece.key, piece.status, n, piece.reference_rows, share, threshold.share, threshold.false_alarm_rate, judged, drifted, reason)
+
+
+@dataclass
+class SlicedComparison:
+    verdicts: list[SliceVerdict]
+    evidently_rows: pd.DataFrame  # the reference rows Evidently compares the window with
+    notes: list[str]
+    calibrated: bool
+
+
+def sliced_comparison(current: pd.DataFrame, reference: Reference, columns: list[str], dp: Any) -> SlicedComparison:
+    """Each slice of the window against its reference slice, judged at the false-alarm rate drift.false_alarm_rate
+    shared among the judged slices."""
+    rows = reference.comparison_rows()
+    slice_by = window_slice_columns(reference, dp)
+    ref_keys = slice_keys(rows, slice_by)
+    pieces = window_slices(slice_keys(current, slice_by), reference_slice_counts(rows, ref_keys), dp.min_slice_rows)
+    calibration = reference.calibration if calibration_matches(reference.calibration, dp.p_value, dp.min_effect) else None
+    notes = []
+    if reference.calibration and calibration is None:
+        notes.append(f"the reference was calibrated at p_value {reference.calibration.get('p_value')} / min_effect "
+                     f"{reference.calibration.get('min_effect')}, not {dp.p_value} / {dp.min_effect}: drift.share_threshold applies; rebuild the reference")
+    elif not reference.calibration:
+        notes.append("the reference carries no false-alarm calibration (no validation rows, or an older reference): "
+                     "drift.share_threshold applies; rebuild it with `lensmith drift-reference`")
+    judged = [p for p in pieces if p.status not in (TOO_SMALL, NEW_VALUE) and len(p.positions) >= dp.min_window]
+    alpha = dp.false_alarm_rate / max(1, len(judged))
+    verdicts = []
+    for piece in pieces:
+        slice_rows = rows if piece.reference_key in (None, WHOLE) else rows[ref_keys == piece.reference_key]
+        threshold = slice_threshold(calibration, piece.reference_key or WHOLE, columns, len(piece.positions), alpha, dp.share_threshold)
+        verdicts.append(slice_verdict(piece, current, slice_rows, columns, threshold, dp))
+    compared = {p.reference_key for p in pieces if p.reference_key is not None}
+    evidently_rows = rows if (WHOLE in compared or not compared) else rows[ref_keys.isin(compared)]
+    return SlicedComparison(verdicts, evidently_rows, notes, calibration is not None)
+
+
+def false_alarm_block(comparison: SlicedComparison, n_images: int, dp: Any) -> dict[str, Any]:
+    """The expected false-alarm rate of this window's decision: the sum over its judged slices (a union bound)."""
+    judged = [v for v in comparison.verdicts if v.judged and v.status != NEW_VALUE]
+    rates = [v.false_alarm_rate for v in judged]
+    calibrated = bool(judged) and all(r is not None for r in rates)
+    return {
+        "expected": float(min(1.0, sum(rates))) if calibrated else None,  # type: ignore[arg-type]
+        "target": dp.false_alarm_rate,
+        "calibrated": calibrated,
+        "window_images": n_images,
+        "judged_slices": len(judged),
+        "min_effect": dp.min_effect,
+        "p_value": dp.p_value,
+    }
+
+
+def false_alarm_text(block: dict[str, Any]) -> str:
+    if block["expected"] is None:
+        return f"false-alarm rate: not calibrated for this window (target {block['target']:.0%}); see the notes"
+    return (f"expected false-alarm rate {block['expected']:.1%} for {block['window_images']} images "
+            f"(target {block['target']:.0%}; calibrated on held-out reference windows; {block['judged_slices']} slice(s) judged)")
+
+
+def slice_text(verdict: dict[str, Any]) -> str:
+    return f"{verdict['n_images']} images vs {verdict['reference_rows']} reference rows ({verdict['status']}): {verdict['reason']}"
 
 
 # ---- outputs ------------------------------------------------------------------------------------------
@@ -362,6 +500,8 @@ def decision_banner(decision: Decision, report: dict[str, Any]) -> str:
         f"window: {report['current']['n_images']} images from {html.escape(str(report['current']['source']))}; "
         f"drifted {report['drifted_columns']}/{report['n_columns']} columns (share {report['drifted_share']:.2f}); "
         f"mean confidence {now} vs reference {conf['reference']:.3f}; model {html.escape(str(report['model']['version']))}"
+        f"<br>{html.escape(false_alarm_text(report['false_alarm']))}"
+        + "".join(f"<br>slice {html.escape(str(v['key']))}: {html.escape(slice_text(v))}" for v in report["slices"] if len(report["slices"]) > 1 or v["key"] != WHOLE)
         + "".join(f"<br>note: {html.escape(n)}" for n in report["notes"])
         + "</div>"
     )
@@ -416,6 +556,7 @@ def prometheus_text(report: dict[str, Any]) -> str:
         "lensmith_drift_retrain": ("1 when the last drift check asked for retraining", 1 if report["decision"]["retrain"] else 0),
         "lensmith_drift_report_timestamp_seconds": ("When the last drift check ran", datetime.fromisoformat(report["created"]).timestamp()),
         "lensmith_drift_live_defect_recall": ("Defect recall per the review queue's corrections", live.get("defect_recall")),
+        "lensmith_drift_expected_false_alarm_rate": ("Expected false-alarm rate of the last drift check's decision", (report.get("false_alarm") or {}).get("expected")),
     }
     lines = []
     for name, (text, value) in values.items():
@@ -444,21 +585,22 @@ def run_drift(
     with_quality, labels_block, label_notes = label_check(frame, reference.classes)
     columns = monitored_columns(frame, reference)
     in_evidently = with_quality and evidently_can_score(frame)
-    cur, ref = evidently_frames(frame, reference, columns, in_evidently)
+    comparison = sliced_comparison(frame, reference, columns, dp)
+    cur, ref = evidently_frames(frame, reference, columns, in_evidently, comparison.evidently_rows)
     t = time.perf_counter()
     evidently_import.join()
     snapshot = run_evidently(cur, ref, columns, in_evidently, dp)
     evidently_s = time.perf_counter() - t
     snap = snapshot.dict()
-    per_column = column_rows(value_drift_results(snap), cur, ref, reference)
+    per_column = column_rows(value_drift_results(snap), cur, ref, reference, dp.min_effect)
     data_rows = [r for r in per_column if r["kind"] != "prediction"]
     drifted = sum(r["drifted"] for r in data_rows)
     share = drifted / len(data_rows) if data_rows else 0.0
     conf_now = float(frame["confidence"].mean()) if frame["confidence"].notna().any() else None
-    decision = decide(share, conf_now, reference.mean_confidence, len(frame), dp)
+    decision = decide_slices(comparison.verdicts, conf_now, reference.mean_confidence, len(frame), dp)
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "drift_detected": share >= dp.share_threshold,
+        "drift_detected": any(v.drifted for v in comparison.verdicts),
         "drifted_share": share,
         "drifted_columns": int(drifted),
         "n_columns": len(data_rows),
@@ -475,6 +617,9 @@ def run_drift(
         "classification": {**classification_quality(frame, reference.classes), "reference_accuracy": reference.meta["predictions"].get("accuracy")} if with_quality else None,
         "labels": labels_block,
         "decision": decision.to_dict(),
+        "false_alarm": false_alarm_block(comparison, len(frame), dp),
+        "slices": [v.to_dict() for v in comparison.verdicts],
+        "slice_by": window_slice_columns(reference, dp),
         "current": {
             "source": current.window.description,
             "kind": current.window.kind,
@@ -487,8 +632,8 @@ def run_drift(
             "quarantine": str(quarantine),
         },
         "model": {"dir": str(model_dir), "version": reference.meta.get("model_version"), "reference_created": reference.meta.get("created")},
-        "thresholds": {"share_threshold": dp.share_threshold, "confidence_drop": dp.confidence_drop, "p_value": dp.p_value, "min_window": dp.min_window, "num_method": NUM_METHOD, "cat_method": CAT_METHOD},
-        "notes": [*current.window.notes, *label_notes],
+        "thresholds": {"share_threshold": dp.share_threshold, "min_effect": dp.min_effect, "false_alarm_rate": dp.false_alarm_rate, "confidence_drop": dp.confidence_drop, "p_value": dp.p_value, "min_window": dp.min_window, "num_method": NUM_METHOD, "cat_method": CAT_METHOD},
+        "notes": [*current.window.notes, *label_notes, *comparison.notes],
     }
     html_path, json_path = layout.reports / DRIFT_HTML, layout.reports / DRIFT_JSON
     t = time.perf_counter()

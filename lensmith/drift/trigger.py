@@ -1,4 +1,7 @@
-"""The retraining decision: data drift share or a relative drop of mean confidence, on a large enough window."""
+"""The retraining decision: data drift share or a relative drop of mean confidence, on a large enough window.
+
+`decide` judges one drifted share against drift.share_threshold; `decide_slices` judges the window slice by slice
+(lensmith.drift.slices), each against its own calibrated threshold (lensmith.drift.calibration)."""
 
 from __future__ import annotations
 
@@ -44,3 +47,40 @@ def decide(drifted_share: float | None, confidence_now: float | None, confidence
     return Decision(
         False, [], f"keep: drifted share {share} < {dp.share_threshold:.2f} and confidence change {fell} below a {dp.confidence_drop:.0%} drop"
     )
+
+
+@dataclass(frozen=True)
+class SliceVerdict:
+    """One slice of the window, judged against its matching reference slice."""
+
+    key: str
+    status: str  # compared | too_small | new_value | whole
+    n_images: int
+    reference_rows: int
+    drifted_share: float | None  # None when not compared
+    threshold: float | None
+    false_alarm_rate: float | None  # expected, at this threshold and window size; None when not calibrated
+    judged: bool  # False: too small a reference slice, or too few images in the window
+    drifted: bool
+    reason: str  # one line, given either way
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide_slices(verdicts: list[SliceVerdict], confidence_now: float | None, confidence_reference: float, n_images: int, dp: DriftParams) -> Decision:
+    """Retrain when a slice drifted (its share reached its threshold, or it is a value the reference never saw) or
+    mean confidence dropped by >= confidence_drop (relative)."""
+    drop = relative_drop(confidence_now, confidence_reference)
+    if n_images < dp.min_window:
+        return Decision(False, [], f"window of {n_images} image(s) is below drift.min_window={dp.min_window}: reported, not acted on")
+    reasons = [v.reason for v in verdicts if v.drifted]
+    if drop is not None and drop >= dp.confidence_drop:
+        reasons.append(
+            f"mean confidence fell {drop:.1%} ({confidence_reference:.3f} -> {confidence_now:.3f}) >= drift.confidence_drop {dp.confidence_drop:.0%}"
+        )
+    if reasons:
+        return Decision(True, reasons, "retrain: " + "; ".join(reasons))
+    fell = "n/a" if drop is None else f"{drop:+.1%}"
+    judged = "; ".join(v.reason for v in verdicts) or "nothing to compare"
+    return Decision(False, [], f"keep: {judged}; confidence change {fell} below a {dp.confidence_drop:.0%} drop")
