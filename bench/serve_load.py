@@ -317,9 +317,20 @@ def scrape(port: int) -> dict[str, float]:
     values = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if line and not line.startswith("#") and "{" not in name:
+        if line and not line.startswith("#") and ("{" not in name or name.startswith("lensmith_queue_wait_seconds_bucket")):
             values[name] = float(value)
     return values
+
+
+def bucket_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float:
+    """The upper bound (ms) of the histogram bucket holding quantile q of the observations between two scrapes."""
+    prefix = name + '_bucket{le="'
+    bounds = sorted((float(k[len(prefix):-2]), after[k] - before.get(k, 0.0)) for k in after if k.startswith(prefix))
+    total = bounds[-1][1] if bounds else 0.0
+    for bound, count in bounds:
+        if total and count >= q * total:
+            return 1000 * bound
+    return float("nan")
 
 
 def runs_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -328,8 +339,12 @@ def runs_between(before: dict[str, float], after: dict[str, float]) -> dict[str,
     runs = after["lensmith_inference_seconds_count"] - before["lensmith_inference_seconds_count"]
     seconds = after["lensmith_inference_seconds_sum"] - before["lensmith_inference_seconds_sum"]
     images = after["lensmith_batch_size_sum"] - before["lensmith_batch_size_sum"]
+    waits = after.get("lensmith_queue_wait_seconds_count", 0.0) - before.get("lensmith_queue_wait_seconds_count", 0.0)
+    wait_s = after.get("lensmith_queue_wait_seconds_sum", 0.0) - before.get("lensmith_queue_wait_seconds_sum", 0.0)
     return {
         "runs": runs, "mean_run_ms": 1000 * seconds / max(runs, 1), "mean_batch_images": images / max(runs, 1),
+        "mean_queue_wait_ms": 1000 * wait_s / waits if waits else float("nan"),
+        "queue_wait_p99_bucket_ms": bucket_quantile(before, after, "lensmith_queue_wait_seconds", 0.99),
         "budget_ms": 1000 * after.get("lensmith_admission_budget_seconds", float("nan")),
         "seconds_per_image_ms": 1000 * after.get("lensmith_inference_seconds_per_image", float("nan")),
     }
@@ -594,7 +609,8 @@ def print_overload(o: dict, mark: dict) -> None:  # noqa: ANN001
     print(f"{'(b) result':<12} {line:<92} others 0, <= 3x, |RSS| <= 50 MB  {mark[o['pass']]}")
     runs = o["session_runs"]
     print(f"{'(b) runs':<12} {runs['runs']:.0f} session runs, mean {runs['mean_run_ms']:.1f} ms, {runs['mean_batch_images']:.2f} images each; "
-          f"admission: {runs['seconds_per_image_ms']:.1f} ms per image, budget {runs['budget_ms']:.1f} ms")
+          f"admission: {runs['seconds_per_image_ms']:.1f} ms per image, budget {runs['budget_ms']:.1f} ms; admission to run start: "
+          f"mean {runs['mean_queue_wait_ms']:.1f} ms, p99 <= {runs['queue_wait_p99_bucket_ms']:.0f} ms")
     by = o["accepted_p99_ms_by_decode"]
     print(f"{'(b) detail':<12} p99 of 200s by decode: inline {by['inline']:.0f} ms, thread pool {by['pool']:.0f} ms; "
           f"by second of the run: {o['accepted_p99_ms_by_second']}")

@@ -45,6 +45,7 @@ class _Item:
     model: Any
     inputs: np.ndarray
     future: asyncio.Future[Any]
+    since: float  # time.perf_counter() when its request was admitted (its wait for a run counts from there)
     taken: bool = False  # out of the waiting count: gathered into a batch, or given up by its request
 
 
@@ -68,6 +69,7 @@ class MicroBatcher:
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and metrics
         self.busy_s = 0.0  # total seconds spent in session runs (summed over runners)
         self.on_batch: Callable[[int, float], None] | None = None  # (images, seconds) per run
+        self.on_wait: Callable[[float], None] | None = None  # per request run: seconds from `since` to its run's start
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -94,13 +96,14 @@ class MicroBatcher:
     def full(self) -> bool:
         return self.max_queue is not None and self.waiting >= self.max_queue
 
-    async def submit(self, model: Any, inputs: np.ndarray) -> Any:
+    async def submit(self, model: Any, inputs: np.ndarray, since: float | None = None) -> Any:
         """`run(model, batch)`'s result for `inputs` (N images along axis 0), computed in a shared batch.
-        Raises QueueFull when `max_queue` requests are waiting already."""
+        Raises QueueFull when `max_queue` requests are waiting already. `since`: when the request was admitted
+        (time.perf_counter(); default now), for `on_wait`."""
         assert self._queue is not None, "MicroBatcher.start() was not called"
         if self.full:
             raise QueueFull(f"{self.waiting} requests are waiting for inference")
-        item = _Item(model, inputs, asyncio.get_running_loop().create_future())
+        item = _Item(model, inputs, asyncio.get_running_loop().create_future(), time.perf_counter() if since is None else since)
         self.waiting += 1
         self.waiting_images += len(inputs)
         self._queue.put_nowait(item)
@@ -182,6 +185,10 @@ class MicroBatcher:
                     by_model.setdefault(id(item.model), []).append(item)
             for group in by_model.values():
                 batch = group[0].inputs if len(group) == 1 else np.concatenate([i.inputs for i in group])
+                if self.on_wait is not None:
+                    started = time.perf_counter()
+                    for item in group:
+                        self.on_wait(started - item.since)
                 try:
                     results, seconds = await loop.run_in_executor(self._executor, self._timed_run, group[0].model, batch)
                 except Exception as exc:  # delivered to each waiting request, which answers with a JSON 500

@@ -78,6 +78,11 @@ class Metrics:
         self.rejected = Counter(
             "lensmith_rejected_requests", "Predict requests refused to protect the service", ["reason"], registry=self.registry
         )
+        self.queue_wait = Histogram(
+            "lensmith_queue_wait_seconds",
+            "Seconds from a predict request's admission to the start of its session run (decoding, waiting for a decode slot or a run)",
+            registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         # the children looked up once: refusals come by the thousand a second under overload
         self.rejected_by_reason = {reason: self.rejected.labels(reason) for reason in ("queue_full", "expected_wait")}
 

@@ -267,7 +267,7 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
 
 async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
     """POST /v1/predict's answer (a `PredictResponse` as a dict); bad requests raise ApiError, overload 503."""
-    started = time.perf_counter()
+    started = time.perf_counter()  # admitted at about this time too (the fast path refused it or let it through)
     params = service.params
     if params.require_token_for_predict:
         service.require_token(bearer_from_header(request.headers.get("authorization")))
@@ -278,7 +278,7 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
             body = await request.body()
             reading = False
             model, decoded, outputs, context = await infer(
-                service, request.headers.get("content-type", ""), body, context_headers(request.scope["headers"])
+                service, request.headers.get("content-type", ""), body, context_headers(request.scope["headers"]), admitted=started
             )
     except TimeoutError:
         if reading:
@@ -295,10 +295,11 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
 
 
 async def infer(
-    service: Service, content_type: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    service: Service, content_type: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, admitted: float | None = None,
 ) -> tuple[ServedModel, list[DecodedUpload], list[RunOutput], dict[str, str] | None]:
     """A request body's uploads checked (headers first), decoded and run in a micro-batch; with the request's
-    context, from its fields and its X-Lensmith-Context-* `headers` (lensmith.serve.context.context_headers)."""
+    context, from its fields and its X-Lensmith-Context-* `headers` (lensmith.serve.context.context_headers).
+    `admitted`: when the request was admitted (time.perf_counter()), for lensmith_queue_wait_seconds."""
     params = service.params
     form = parse_form(content_type, body)
     uploads = form.uploads
@@ -323,7 +324,7 @@ async def infer(
         service.preparing -= 1
         service.preparing_images -= len(datas)
     try:
-        outputs = await service.batcher.submit(model, inputs)
+        outputs = await service.batcher.submit(model, inputs, since=admitted)
     except QueueFull:  # not expected (admitted above); the batcher keeps its own bound all the same
         service.metrics.rejected_by_reason["queue_full"].inc()
         raise overloaded(f"{service.batcher.waiting} requests are waiting for inference (serve.max_queue); retry shortly") from None

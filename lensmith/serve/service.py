@@ -147,6 +147,7 @@ class Service:
         self.metrics.watch_admission(self.admission, lambda: self.images_ahead)
         self.metrics.watch_live_quality(self.live)
         self.batcher.on_batch = self._observe_batch
+        self.batcher.on_wait = self.metrics.queue_wait.observe
 
     def start(self) -> None:
         """On the event loop, before serving: the micro-batcher and the decode slots."""
