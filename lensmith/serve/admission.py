@@ -10,7 +10,8 @@ where seconds per image is an exponentially weighted mean over recent session ru
 by its images; single-threaded runs side by side cost about the same per image whatever the batch size, and
 the mean is taken under the load that the runners share the cores with). The budget is
 `serve.max_queue_wait_ms`, or with 0 `AUTO_WAIT_RUNS` times the mean seconds per image: an admitted request
-waits for about that many single-image runs at most. Until a first run was measured only the count applies;
+waits for about that many single-image runs at most (a closed loop of a few clients per runner is still
+served whole; a tighter budget in ms trades those clients' 503s for a shorter wait of the accepted ones). Until a first run was measured only the count applies;
 `serve.max_queue` stays a hard cap either way.
 """
 
@@ -18,7 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AUTO_WAIT_RUNS = 2.0  # serve.max_queue_wait_ms 0: the budget in single-image run times
+# serve.max_queue_wait_ms 0: the budget in single-image run times. Budget and estimate then share the measured
+# seconds per image, so this admits AUTO_WAIT_RUNS x runners images ahead: 18 with 3 runners (2 cores), enough
+# for 16 clients sending back to back (bench/serve_load.py's soak) to be served without a 503, while the
+# accepted wait under overload stays a few runs long instead of serve.max_queue requests'.
+AUTO_WAIT_RUNS = 6.0
 EWMA_WEIGHT = 0.2  # weight of the newest run in the mean seconds per image
 
 
