@@ -8,9 +8,10 @@ otherwise), and every image's header is read first, so an image over serve.max_p
 serve.max_request_pixels is refused (413) from the headers. A large image is decoded reduced to about the
 model's input size (`DECODE_MARGIN`), its statistics measured on the reduced image, and no full-size pixels
 outlive the decode. At most serve.max_concurrent_decodes uploads are decoded at once. Overload is answered
-503 with Retry-After: when serve.max_queue requests are queued already (decoding, or waiting for a decode
-slot or a session run; checked before the body is read and again before decoding), and when a request misses
-its deadline (serve.request_timeout_s).
+503 with Retry-After: when admission refuses the request (lensmith.serve.admission: its expected wait for
+inference over serve.max_queue_wait_ms, or serve.max_queue requests queued already: decoding, or waiting for
+a decode slot or a session run; checked by the fast path before the body is read and again before decoding),
+and when a request misses its deadline (serve.request_timeout_s).
 
 The images' context (site, line, camera...: lensmith.serve.context) comes from the non-file multipart fields
 and the X-Lensmith-Context-* headers, is checked before decoding, and goes with every prediction: the answer,
