@@ -17,7 +17,7 @@ folder either way). Every phase is bounded in count and time.
     too). The service's peak RSS (sampled every 5 ms, and the kernel's high-water mark VmHWM) must stay
     <= 1.5 GiB, and a normal request must still get 200 after.
 (b) overload: unloaded latency (one client, one request at a time), capacity (16 keep-alive clients back
-    to back), then `--overload-s` of open-loop arrivals at 4x that capacity (a new request every 1/rate s
+    to back), then `--overload-s` of open-loop arrivals at 4x that capacity or at `--rate` (a new request every 1/rate s
     whatever the answers; connections opened as needed up to `--max-conns`). Targets: no answer other
     than 200 or 503, p99 of the 200s <= 3x the unloaded p99, RSS back within 50 MB of before after 5 s.
 (c) soak: `--soak` normal requests (16 clients, small JPEGs and PNGs), RSS after a warm-up of
@@ -308,6 +308,48 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
     return answers, {"offered": n, "offered_rate": n / sent_s, "late_sends": late, "connections": opened, "elapsed_s": elapsed}
 
 
+def scrape(port: int) -> dict[str, float]:
+    """The service's unlabelled /metrics samples (name -> value)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if line and not line.startswith("#") and ("{" not in name or name.startswith("lensmith_queue_wait_seconds_bucket")):
+            values[name] = float(value)
+    return values
+
+
+def bucket_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float:
+    """The upper bound (ms) of the histogram bucket holding quantile q of the observations between two scrapes."""
+    prefix = name + '_bucket{le="'
+    bounds = sorted((float(k[len(prefix):-2]), after[k] - before.get(k, 0.0)) for k in after if k.startswith(prefix))
+    total = bounds[-1][1] if bounds else 0.0
+    for bound, count in bounds:
+        if total and count >= q * total:
+            return 1000 * bound
+    return float("nan")
+
+
+def runs_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Session runs between two scrapes: how many, their mean seconds and images (what an accepted request's
+    own run costs under that load), and admission's budget and seconds per image at the end."""
+    runs = after["lensmith_inference_seconds_count"] - before["lensmith_inference_seconds_count"]
+    seconds = after["lensmith_inference_seconds_sum"] - before["lensmith_inference_seconds_sum"]
+    images = after["lensmith_batch_size_sum"] - before["lensmith_batch_size_sum"]
+    waits = after.get("lensmith_queue_wait_seconds_count", 0.0) - before.get("lensmith_queue_wait_seconds_count", 0.0)
+    wait_s = after.get("lensmith_queue_wait_seconds_sum", 0.0) - before.get("lensmith_queue_wait_seconds_sum", 0.0)
+    return {
+        "runs": runs, "mean_run_ms": 1000 * seconds / max(runs, 1), "mean_batch_images": images / max(runs, 1),
+        "mean_queue_wait_ms": 1000 * wait_s / waits if waits else float("nan"),
+        "queue_wait_p99_bucket_ms": bucket_quantile(before, after, "lensmith_queue_wait_seconds", 0.99),
+        "budget_ms": 1000 * after.get("lensmith_admission_budget_seconds", float("nan")),
+        "seconds_per_image_ms": 1000 * after.get("lensmith_inference_seconds_per_image", float("nan")),
+    }
+
+
 def p(latencies: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(latencies) * 1000, q)) if latencies else float("nan")
 
@@ -395,7 +437,7 @@ def overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes
     unloaded = asyncio.run(closed_loop(port, requests, 1, seconds=args.unloaded_s))
     capacity_answers = asyncio.run(closed_loop(port, requests, 16, seconds=args.capacity_s))
     capacity = sum(a.status == 200 for a in capacity_answers) / args.capacity_s
-    rate = 4 * capacity
+    rate = args.rate or 4 * capacity
     # a few seconds at the same rate first: ONNX Runtime's memory arena grows to the largest batches the
     # overload makes and keeps that memory (a plateau, not a leak); "after" is compared with that plateau
     asyncio.run(open_loop(port, requests, rate, 3.0, args.max_conns))
@@ -403,7 +445,9 @@ def overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes
     rss_before = rss_bytes(pid)
     started, retried = time.process_time(), Connection.retried
     server0, loop0 = cpu_seconds(pid), cpu_seconds(pid, thread=pid)  # the main thread runs the event loop
+    metrics_before = scrape(port)
     answers, offered = asyncio.run(open_loop(port, requests, rate, args.overload_s, args.max_conns))
+    offered["session_runs"] = runs_between(metrics_before, scrape(port))
     offered["resent_after_stale_keep_alive"] = Connection.retried - retried
     offered["server_cores"] = (cpu_seconds(pid) - server0) / offered["elapsed_s"]
     offered["event_loop_cores"] = (cpu_seconds(pid, thread=pid) - loop0) / offered["elapsed_s"]
@@ -471,6 +515,11 @@ def main() -> None:
     parser.add_argument("--unloaded-s", type=float, default=5.0, help="(b) one client, one request at a time, for this long")
     parser.add_argument("--capacity-s", type=float, default=10.0, help="(b) 16 clients back to back, for this long")
     parser.add_argument("--overload-s", type=float, default=60.0, help="(b) open-loop arrivals at 4x capacity, for this long")
+    parser.add_argument(
+        "--rate", type=float, default=0.0,
+        help="(b) offered rate of the overload in req/s; 0 = 4x the measured capacity (pin it to compare builds whose "
+        "admission answers part of the 16 clients with 503, which lowers the capacity measured in 200s)",
+    )
     parser.add_argument("--max-conns", type=int, default=200, help="(b) most connections the load generator opens")
     parser.add_argument("--soak", type=int, default=50_000, help="(c) normal requests")
     parser.add_argument("--serve", action="append", default=[], metavar="KEY=VALUE", help="A serve.* parameter, e.g. max_queue=32")
@@ -558,6 +607,10 @@ def print_overload(o: dict, mark: dict) -> None:  # noqa: ANN001
     line = (f"200s {o['answered_200_rps']:.0f}/s, p50 {o['accepted_p50_ms']:.1f} ms p99 {o['accepted_p99_ms']:.1f} ms = {o['p99_ratio']:.1f}x unloaded; "
             f"{o['refused_with_json_and_retry_after']}/{o['refused']} 503 JSON+Retry-After; RSS {o['rss_change_mb']:+.0f} MB")
     print(f"{'(b) result':<12} {line:<92} others 0, <= 3x, |RSS| <= 50 MB  {mark[o['pass']]}")
+    runs = o["session_runs"]
+    print(f"{'(b) runs':<12} {runs['runs']:.0f} session runs, mean {runs['mean_run_ms']:.1f} ms, {runs['mean_batch_images']:.2f} images each; "
+          f"admission: {runs['seconds_per_image_ms']:.1f} ms per image, budget {runs['budget_ms']:.1f} ms; admission to run start: "
+          f"mean {runs['mean_queue_wait_ms']:.1f} ms, p99 <= {runs['queue_wait_p99_bucket_ms']:.0f} ms")
     by = o["accepted_p99_ms_by_decode"]
     print(f"{'(b) detail':<12} p99 of 200s by decode: inline {by['inline']:.0f} ms, thread pool {by['pool']:.0f} ms; "
           f"by second of the run: {o['accepted_p99_ms_by_second']}")

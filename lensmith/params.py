@@ -657,6 +657,12 @@ class ServeParams(Section):
         description="Predict requests queued (decoding, or waiting for a decode slot or a session run); more are answered "
         "503 overloaded with Retry-After. Queueing adds about max_queue / throughput to the latency",
     )
+    max_queue_wait_ms: float = Field(
+        0.0, ge=0.0,
+        description="Predict requests that would wait longer than this for inference (images queued and being run x the "
+        "measured seconds per image / runners) are answered 503 overloaded with Retry-After; 0 = auto, 6x the measured "
+        "seconds per image: 6 images per runner ahead (max_queue still caps the count)",
+    )
     request_timeout_s: float = Field(
         10.0, gt=0.0, description="Deadline of a predict request from its arrival; past it the answer is 503 with Retry-After (408 while the body is still arriving)"
     )

@@ -162,5 +162,5 @@ def create_app(
 
     predict_route = next(r for r in app.routes if getattr(r, "path", None) == "/v1/predict")
     fast_endpoint = MetricsMiddleware(BodyLimitMiddleware(PredictEndpoint(service), limit=params.max_upload_bytes), metrics=service.metrics)
-    app.add_middleware(PredictFastPath, endpoint=fast_endpoint, route=predict_route)  # outermost of ours
+    app.add_middleware(PredictFastPath, endpoint=fast_endpoint, route=predict_route, service=service)  # outermost of ours
     return app

@@ -45,6 +45,7 @@ class _Item:
     model: Any
     inputs: np.ndarray
     future: asyncio.Future[Any]
+    since: float  # time.perf_counter() when its request was admitted (its wait for a run counts from there)
     taken: bool = False  # out of the waiting count: gathered into a batch, or given up by its request
 
 
@@ -58,15 +59,17 @@ class MicroBatcher:
         self.runners = max(1, runners)
         self.max_queue = max_queue
         self.waiting = 0  # requests queued and still waiting for a run
+        self.waiting_images = 0  # their images
         self._queue: asyncio.Queue[_Item] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._free: asyncio.Semaphore | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._running_images = 0  # images in the batches being run
+        self.running_images = 0  # images in the batches being run
         self._executor = ThreadPoolExecutor(max_workers=self.runners, thread_name_prefix="lensmith-infer")
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and metrics
         self.busy_s = 0.0  # total seconds spent in session runs (summed over runners)
         self.on_batch: Callable[[int, float], None] | None = None  # (images, seconds) per run
+        self.on_wait: Callable[[float], None] | None = None  # per request run: seconds from `since` to its run's start
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -93,21 +96,22 @@ class MicroBatcher:
     def full(self) -> bool:
         return self.max_queue is not None and self.waiting >= self.max_queue
 
-    async def submit(self, model: Any, inputs: np.ndarray) -> Any:
+    async def submit(self, model: Any, inputs: np.ndarray, since: float | None = None) -> Any:
         """`run(model, batch)`'s result for `inputs` (N images along axis 0), computed in a shared batch.
-        Raises QueueFull when `max_queue` requests are waiting already."""
+        Raises QueueFull when `max_queue` requests are waiting already. `since`: when the request was admitted
+        (time.perf_counter(); default now), for `on_wait`."""
         assert self._queue is not None, "MicroBatcher.start() was not called"
         if self.full:
             raise QueueFull(f"{self.waiting} requests are waiting for inference")
-        item = _Item(model, inputs, asyncio.get_running_loop().create_future())
+        item = _Item(model, inputs, asyncio.get_running_loop().create_future(), time.perf_counter() if since is None else since)
         self.waiting += 1
+        self.waiting_images += len(inputs)
         self._queue.put_nowait(item)
         try:
             return await item.future
         finally:
             if not item.taken:  # cancelled while queued: the batch gatherer skips it
-                item.taken = True
-                self.waiting -= 1
+                self._take(item)
 
     async def _next_item(self, wait: bool) -> _Item:
         """The next queued item that is still wanted (raises QueueEmpty when not `wait`ing and none is)."""
@@ -115,9 +119,13 @@ class MicroBatcher:
         while True:
             item = await self._queue.get() if wait else self._queue.get_nowait()
             if not item.taken:
-                item.taken = True
-                self.waiting -= 1
+                self._take(item)
                 return item
+
+    def _take(self, item: _Item) -> None:
+        item.taken = True
+        self.waiting -= 1
+        self.waiting_images -= len(item.inputs)
 
     async def _gather(self) -> list[_Item]:
         """The next batch: see the module docstring for how large and how long it waits."""
@@ -125,7 +133,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         items = [await self._next_item(wait=True)]
         size = len(items[0].inputs)
-        limit = self.batch_limit(self.waiting + size, self._running_images, len(self._running))
+        limit = self.batch_limit(self.waiting + size, self.running_images, len(self._running))
         others_free = self.runners - len(self._running) - 1
         deadline = loop.time() + self.max_wait_s
         while size < limit:
@@ -162,7 +170,7 @@ class MicroBatcher:
             except BaseException:
                 self._free.release()
                 raise
-            self._running_images += sum(len(item.inputs) for item in items)
+            self.running_images += sum(len(item.inputs) for item in items)
             task = asyncio.get_running_loop().create_task(self._run_items(items))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -177,6 +185,10 @@ class MicroBatcher:
                     by_model.setdefault(id(item.model), []).append(item)
             for group in by_model.values():
                 batch = group[0].inputs if len(group) == 1 else np.concatenate([i.inputs for i in group])
+                if self.on_wait is not None:
+                    started = time.perf_counter()
+                    for item in group:
+                        self.on_wait(started - item.since)
                 try:
                     results, seconds = await loop.run_in_executor(self._executor, self._timed_run, group[0].model, batch)
                 except Exception as exc:  # delivered to each waiting request, which answers with a JSON 500
@@ -196,7 +208,7 @@ class MicroBatcher:
                         item.future.set_result(results[start:end])
                     start = end
         finally:
-            self._running_images -= sum(len(item.inputs) for item in items)
+            self.running_images -= sum(len(item.inputs) for item in items)
             self._free.release()
 
     def _timed_run(self, model: Any, batch: np.ndarray) -> tuple[Any, float]:

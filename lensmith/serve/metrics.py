@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lensmith.livequality import LiveQuality
+from lensmith.serve.admission import Admission
 from lensmith.serve.apierrors import loggable
 from lensmith.serve.models import ServedModel
 
@@ -76,6 +78,40 @@ class Metrics:
         self.rejected = Counter(
             "lensmith_rejected_requests", "Predict requests refused to protect the service", ["reason"], registry=self.registry
         )
+        self.queue_wait = Histogram(
+            "lensmith_queue_wait_seconds",
+            "Seconds from a predict request's admission to the start of its session run (decoding, waiting for a decode slot or a run)",
+            registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        # the children looked up once: refusals come by the thousand a second under overload
+        self.rejected_by_reason = {reason: self.rejected.labels(reason) for reason in ("queue_full", "expected_wait")}
+
+    def count_request(self, scope: dict[str, Any], endpoint: str, status: int, seconds: float) -> None:
+        """A request's count and latency per route template; failures also leave a (rate-limited) log line."""
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if status >= 400 and self.failure_lines.allow():  # with serve.access_log off, failures still leave a line
+            client = scope.get("client") or ("-", 0)
+            log.info("%s %s %s from %s", loggable(scope.get("method")), loggable(scope.get("path")), status, loggable(client[0]))
+
+    def watch_admission(self, admission: Admission, images_ahead: Callable[[], int]) -> None:
+        """Gauges of admission by expected wait (NaN until a first session run was measured with an auto budget)."""
+
+        def nan_if_none(value: float | None) -> float:
+            return float("nan") if value is None else value
+
+        Gauge(
+            "lensmith_admission_budget_seconds", "Longest expected wait for inference a predict request is admitted with (serve.max_queue_wait_ms)",
+            registry=self.registry,
+        ).set_function(lambda: nan_if_none(admission.budget_s()))
+        Gauge(
+            "lensmith_admission_expected_wait_seconds", "Expected wait for inference of a predict request arriving now",
+            registry=self.registry,
+        ).set_function(lambda: nan_if_none(admission.expected_wait_s(images_ahead())))
+        Gauge(
+            "lensmith_inference_seconds_per_image", "Mean seconds per image of recent session runs (weighted to the newest)",
+            registry=self.registry,
+        ).set_function(lambda: nan_if_none(admission.service_time.per_image_s))
 
     def watch_live_quality(self, live: LiveQuality) -> None:
         """Gauges of the running estimate from corrections (NaN until a correction of that kind arrived)."""
@@ -129,9 +165,4 @@ class MetricsMiddleware:
             await self.app(scope, receive, capture)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-            if status >= 400 and self.metrics.failure_lines.allow():  # with serve.access_log off, failures still leave a line
-                client = scope.get("client") or ("-", 0)
-                log.info("%s %s %s from %s", loggable(scope.get("method")), loggable(scope.get("path")), status, loggable(client[0]))
+            self.metrics.count_request(scope, getattr(route, "path", None) or "unmatched", status, time.perf_counter() - start)

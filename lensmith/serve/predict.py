@@ -8,9 +8,10 @@ otherwise), and every image's header is read first, so an image over serve.max_p
 serve.max_request_pixels is refused (413) from the headers. A large image is decoded reduced to about the
 model's input size (`DECODE_MARGIN`), its statistics measured on the reduced image, and no full-size pixels
 outlive the decode. At most serve.max_concurrent_decodes uploads are decoded at once. Overload is answered
-503 with Retry-After: when serve.max_queue requests are queued already (decoding, or waiting for a decode
-slot or a session run; checked before the body is read and again before decoding), and when a request misses
-its deadline (serve.request_timeout_s).
+503 with Retry-After: when admission refuses the request (lensmith.serve.admission: its expected wait for
+inference over serve.max_queue_wait_ms, or serve.max_queue requests queued already: decoding, or waiting for
+a decode slot or a session run; checked by the fast path before the body is read and again before decoding),
+and when a request misses its deadline (serve.request_timeout_s).
 
 The images' context (site, line, camera...: lensmith.serve.context) comes from the non-file multipart fields
 and the X-Lensmith-Context-* headers, is checked before decoding, and goes with every prediction: the answer,
@@ -43,8 +44,9 @@ from lensmith.serve.context import context_headers, request_context
 from lensmith.serve.models import ServedModel
 from lensmith.serve.multipart import MalformedMultipart, Part, boundary_of, parse_form_data
 from lensmith.serve.security import bearer_from_header
-from lensmith.serve.service import Remembered, RunOutput, Service, overloaded
+from lensmith.serve.service import Remembered, RunOutput, Service, overloaded, refusal_message
 
+PREDICT_PATH = "/v1/predict"
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
 # Requests whose images are this small are decoded on the event loop (decode + stats + resize of a 128 px
 # JPEG is ~0.3 ms; a thread hand-over costs about as much); larger ones in the thread pool, so that a big
@@ -266,7 +268,7 @@ def record(service: Service, predictions: list[dict[str, Any]], decoded: list[De
 
 async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
     """POST /v1/predict's answer (a `PredictResponse` as a dict); bad requests raise ApiError, overload 503."""
-    started = time.perf_counter()
+    started = time.perf_counter()  # admitted at about this time too (the fast path refused it or let it through)
     params = service.params
     if params.require_token_for_predict:
         service.require_token(bearer_from_header(request.headers.get("authorization")))
@@ -277,7 +279,7 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
             body = await request.body()
             reading = False
             model, decoded, outputs, context = await infer(
-                service, request.headers.get("content-type", ""), body, context_headers(request.scope["headers"])
+                service, request.headers.get("content-type", ""), body, context_headers(request.scope["headers"]), admitted=started
             )
     except TimeoutError:
         if reading:
@@ -294,10 +296,11 @@ async def predict_payload(service: Service, request: Request) -> dict[str, Any]:
 
 
 async def infer(
-    service: Service, content_type: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    service: Service, content_type: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None, admitted: float | None = None,
 ) -> tuple[ServedModel, list[DecodedUpload], list[RunOutput], dict[str, str] | None]:
     """A request body's uploads checked (headers first), decoded and run in a micro-batch; with the request's
-    context, from its fields and its X-Lensmith-Context-* `headers` (lensmith.serve.context.context_headers)."""
+    context, from its fields and its X-Lensmith-Context-* `headers` (lensmith.serve.context.context_headers).
+    `admitted`: when the request was admitted (time.perf_counter()), for lensmith_queue_wait_seconds."""
     params = service.params
     form = parse_form(content_type, body)
     uploads = form.uploads
@@ -312,6 +315,7 @@ async def infer(
     opened = read_headers(datas, params)  # 413 / 415 / 400 before any decoding
     service.check_queue()
     service.preparing += 1
+    service.preparing_images += len(datas)
     try:
         if decodes_inline(datas, opened):  # small images (~0.3 ms of work): cheaper than a hand-over to a thread and back
             decoded, inputs = prepare(datas, opened, model, params.max_pixels)
@@ -319,10 +323,11 @@ async def infer(
             decoded, inputs = await prepare_in_pool(service, datas, opened, model)
     finally:
         service.preparing -= 1
+        service.preparing_images -= len(datas)
     try:
-        outputs = await service.batcher.submit(model, inputs)
+        outputs = await service.batcher.submit(model, inputs, since=admitted)
     except QueueFull:  # not expected (admitted above); the batcher keeps its own bound all the same
-        service.metrics.rejected.labels("queue_full").inc()
+        service.metrics.rejected_by_reason["queue_full"].inc()
         raise overloaded(f"{service.batcher.waiting} requests are waiting for inference (serve.max_queue); retry shortly") from None
     return model, decoded, outputs, context
 
@@ -348,6 +353,29 @@ class PredictEndpoint:
         await response(scope, receive, send)
 
 
+async def send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """A complete JSON answer straight through ASGI `send` (no Response object, no middleware)."""
+    start_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def refuse_if_overloaded(service: Service, scope: dict[str, Any], send: Any) -> bool:
+    """Answer 503 overloaded now, before anything of the request is read, when admission refuses it (the same
+    answer as `Service.check_queue`'s); False when it is admitted (or needs its token checked first)."""
+    if service.params.require_token_for_predict:  # an unauthenticated client gets its 401 first, from the endpoint
+        return False
+    started = time.perf_counter()
+    verdict = service.admit()
+    if verdict.admitted:
+        return False
+    error = overloaded(refusal_message(verdict, service.queued, service.admission.budget_s()))
+    body = orjson.dumps({"error": {"code": error.code, "message": error.detail}})
+    await send_json(send, 503, body, [(name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items()])
+    service.metrics.count_request(scope, PREDICT_PATH, 503, time.perf_counter() - started)
+    return True
+
+
 class PredictFastPath:
     """POST /v1/predict straight to its endpoint, past FastAPI's router, exception and dependency layers.
 
@@ -355,15 +383,23 @@ class PredictFastPath:
     0.25-0.27 ms of server CPU per request, a plain ASGI endpoint 0.09-0.10 ms; at ~200 predictions/s on
     2 cores that difference is ~2 % of the service's throughput. The endpoint carries its own metrics and
     body limit; errors and 500s look exactly as on the other routes (the app's outer error middleware
-    still wraps it). Every other request goes to `app`."""
+    still wraps it). Every other request goes to `app`.
 
-    def __init__(self, app: Any, endpoint: Any, route: Any) -> None:
+    With `service`, a request that admission refuses is answered 503 here, before its body is read and
+    before any middleware: under overload most requests are refused, and every bit of event-loop time they
+    take delays the admitted ones (the body, already received or not, is discarded by the server, and the
+    connection stays open for the client's next request)."""
+
+    def __init__(self, app: Any, endpoint: Any, route: Any, service: Service | None = None) -> None:
         self.app = app
         self.endpoint = endpoint
         self.route = route
+        self.service = service
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/v1/predict" and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["path"] == PREDICT_PATH and scope["method"] == "POST":
             scope["route"] = self.route  # the metrics' endpoint label, as if routed
+            if self.service is not None and await refuse_if_overloaded(self.service, scope, send):
+                return
             return await self.endpoint(scope, receive, send)
         await self.app(scope, receive, send)

@@ -23,6 +23,7 @@ from lensmith.onnxmodel import softmax
 from lensmith.operating import argmax_rule
 from lensmith.params import ServeParams
 from lensmith.procutil import available_cores
+from lensmith.serve.admission import Admission, Verdict
 from lensmith.serve.apierrors import ApiError
 from lensmith.serve.batching import MicroBatcher
 from lensmith.serve.metrics import Metrics
@@ -111,6 +112,15 @@ def overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def refusal_message(verdict: Verdict, queued: int, budget_s: float | None) -> str:
+    """What a 503 for a refused admission says (names the param that refused it)."""
+    if verdict.reason == "queue_full":
+        return f"{queued} requests are queued (serve.max_queue); retry shortly"
+    wait_ms = (verdict.expected_wait_s or 0.0) * 1000.0
+    budget_ms = (budget_s or 0.0) * 1000.0
+    return f"the requests queued would keep this one waiting ~{wait_ms:.0f} ms, over {budget_ms:.0f} ms (serve.max_queue_wait_ms); retry shortly"
+
+
 class Service:
     def __init__(self, params: ServeParams, root: Path, source: ModelSource, token: str | None) -> None:
         self.params = params
@@ -129,11 +139,15 @@ class Service:
         self.recent = RecentPredictions(params.feedback_window)
         self.live = LiveQuality(params.live_window)
         self.preparing = 0  # predict requests admitted whose images are waiting for a decode slot or being decoded
+        self.preparing_images = 0  # their images
+        self.admission = Admission(params.max_queue, params.max_queue_wait_ms, runners)
         self.metrics = Metrics()
         self.metrics.registry.register(StorageCollector(self.predlog, self.queue))
         self.metrics.queue_depth.set_function(lambda: self.queued)
+        self.metrics.watch_admission(self.admission, lambda: self.images_ahead)
         self.metrics.watch_live_quality(self.live)
         self.batcher.on_batch = self._observe_batch
+        self.batcher.on_wait = self.metrics.queue_wait.observe
 
     def start(self) -> None:
         """On the event loop, before serving: the micro-batcher and the decode slots."""
@@ -146,13 +160,26 @@ class Service:
         slot or for a session run. serve.max_queue bounds them."""
         return self.preparing + self.batcher.waiting
 
+    @property
+    def images_ahead(self) -> int:
+        """Images a request admitted now would wait for: decoding, waiting for a decode slot or a run, being run."""
+        return self.preparing_images + self.batcher.waiting_images + self.batcher.running_images
+
+    def admit(self) -> Verdict:
+        """Whether a new predict request may queue (serve.max_queue, serve.max_queue_wait_ms); a refusal is counted."""
+        verdict = self.admission.decide(self.queued, self.images_ahead)
+        if not verdict.admitted:
+            self.metrics.rejected_by_reason[verdict.reason].inc()
+        return verdict
+
     def check_queue(self) -> None:
-        """503 overloaded (with Retry-After) when serve.max_queue requests are queued already."""
-        if self.queued >= self.params.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise overloaded(f"{self.queued} requests are queued (serve.max_queue); retry shortly")
+        """503 overloaded (with Retry-After) when the request may not queue: see `admit`."""
+        verdict = self.admit()
+        if not verdict.admitted:
+            raise overloaded(refusal_message(verdict, self.queued, self.admission.budget_s()))
 
     def _observe_batch(self, images: int, seconds: float) -> None:
+        self.admission.service_time.observe(images, seconds)
         self.metrics.batch.observe(images)
         self.metrics.inference.observe(seconds)
 

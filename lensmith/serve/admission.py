@@ -1,0 +1,87 @@
+"""Admission of predict requests by the wait they would have, not only by how many are queued.
+
+A request admitted behind `serve.max_queue` others waits for all of them: under overload the accepted answers
+were ~70x slower than unloaded ones although every excess request was refused. So a new request is refused
+(503 with Retry-After) when the work already admitted would keep it waiting longer than a budget:
+
+    expected wait = images ahead (decoding, waiting for a run, in the runs going on) x seconds per image / runners
+
+where seconds per image is an exponentially weighted mean over recent session runs (a run's seconds divided
+by its images; single-threaded runs side by side cost about the same per image whatever the batch size, and
+the mean is taken under the load that the runners share the cores with). The budget is
+`serve.max_queue_wait_ms`, or with 0 `AUTO_WAIT_RUNS` times the mean seconds per image: an admitted request
+waits for about that many single-image runs at most (a closed loop of a few clients per runner is still
+served whole; a tighter budget in ms trades those clients' 503s for a shorter wait of the accepted ones). Until a first run was measured only the count applies;
+`serve.max_queue` stays a hard cap either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# serve.max_queue_wait_ms 0: the budget in single-image run times. Budget and estimate then share the measured
+# seconds per image, so this admits AUTO_WAIT_RUNS x runners images ahead: 18 with 3 runners (2 cores), enough
+# for 16 clients sending back to back (bench/serve_load.py's soak) to be served without a 503, while the
+# accepted wait under overload stays a few runs long instead of serve.max_queue requests'.
+AUTO_WAIT_RUNS = 6.0
+EWMA_WEIGHT = 0.2  # weight of the newest run in the mean seconds per image
+
+
+class ServiceTime:
+    """Exponentially weighted mean of the seconds a session run takes per image (None until a run was seen)."""
+
+    def __init__(self, weight: float = EWMA_WEIGHT) -> None:
+        self.weight = weight
+        self.per_image_s: float | None = None
+
+    def observe(self, images: int, seconds: float) -> None:
+        if images <= 0 or seconds < 0:
+            return
+        sample = seconds / images
+        self.per_image_s = sample if self.per_image_s is None else self.per_image_s + self.weight * (sample - self.per_image_s)
+
+
+def expected_wait_s(images_ahead: int, per_image_s: float, runners: int) -> float:
+    """Seconds a new request would wait before its run starts, with `images_ahead` admitted images before it."""
+    return images_ahead * per_image_s / max(1, runners)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    reason: str  # "" when admitted; queue_full | expected_wait (the lensmith_rejected_requests reason)
+    expected_wait_s: float | None  # None: no run measured yet
+
+
+class Admission:
+    """The decision for a new request: `max_queue` queued requests at most, and an expected wait within the budget.
+
+    `budget_ms`: serve.max_queue_wait_ms (0: auto, `AUTO_WAIT_RUNS` x the measured seconds per image)."""
+
+    def __init__(self, max_queue: int, budget_ms: float, runners: int, service_time: ServiceTime | None = None) -> None:
+        self.max_queue = max_queue
+        self.budget_ms = budget_ms
+        self.runners = max(1, runners)
+        self.service_time = service_time or ServiceTime()
+
+    def budget_s(self) -> float | None:
+        """The longest expected wait admitted, in seconds (None: auto and no run measured yet)."""
+        if self.budget_ms > 0:
+            return self.budget_ms / 1000.0
+        per_image = self.service_time.per_image_s
+        return None if per_image is None else AUTO_WAIT_RUNS * per_image
+
+    def expected_wait_s(self, images_ahead: int) -> float | None:
+        per_image = self.service_time.per_image_s
+        return None if per_image is None else expected_wait_s(images_ahead, per_image, self.runners)
+
+    def decide(self, queued_requests: int, images_ahead: int) -> Verdict:
+        """`queued_requests`: decoding or waiting for a decode slot or a run (what serve.max_queue bounds);
+        `images_ahead`: their images plus those in the runs going on."""
+        wait = self.expected_wait_s(images_ahead)
+        if queued_requests >= self.max_queue:
+            return Verdict(False, "queue_full", wait)
+        budget = self.budget_s()
+        if wait is not None and budget is not None and wait > budget:
+            return Verdict(False, "expected_wait", wait)
+        return Verdict(True, "", wait)

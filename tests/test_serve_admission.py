@@ -1,0 +1,153 @@
+"""Admission of predict requests by expected wait (lensmith.serve.admission): the estimate, the budget and the
+decision as pure functions; then a real service flooded past its budget."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import pytest
+
+from lensmith.serve.admission import AUTO_WAIT_RUNS, Admission, ServiceTime, expected_wait_s
+
+
+def test_the_mean_seconds_per_image_follows_recent_runs() -> None:
+    times = ServiceTime(weight=0.5)
+    assert times.per_image_s is None
+    times.observe(4, 0.040)  # the first run sets it: 10 ms per image
+    assert times.per_image_s == pytest.approx(0.010)
+    times.observe(1, 0.020)  # halfway to 20 ms
+    assert times.per_image_s == pytest.approx(0.015)
+    times.observe(0, 1.0)  # an empty run says nothing
+    assert times.per_image_s == pytest.approx(0.015)
+
+
+def test_the_expected_wait_is_the_images_ahead_shared_by_the_runners() -> None:
+    assert expected_wait_s(0, 0.010, 3) == 0.0
+    assert expected_wait_s(6, 0.010, 3) == pytest.approx(0.020)
+    assert expected_wait_s(6, 0.010, 0) == pytest.approx(0.060)  # never divided by zero runners
+
+
+def measured(per_image_s: float) -> ServiceTime:
+    times = ServiceTime()
+    times.observe(1, per_image_s)
+    return times
+
+
+def test_until_a_run_was_measured_only_the_count_applies() -> None:
+    admission = Admission(max_queue=4, budget_ms=0.0, runners=2)
+    assert admission.budget_s() is None
+    assert admission.decide(queued_requests=3, images_ahead=1000).admitted
+    refused = admission.decide(queued_requests=4, images_ahead=0)
+    assert (refused.admitted, refused.reason, refused.expected_wait_s) == (False, "queue_full", None)
+
+
+def test_the_auto_budget_is_a_few_single_image_runs() -> None:
+    admission = Admission(max_queue=32, budget_ms=0.0, runners=2, service_time=measured(0.010))
+    assert admission.budget_s() == pytest.approx(AUTO_WAIT_RUNS * 0.010)
+    images_within = int(AUTO_WAIT_RUNS * 2)  # 2 runners: this many images ahead wait exactly the budget
+    assert admission.decide(0, images_within).admitted
+    refused = admission.decide(0, images_within + 1)
+    assert (refused.admitted, refused.reason) == (False, "expected_wait")
+    assert refused.expected_wait_s == pytest.approx((images_within + 1) * 0.010 / 2)
+
+
+def test_a_budget_in_ms_is_taken_as_it_is_and_the_count_stays_a_hard_cap() -> None:
+    admission = Admission(max_queue=8, budget_ms=50.0, runners=1, service_time=measured(0.010))
+    assert admission.budget_s() == pytest.approx(0.050)
+    assert admission.decide(0, 5).admitted and not admission.decide(0, 6).admitted
+    cap = admission.decide(8, 0)  # nothing to wait for, but max_queue requests queued
+    assert (cap.admitted, cap.reason) == (False, "queue_full")
+    assert not math.isnan(cap.expected_wait_s or 0.0)
+
+
+# ---- a real service flooded past its budget --------------------------------------------------------------
+
+from servekit import copy_project, jpeg_bytes  # noqa: E402
+from test_serve_hardening import post, run, serve_params  # noqa: E402
+
+RUN_S_PER_IMAGE = 0.02  # each session run made this much slower per image: a known service time
+
+
+def slowed_runs(service, samples: list[tuple[int, float]]) -> None:  # noqa: ANN001
+    """Make every session run take RUN_S_PER_IMAGE more per image, and record at its start the images queued
+    behind the runs (decoding or waiting for one) with the mean seconds per image admission then used."""
+    real = service.batcher._run
+
+    def slowed(model, batch):  # noqa: ANN001, ANN202
+        samples.append((service.preparing_images + service.batcher.waiting_images, service.admission.service_time.per_image_s))
+        time.sleep(RUN_S_PER_IMAGE * len(batch))
+        return real(model, batch)
+
+    service.batcher._run = slowed
+
+
+def test_a_flood_is_refused_503_beyond_the_wait_budget_and_the_accepted_never_queue_longer(tmp_path) -> None:  # noqa: ANN001
+    budget_ms = 3 * RUN_S_PER_IMAGE * 1000  # about three images' runs
+    flood = 60
+
+    async def go(client, service):  # noqa: ANN001, ANN202
+        samples: list[tuple[int, float]] = []
+        slowed_runs(service, samples)
+        first = await post(client, (jpeg_bytes(0), "image/jpeg"))  # a run measured: the budget applies from here
+        answers = await asyncio.gather(*(post(client, (jpeg_bytes(i), "image/jpeg")) for i in range(1, flood + 1)))
+        after = await post(client, (jpeg_bytes(0), "image/jpeg"))
+        metrics = (await client.get("/metrics")).text
+        return first, answers, after, metrics, samples, service.queued
+
+    params = serve_params(runners=1, max_batch_size=1, max_queue=32, max_queue_wait_ms=budget_ms)
+    first, answers, after, metrics, samples, queued_after = run(go, copy_project(tmp_path), params)
+    assert first.status_code == 200 and after.status_code == 200 and queued_after == 0
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 503}, statuses
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.headers["retry-after"] == "1" and answer.headers["content-type"] == "application/json"
+            error = answer.json()["error"]
+            assert error["code"] == "overloaded" and "serve.max_queue_wait_ms" in error["message"]
+        else:
+            assert len(answer.json()["predictions"]) == 1
+    # the count cap alone (32) would have admitted 32 of them at once; the budget admits about three runs' worth
+    # at a time (more as runs finish while the flood is still arriving: hence the margin)
+    assert statuses.count(200) <= 16
+    assert 'lensmith_rejected_requests_total{reason="expected_wait"} ' + f"{statuses.count(503)}.0" in metrics
+    assert f"lensmith_admission_budget_seconds {budget_ms / 1000}" in metrics
+    # every run started with no more images queued behind it than the budget admits at the seconds per image then measured
+    for queued, per_image_s in samples[1:]:
+        assert queued * per_image_s <= budget_ms / 1000 + per_image_s, (queued, per_image_s, samples)
+
+
+def test_a_refused_request_is_answered_before_its_body_is_read(tmp_path) -> None:  # noqa: ANN001
+    """The 503 comes from the fast path: nothing of the request is received, the server discards its body."""
+
+    async def go(client, service):  # noqa: ANN001, ANN202
+        service.preparing = service.params.max_queue  # as many requests queued as serve.max_queue admits
+        app = client._transport.app
+        received, sent = [], []
+
+        async def receive():  # noqa: ANN202
+            received.append(1)
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):  # noqa: ANN001, ANN202
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/predict", "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+            "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"100000")],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+        }
+        await app(scope, receive, send)
+        service.preparing = 0
+        return received, sent, (await client.get("/metrics")).text
+
+    received, sent, metrics = run(go, copy_project(tmp_path))
+    assert received == []
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and headers[b"retry-after"] == b"1" and headers[b"content-type"] == b"application/json"
+    assert b'"code":"overloaded"' in body["body"] and b"serve.max_queue" in body["body"]
+    assert 'lensmith_rejected_requests_total{reason="queue_full"} 1.0' in metrics
+    assert 'lensmith_requests_total{endpoint="/v1/predict",status="503"} 1.0' in metrics
