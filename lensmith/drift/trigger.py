@@ -21,34 +21,6 @@ class Decision:
         return {**asdict(self), "decision": "retrain" if self.retrain else "keep"}
 
 
-def relative_drop(now: float | None, reference: float) -> float | None:
-    """(reference - now) / reference; positive when confidence fell. None when not measurable."""
-    if now is None or reference <= 0:
-        return None
-    return (reference - now) / reference
-
-
-def decide(drifted_share: float | None, confidence_now: float | None, confidence_reference: float, n_images: int, dp: DriftParams) -> Decision:
-    """Retrain when drifted_share >= share_threshold or confidence dropped by >= confidence_drop (relative)."""
-    drop = relative_drop(confidence_now, confidence_reference)
-    if n_images < dp.min_window:
-        return Decision(False, [], f"window of {n_images} image(s) is below drift.min_window={dp.min_window}: reported, not acted on")
-    reasons = []
-    if drifted_share is not None and drifted_share >= dp.share_threshold:
-        reasons.append(f"drifted share {drifted_share:.2f} >= drift.share_threshold {dp.share_threshold:.2f}")
-    if drop is not None and drop >= dp.confidence_drop:
-        reasons.append(
-            f"mean confidence fell {drop:.1%} ({confidence_reference:.3f} -> {confidence_now:.3f}) >= drift.confidence_drop {dp.confidence_drop:.0%}"
-        )
-    if reasons:
-        return Decision(True, reasons, "retrain: " + "; ".join(reasons))
-    share = "n/a" if drifted_share is None else f"{drifted_share:.2f}"
-    fell = "n/a" if drop is None else f"{drop:+.1%}"
-    return Decision(
-        False, [], f"keep: drifted share {share} < {dp.share_threshold:.2f} and confidence change {fell} below a {dp.confidence_drop:.0%} drop"
-    )
-
-
 @dataclass(frozen=True)
 class SliceVerdict:
     """One slice of the window, judged against its matching reference slice."""
@@ -68,19 +40,55 @@ class SliceVerdict:
         return asdict(self)
 
 
+def relative_drop(now: float | None, reference: float) -> float | None:
+    """(reference - now) / reference; positive when confidence fell. None when not measurable."""
+    if now is None or reference <= 0:
+        return None
+    return (reference - now) / reference
+
+
+def below_min_window(n_images: int, dp: DriftParams) -> Decision | None:
+    """The "keep" decision of a window too small to act on, or None when it is large enough."""
+    if n_images < dp.min_window:
+        return Decision(False, [], f"window of {n_images} image(s) is below drift.min_window={dp.min_window}: reported, not acted on")
+    return None
+
+
+def confidence_drop_reason(confidence_now: float | None, confidence_reference: float, dp: DriftParams) -> tuple[str | None, str]:
+    """(why the drop of mean confidence triggers, or None; the change as text for a "keep" line)."""
+    drop = relative_drop(confidence_now, confidence_reference)
+    change = "n/a" if drop is None else f"{drop:+.1%}"
+    if drop is not None and drop >= dp.confidence_drop:
+        return (f"mean confidence fell {drop:.1%} ({confidence_reference:.3f} -> {confidence_now:.3f}) >= drift.confidence_drop "
+                f"{dp.confidence_drop:.0%}"), change
+    return None, change
+
+
+def retrain_or_keep(reasons: list[str], keep: str) -> Decision:
+    return Decision(True, reasons, "retrain: " + "; ".join(reasons)) if reasons else Decision(False, [], keep)
+
+
+def decide(drifted_share: float | None, confidence_now: float | None, confidence_reference: float, n_images: int, dp: DriftParams) -> Decision:
+    """Retrain when drifted_share >= share_threshold or confidence dropped by >= confidence_drop (relative)."""
+    small = below_min_window(n_images, dp)
+    if small is not None:
+        return small
+    reasons = []
+    if drifted_share is not None and drifted_share >= dp.share_threshold:
+        reasons.append(f"drifted share {drifted_share:.2f} >= drift.share_threshold {dp.share_threshold:.2f}")
+    confidence, change = confidence_drop_reason(confidence_now, confidence_reference, dp)
+    reasons += [confidence] if confidence else []
+    share = "n/a" if drifted_share is None else f"{drifted_share:.2f}"
+    return retrain_or_keep(reasons, f"keep: drifted share {share} < {dp.share_threshold:.2f} and confidence change {change} below a {dp.confidence_drop:.0%} drop")
+
+
 def decide_slices(verdicts: list[SliceVerdict], confidence_now: float | None, confidence_reference: float, n_images: int, dp: DriftParams) -> Decision:
     """Retrain when a slice drifted (its share reached its threshold, or it is a value the reference never saw) or
     mean confidence dropped by >= confidence_drop (relative)."""
-    drop = relative_drop(confidence_now, confidence_reference)
-    if n_images < dp.min_window:
-        return Decision(False, [], f"window of {n_images} image(s) is below drift.min_window={dp.min_window}: reported, not acted on")
-    reasons = [v.reason for v in verdicts if v.drifted]
-    if drop is not None and drop >= dp.confidence_drop:
-        reasons.append(
-            f"mean confidence fell {drop:.1%} ({confidence_reference:.3f} -> {confidence_now:.3f}) >= drift.confidence_drop {dp.confidence_drop:.0%}"
-        )
-    if reasons:
-        return Decision(True, reasons, "retrain: " + "; ".join(reasons))
-    fell = "n/a" if drop is None else f"{drop:+.1%}"
+    small = below_min_window(n_images, dp)
+    if small is not None:
+        return small
+    confidence, change = confidence_drop_reason(confidence_now, confidence_reference, dp)
+    reasons = [v.reason for v in verdicts if v.drifted] + ([confidence] if confidence else [])
     judged = "; ".join(v.reason for v in verdicts) or "nothing to compare"
-    return Decision(False, [], f"keep: {judged}; confidence change {fell} below a {dp.confidence_drop:.0%} drop")
+    return retrain_or_keep(reasons, f"keep: {judged}; confidence change {change} below a {dp.confidence_drop:.0%} drop")
