@@ -6,6 +6,11 @@ project, the stage runs there in-process (`lensmith.stages.run_stage`), and its 
 plots are written back to the URI, each file atomically: uploaded to a temporary key, its size checked,
 then moved onto its final key (readers see the old object or the new one, never a partial one).
 
+The flow machine's side (`orchestration.artifact_store`, tasks/store_stages.py) uses the rest: `send_inputs` uploads
+the data deps the store lacks or holds in another version (size and md5 against the ETag), `fetch_outputs`
+downloads the outs back into the project (each file to a temporary name, size checked, renamed), and
+`remove_temporary_keys` deletes the temporary keys of a worker that died mid-upload.
+
 Code deps (`lensmith/...`) are not data: the worker runs its own installed copy. The S3 endpoint comes
 from `data.s3_endpoint_url` or the standard AWS environment (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL),
 credentials from the AWS environment or profile.
