@@ -443,6 +443,21 @@ class OrchestrationParams(Section):
     dask_address: str | None = Field(None, description="dask: scheduler of an existing cluster (tcp://host:8786); null = a local cluster")
     dask_n_workers: int = Field(2, ge=1, le=1024, description="dask local cluster: worker processes")
     dask_threads_per_worker: int = Field(1, ge=1, le=256, description="dask local cluster: task threads per worker process")
+    artifact_store: str | None = Field(
+        None,
+        description=(
+            "Workers that share no disk with the project: each stage's data deps are uploaded to this fsspec URI "
+            "(s3://bucket/prefix), the stage runs on a worker against it, its outs are downloaded back and recorded "
+            "in dvc.lock; null = the workers use the project folder itself"
+        ),
+    )
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _store_is_a_uri(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"{value!r} is not a URI: use s3://bucket/prefix (or file:///path for a folder)")
+        return value.rstrip("/") if value else value
 
 
 class NightlyParams(Section):

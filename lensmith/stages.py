@@ -242,6 +242,7 @@ STAGES: tuple[Stage, ...] = (
         run=_drift_reference,
         help="Build models/candidate/drift_reference.{parquet,json} from the train/val splits and the exported "
         "model.onnx.",
+        reads_images=True,  # image stats and embeddings of the train/val images
     ),
     Stage(
         name="gate",

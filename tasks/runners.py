@@ -3,8 +3,8 @@
 - thread: Prefect's ThreadPoolTaskRunner (tasks share this process; the default).
 - dask: prefect-dask's DaskTaskRunner, on a temporary local cluster of `dask_n_workers` worker
   processes with `dask_threads_per_worker` threads each, or on an existing cluster at `dask_address`
-  (workers on other machines need the same code installed and the data reachable: S3, see
-  lensmith/remote.py and docs/deployment.md).
+  (workers on other machines need the same code installed and the data reachable: a shared filesystem, or
+  `orchestration.artifact_store` (tasks/store_stages.py, docs/deployment.md)).
 - ray: prefect-ray's RayTaskRunner when the `ray` extra is installed; a clear error otherwise.
 
 `check_task_runner_reachable` is the flows' preflight: an existing Dask cluster that does not answer fails in
