@@ -11,6 +11,13 @@ the slice's training rows with the very same column test. Which columns drifted 
 drift_reference.json, so the report recomputes the null shares on the columns it monitors (a prediction-log window
 has no embeddings) and picks the smallest share whose false-alarm rate is within drift.false_alarm_rate.
 The rate is estimated conservatively as (1 + null windows at or above the threshold) / (1 + null windows).
+
+The other retrain rule, a relative drop of the model's mean confidence, is calibrated on the very same null windows:
+each one's mean confidence is stored as a drop relative to the slice's held-out mean confidence (itself resampled:
+`null_windows`), and the drop
+threshold is chosen so that the combined rule (share over its threshold OR drop over its threshold) keeps the
+false-alarm rate of those windows within drift.false_alarm_rate (`joint_thresholds`), never below
+drift.confidence_drop (a floor: a smaller drop never alarms).
 """
 
 from __future__ import annotations
@@ -95,16 +102,31 @@ def resampled_window(blocks: list[np.ndarray], size: int, rng: np.random.Generat
     return np.concatenate(picked)[:size]
 
 
-def null_drifted_columns(
+def held_out_confidence(held_out: pd.DataFrame) -> np.ndarray | None:
+    """The model's confidence per held-out row, or None when the rows carry none."""
+    if "confidence" not in held_out.columns or not held_out["confidence"].notna().any():
+        return None
+    return held_out["confidence"].to_numpy(float)
+
+
+def null_windows(
     reference: pd.DataFrame, held_out: pd.DataFrame, groups: pd.Series | None, columns: Sequence[str], size: int,
     windows: int, p_value: float, min_effect: float, seed: int,
-) -> list[list[int]]:
-    """For each of `windows` resampled held-out windows of `size` rows, the indices (into `columns`) that drift."""
+) -> tuple[list[list[int]], list[float] | None]:
+    """For each of `windows` resampled held-out windows of `size` rows: the indices (into `columns`) that drift, and
+    the relative drop of its mean confidence (None without confidences).
+
+    The drop is taken from the mean of a second, independent resample of all held-out groups, not from the held-out
+    mean itself: a fresh window is compared with that mean, which is an estimate from a few dozen batches, and its
+    error is part of what a fresh window's drop varies by. Without it the null is too narrow for a slice whose
+    held-out mean happens to sit high (measured: a site's 50 validation batches 3 % above its fresh windows)."""
     rng = np.random.default_rng(seed)
+    reference_rng = np.random.default_rng([seed, 1])  # its own stream: the drifted columns do not depend on it
     ref_sorted = sorted_columns(reference, columns)
     values = {c: held_out[c].to_numpy(float) for c in columns}
+    confidence = held_out_confidence(held_out)
     blocks = group_blocks(groups, len(held_out))
-    out = []
+    out, drops = [], []
     for _ in range(windows):
         rows = resampled_window(blocks, size, rng)
         drifted = []
@@ -114,24 +136,33 @@ def null_drifted_columns(
             if test.drifted:
                 drifted.append(i)
         out.append(drifted)
-    return out
+        if confidence is not None:
+            mean = float(np.nanmean(confidence[resampled_window(blocks, len(held_out), reference_rng)]))
+            drops.append(round((mean - float(np.nanmean(confidence[rows]))) / mean, 6) if mean > 0 else 0.0)
+    return out, (drops if confidence is not None else None)
 
 
 def calibrate_slice(
     reference: pd.DataFrame, held_out: pd.DataFrame, group_column: str | None, columns: Sequence[str], sizes: Sequence[int],
     windows: int, p_value: float, min_effect: float, seed: int,
 ) -> dict[str, Any]:
-    """The slice's record in drift_reference.json: its row counts and, per size, the drifted columns of each null window."""
+    """The slice's record in drift_reference.json: its row counts and, per size, the drifted columns of each null
+    window ("sizes") and its relative drop of mean confidence ("confidence_drops", beside the held-out mean confidence
+    the report compares a window's with, "confidence_reference"), when the held-out rows carry the model's confidence."""
     groups = held_out[group_column] if group_column and group_column in held_out.columns else None
-    return {
+    nulls = {size: null_windows(reference, held_out, groups, columns, size, windows, p_value, min_effect, seed + k)
+             for k, size in enumerate(sizes)}
+    entry: dict[str, Any] = {
         "reference_rows": int(len(reference)),
         "held_out_rows": int(len(held_out)),
         "held_out_groups": int(groups.nunique()) if groups is not None else int(len(held_out)),
-        "sizes": {
-            str(size): null_drifted_columns(reference, held_out, groups, columns, size, windows, p_value, min_effect, seed + k)
-            for k, size in enumerate(sizes)
-        },
+        "sizes": {str(size): drifted for size, (drifted, _) in nulls.items()},
     }
+    confidence = held_out_confidence(held_out)
+    if confidence is not None and all(drops is not None for _, drops in nulls.values()):
+        entry["confidence_reference"] = float(np.nanmean(confidence))
+        entry["confidence_drops"] = {str(size): drops for size, (_, drops) in nulls.items()}
+    return entry
 
 
 # ---- the threshold -----------------------------------------------------------------------------------------
@@ -140,19 +171,32 @@ def calibrate_slice(
 @dataclass(frozen=True)
 class Threshold:
     share: float  # trigger at a drifted share >= this
-    false_alarm_rate: float | None  # expected, at this window size; None when not calibrated
+    false_alarm_rate: float | None  # expected, at this window size, of the rule it covers (see confidence_calibrated); None when not calibrated
     calibrated_size: int | None  # the calibrated window size used
     null_windows: int
     source: str  # "calibrated" or "drift.share_threshold"
     held_out_rows: int = 0
+    confidence_drop: float | None = None  # trigger at a relative drop of mean confidence >= this; None: drift.confidence_drop, uncalibrated
+    confidence_reference: float | None = None  # the slice's held-out mean confidence the drop is relative to
+    share_rate: float | None = None  # expected false-alarm rate of the share rule alone
+
+    @property
+    def confidence_calibrated(self) -> bool:
+        """True when false_alarm_rate is that of the combined rule (share OR confidence drop), not the share's alone."""
+        return self.confidence_drop is not None
 
     def text(self) -> str:
+        """The share threshold and where it comes from (the confidence rule has its own words: `confidence_text`)."""
         if self.false_alarm_rate is None:
             return f"drift.share_threshold {self.share:.2f} (not calibrated)"
+        return f"calibrated threshold {self.share:.2f} ({self.rate_text()})"
+
+    def rate_text(self) -> str:
         # fewer held-out rows than the window: each is drawn several times, so the null is wider than fresh data's
         resampled = f" resampled from {self.held_out_rows} held-out rows," if self.held_out_rows < (self.calibrated_size or 0) else ""
-        return (f"calibrated threshold {self.share:.2f} (expected false-alarm rate {self.false_alarm_rate:.1%} at "
-                f"{self.calibrated_size} images,{resampled} {self.null_windows} held-out windows)")
+        rule = "share or confidence drop: " if self.confidence_calibrated else ""
+        return (f"{rule}expected false-alarm rate {self.false_alarm_rate:.1%} at {self.calibrated_size} images,{resampled} "
+                f"{self.null_windows} held-out windows")
 
 
 def nearest_size(sizes: Sequence[int], n: int) -> int:
@@ -179,10 +223,41 @@ def share_threshold(shares: np.ndarray, n_columns: int, alpha: float) -> tuple[f
     return 1.0, rate
 
 
+def conservative_rate(alarms: np.ndarray) -> float:
+    """(1 + null windows that alarm) / (1 + null windows): the rate a new window of the same null alarms at."""
+    return (1 + int(alarms.sum())) / (1 + len(alarms))
+
+
+def joint_thresholds(shares: np.ndarray, n_columns: int, drops: np.ndarray, floor: float, alpha: float) -> tuple[float, float, float, float]:
+    """(share threshold, confidence-drop threshold, combined false-alarm rate, the share's alone) for the rule
+    "drifted share >= share threshold OR drop >= drop threshold", on null windows' `shares` and `drops`.
+
+    Data drift comes first: its threshold is the one it would have alone (the smallest share within `alpha`; it says
+    what changed). The confidence drop takes the false-alarm budget that leaves, counted on the null windows the
+    share does not already flag: the smallest drop (never below `floor`) such that the combined rule stays within
+    `alpha`. When nothing is left it sits just above the largest drop of those windows, so it adds no null alarm;
+    splitting `alpha` in two instead would raise the share threshold and lose power on data drift for the
+    confidence rule's sake."""
+    share, share_rate = share_threshold(shares, n_columns, alpha)
+    flagged = shares >= share - 1e-9
+    allowed = max(0, int(math.floor(alpha * (1 + len(shares)) + 1e-9)) - 1 - int(flagged.sum()))  # more null alarms allowed
+    others = np.sort(drops[~flagged])[::-1]
+    if len(others) <= allowed:
+        threshold = floor
+    else:
+        # just above the (allowed + 1)-th largest drop of the unflagged windows, rounded up to 0.01 %
+        threshold = max(floor, math.floor(float(others[allowed]) * 1e4 + 1.0) / 1e4)
+    rate = conservative_rate(flagged | (drops >= threshold - 1e-12))
+    return share, threshold, rate, share_rate
+
+
 def slice_threshold(
     calibration: dict[str, Any] | None, key: str, columns: Sequence[str], n_images: int, alpha: float, fallback: float,
+    confidence_floor: float | None = None,
 ) -> Threshold:
-    """The threshold of one slice for a window of `n_images` over `columns` at false-alarm rate `alpha`."""
+    """The thresholds of one slice for a window of `n_images` over `columns` at false-alarm rate `alpha`: the share
+    alone, or with `confidence_floor` (drift.confidence_drop; the window carries confidences) the share and the
+    confidence drop jointly, when the reference calibrated confidence (a reference made before that did not)."""
     entry = (calibration or {}).get("slices", {}).get(key)
     if not entry or not entry.get("sizes") or not columns:
         return Threshold(fallback, None, None, 0, "drift.share_threshold")
@@ -190,8 +265,13 @@ def slice_threshold(
     drifted = entry["sizes"][str(size)]
     shares = null_shares(drifted, calibration["columns"], columns)
     n_columns = len([c for c in calibration["columns"] if c in set(columns)])
-    share, rate = share_threshold(shares, n_columns, alpha)
-    return Threshold(share, rate, size, len(drifted), "calibrated", int(entry.get("held_out_rows", 0)))
+    held_out = int(entry.get("held_out_rows", 0))
+    drops = (entry.get("confidence_drops") or {}).get(str(size))
+    if confidence_floor is None or drops is None or len(drops) != len(drifted):
+        share, rate = share_threshold(shares, n_columns, alpha)
+        return Threshold(share, rate, size, len(drifted), "calibrated", held_out, share_rate=rate)
+    share, drop, rate, share_rate = joint_thresholds(shares, n_columns, np.asarray(drops, float), confidence_floor, alpha)
+    return Threshold(share, rate, size, len(drifted), "calibrated", held_out, drop, float(entry["confidence_reference"]), share_rate)
 
 
 def calibration_matches(calibration: dict[str, Any] | None, p_value: float, min_effect: float) -> bool:

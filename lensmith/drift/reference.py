@@ -9,7 +9,8 @@ models/candidate/drift_reference.json     the PCA (mean, components), per-column
                                           was made with, the validation predictions' class distribution,
                                           mean confidence and accuracy, the slice columns (lensmith.drift.slices)
                                           and the false-alarm calibration (lensmith.drift.calibration): the
-                                          drifted columns of resampled held-out (val) windows per slice and size
+                                          drifted columns and the relative drop of mean confidence of resampled
+                                          held-out (val) windows per slice and size
 
 Statistics come from the split files (ingest measured them) when present, else from the images.
 Embeddings and predictions come from the exported model.onnx through ONNX Runtime, exactly as
@@ -44,7 +45,7 @@ from lensmith.splitdata import image_hashes
 
 REFERENCE_PARQUET = "drift_reference.parquet"
 REFERENCE_JSON = "drift_reference.json"
-REFERENCE_FORMAT = 2  # 2: context columns, slices and the false-alarm calibration
+REFERENCE_FORMAT = 3  # 2: context columns, slices and the false-alarm calibration; 3: + the null windows' confidence drops
 GROUP_COLUMN = "group"  # the split's group (batch) of each row: held-out windows are resampled by it
 MIN_HELD_OUT_ROWS = 20  # a slice with fewer validation rows is not calibrated (drift.share_threshold applies)
 
