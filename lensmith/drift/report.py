@@ -390,10 +390,28 @@ def reference_slice_counts(rows: pd.DataFrame, keys: pd.Series) -> dict[str, int
     return counts
 
 
+@dataclass(frozen=True)
+class ConfidenceRule:
+    """A slice's confidence rule: trigger when its mean confidence falls `threshold` (relative) below `reference`."""
+
+    reference: float
+    threshold: float
+    calibrated: bool  # chosen jointly with the share on held-out windows; else drift.confidence_drop
+
+
+def slice_confidence(current: pd.DataFrame, positions: np.ndarray) -> float | None:
+    if "confidence" not in current.columns:
+        return None
+    values = current["confidence"].iloc[positions].dropna()
+    return float(values.mean()) if len(values) else None
+
+
 def slice_verdict(
-    piece: WindowSlice, current: pd.DataFrame, rows: pd.DataFrame, columns: list[str], threshold: Threshold, dp: Any
+    piece: WindowSlice, current: pd.DataFrame, rows: pd.DataFrame, columns: list[str], threshold: Threshold, dp: Any,
+    confidence_rule: ConfidenceRule | None = None,
 ) -> SliceVerdict:
-    """Compare one slice of the window with its reference rows by the calibrated column test."""
+    """Compare one slice of the window with its reference rows by the calibrated column test, and its mean confidence
+    by `confidence_rule` when given."""
     n = len(piece.positions)
     if piece.status == TOO_SMALL:
         return SliceVerdict(piece.key, piece.status, n, piece.reference_rows, None, None, None, False, False, status_text(piece, dp.min_slice_rows))
@@ -401,15 +419,43 @@ def slice_verdict(
     share = sum(t.drifted for t in tests) / len(tests) if tests else 0.0
     judged = n >= dp.min_window
     new = piece.status == NEW_VALUE
-    drifted = judged and (new or share >= threshold.share)
+    share_drifted = share >= threshold.share
     label = "" if piece.key == WHOLE else f"{piece.key}: "
+    conf_now = slice_confidence(current, piece.positions)
+    rule = confidence_rule if judged and not new and conf_now is not None else None
+    drop = relative_drop(conf_now, rule.reference) if rule else None
+    conf_drifted = drop is not None and rule is not None and drop >= rule.threshold - 1e-12
+    drifted = judged and (new or share_drifted or conf_drifted)
     if new:
         reason = f"{piece.key}: a value the reference has never seen (new slice); drifted share {share:.2f} against the whole reference"
     elif not judged:
         reason = f"{label}{n} image(s) < drift.min_window {dp.min_window}: reported, not judged"
+    elif rule is None or drop is None:
+        reason = f"{label}drifted share {share:.2f} {'>=' if share_drifted else '<'} {threshold.text()}"
     else:
-        reason = f"{label}drifted share {share:.2f} {'>=' if drifted else '<'} {threshold.text()}"
-    return SliceVerdict(piece.key, piece.status, n, piece.reference_rows, share, threshold.share, threshold.false_alarm_rate, judged, drifted, reason)
+        source = "calibrated" if rule.calibrated else "drift.confidence_drop"
+        confidence = (f"mean confidence fell {drop:.1%} ({rule.reference:.3f} -> {conf_now:.3f}) >= {source} {rule.threshold:.1%}"
+                      if conf_drifted else f"confidence change {drop:+.1%} below a {source} {rule.threshold:.1%} drop")
+        share_part = f"drifted share {share:.2f} {'>=' if share_drifted else '<'} {threshold.text()}"
+        reason = f"{label}{confidence}; {share_part}" if conf_drifted else f"{label}{share_part}; {confidence}"
+    return SliceVerdict(
+        piece.key, piece.status, n, piece.reference_rows, share, threshold.share, threshold.false_alarm_rate, judged, drifted, reason,
+        confidence_now=conf_now, confidence_reference=rule.reference if rule else None, confidence_drop=drop,
+        confidence_threshold=rule.threshold if rule else None, confidence_calibrated=bool(rule and rule.calibrated),
+    )
+
+
+def confidence_rules(thresholds: list[Threshold], judged: list[bool], reference: Reference, dp: Any) -> list[ConfidenceRule | None]:
+    """Per slice, its confidence rule: the calibrated one, or when another judged slice of the window is calibrated (so
+    the window's own rule is off) drift.confidence_drop against the reference's mean; all None when none is calibrated,
+    and the window's mean confidence is judged as a whole (decide_slices)."""
+    if not any(t.confidence_calibrated and j for t, j in zip(thresholds, judged)):
+        return [None] * len(thresholds)
+    return [
+        ConfidenceRule(t.confidence_reference, t.confidence_drop, True)  # type: ignore[arg-type]
+        if t.confidence_calibrated else ConfidenceRule(reference.mean_confidence, dp.confidence_drop, False)
+        for t in thresholds
+    ]
 
 
 @dataclass
@@ -420,9 +466,13 @@ class SlicedComparison:
     calibrated: bool
 
 
+def has_confidence(current: pd.DataFrame) -> bool:
+    return "confidence" in current.columns and bool(current["confidence"].notna().any())
+
+
 def sliced_comparison(current: pd.DataFrame, reference: Reference, columns: list[str], dp: Any) -> SlicedComparison:
     """Each slice of the window against its reference slice, judged at the false-alarm rate drift.false_alarm_rate
-    shared among the judged slices."""
+    shared among the judged slices: on its data drift and, when the reference calibrated it, its mean confidence."""
     rows = reference.comparison_rows()
     slice_by = window_slice_columns(reference, dp)
     ref_keys = slice_keys(rows, slice_by)
@@ -435,39 +485,54 @@ def sliced_comparison(current: pd.DataFrame, reference: Reference, columns: list
     elif not reference.calibration:
         notes.append("the reference carries no false-alarm calibration (no validation rows, or an older reference): "
                      "drift.share_threshold applies; rebuild it with `lensmith drift-reference`")
+    elif not any("confidence_drops" in e for e in reference.calibration.get("slices", {}).values()) and has_confidence(current):
+        notes.append("the reference's calibration holds no confidence drops of its held-out windows (made before they were "
+                     f"calibrated): drift.confidence_drop {dp.confidence_drop:.0%} applies as a fixed rule to the window's mean "
+                     "confidence, and the expected false-alarm rate covers data drift only; rebuild it with `lensmith drift-reference`")
     judged = [p for p in pieces if p.status not in (TOO_SMALL, NEW_VALUE) and len(p.positions) >= dp.min_window]
     alpha = dp.false_alarm_rate / max(1, len(judged))
+    floor = dp.confidence_drop if has_confidence(current) else None
+    thresholds = [slice_threshold(calibration, p.reference_key or WHOLE, columns, len(p.positions), alpha, dp.share_threshold, floor)
+                  for p in pieces]
     verdicts = []
-    for piece in pieces:
+    rules = confidence_rules(thresholds, [any(p is q for q in judged) for p in pieces], reference, dp)
+    for piece, threshold, rule in zip(pieces, thresholds, rules):
         slice_rows = rows if piece.reference_key in (None, WHOLE) else rows[ref_keys == piece.reference_key]
-        threshold = slice_threshold(calibration, piece.reference_key or WHOLE, columns, len(piece.positions), alpha, dp.share_threshold)
-        verdicts.append(slice_verdict(piece, current, slice_rows, columns, threshold, dp))
+        verdicts.append(slice_verdict(piece, current, slice_rows, columns, threshold, dp, rule))
     compared = {p.reference_key for p in pieces if p.reference_key is not None}
     evidently_rows = rows if (WHOLE in compared or not compared) else rows[ref_keys.isin(compared)]
     return SlicedComparison(verdicts, evidently_rows, notes, calibration is not None)
 
 
 def false_alarm_block(comparison: SlicedComparison, n_images: int, dp: Any) -> dict[str, Any]:
-    """The expected false-alarm rate of this window's decision: the sum over its judged slices (a union bound)."""
+    """The expected false-alarm rate of this window's decision: the sum over its judged slices (a union bound), of
+    the combined rule (share or confidence drop) when the reference calibrated both, else of the share alone."""
     judged = [v for v in comparison.verdicts if v.judged and v.status != NEW_VALUE]
     rates = [v.false_alarm_rate for v in judged]
     calibrated = bool(judged) and all(r is not None for r in rates)
+    # the confidence rule is covered when every judged slice judged it calibrated (or none has confidences to judge)
+    covered = calibrated and all(v.confidence_calibrated or v.confidence_now is None for v in judged)
     return {
         "expected": float(min(1.0, sum(rates))) if calibrated else None,  # type: ignore[arg-type]
+        "rule": "share or confidence drop" if covered else "share only" if calibrated else None,
+        "confidence_calibrated": covered,
         "target": dp.false_alarm_rate,
         "calibrated": calibrated,
         "window_images": n_images,
         "judged_slices": len(judged),
         "min_effect": dp.min_effect,
         "p_value": dp.p_value,
+        "confidence_floor": dp.confidence_drop,
     }
 
 
 def false_alarm_text(block: dict[str, Any]) -> str:
     if block["expected"] is None:
         return f"false-alarm rate: not calibrated for this window (target {block['target']:.0%}); see the notes"
+    rule = ("drifted share or confidence drop" if block.get("confidence_calibrated", True)
+            else "drifted share only; the fixed confidence rule is not calibrated")
     return (f"expected false-alarm rate {block['expected']:.1%} for {block['window_images']} images "
-            f"(target {block['target']:.0%}; calibrated on held-out reference windows; {block['judged_slices']} slice(s) judged)")
+            f"(target {block['target']:.0%}; {rule}; calibrated on held-out reference windows; {block['judged_slices']} slice(s) judged)")
 
 
 def slice_text(verdict: dict[str, Any]) -> str:

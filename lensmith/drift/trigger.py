@@ -35,6 +35,12 @@ class SliceVerdict:
     judged: bool  # False: too small a reference slice, or too few images in the window
     drifted: bool
     reason: str  # one line, given either way
+    # the slice's own confidence rule (None: not judged per slice; the window's mean confidence is, by decide_slices)
+    confidence_now: float | None = None
+    confidence_reference: float | None = None  # the slice's held-out mean confidence (calibrated), else the reference's
+    confidence_drop: float | None = None  # relative, positive when confidence fell
+    confidence_threshold: float | None = None  # the slice drifts at a drop >= this
+    confidence_calibrated: bool = False  # the threshold was chosen jointly with the share's on held-out windows
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,12 +89,16 @@ def decide(drifted_share: float | None, confidence_now: float | None, confidence
 
 
 def decide_slices(verdicts: list[SliceVerdict], confidence_now: float | None, confidence_reference: float, n_images: int, dp: DriftParams) -> Decision:
-    """Retrain when a slice drifted (its share reached its threshold, or it is a value the reference never saw) or
-    mean confidence dropped by >= confidence_drop (relative)."""
+    """Retrain when a slice drifted (its share reached its threshold, its mean confidence dropped past its threshold,
+    or it is a value the reference never saw). When no slice is judged on confidence (a reference whose calibration
+    holds no confidence drops), the window's mean confidence is, against the fixed drift.confidence_drop (relative)."""
     small = below_min_window(n_images, dp)
     if small is not None:
         return small
-    confidence, change = confidence_drop_reason(confidence_now, confidence_reference, dp)
+    per_slice = any(v.confidence_threshold is not None for v in verdicts)
+    confidence, change = (None, "") if per_slice else confidence_drop_reason(confidence_now, confidence_reference, dp)
     reasons = [v.reason for v in verdicts if v.drifted] + ([confidence] if confidence else [])
     judged = "; ".join(v.reason for v in verdicts) or "nothing to compare"
+    if per_slice:
+        return retrain_or_keep(reasons, f"keep: {judged}")
     return retrain_or_keep(reasons, f"keep: {judged}; confidence change {change} below a {dp.confidence_drop:.0%} drop")
