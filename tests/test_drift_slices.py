@@ -207,3 +207,106 @@ def test_held_out_windows_are_drawn_by_batch_when_the_split_carries_no_group(rng
     assert resampling_group(frame, ["site", "batch"]) == "batch"
     assert resampling_group(site_rows("A", 50, rng), ["site"]) == "group"
     assert resampling_group(frame.drop(columns="batch"), ["site"]) is None
+
+
+# ---- the confidence rule, calibrated jointly with the share ---------------------------------------------------
+
+
+def test_joint_thresholds_keep_the_share_and_give_the_confidence_drop_the_budget_it_leaves() -> None:
+    from lensmith.drift.calibration import joint_thresholds
+
+    # 99 null windows: (1 + alarms) / 100 <= 0.05 allows 4 null alarms in all
+    shares = np.zeros(99)
+    shares[:2] = 1.0  # two windows the share flags (at 1 drifted column of 4): rate 3 %
+    drops = np.linspace(-0.02, 0.02, 99)
+    drops[:2] = 0.5  # large drops in the windows the share flags already: they cost nothing more
+    drops[2:6] = [0.20, 0.15, 0.12, 0.10]
+    share, drop, rate, share_rate = joint_thresholds(shares, 4, drops, 0.05, 0.05)
+    assert share == 0.25 and share_rate == pytest.approx(0.03)
+    assert drop == pytest.approx(0.1201), "just above the 3rd largest unflagged drop: 2 more null alarms, 4 in all"
+    assert rate == pytest.approx(0.05) and rate <= 0.05
+    # the combined rule, counted on the null windows, is what `rate` says
+    assert (1 + ((shares >= share) | (drops >= drop)).sum()) / 100 == pytest.approx(rate)
+
+
+def test_the_confidence_floor_holds_and_a_spent_budget_puts_the_drop_above_every_unflagged_null() -> None:
+    from lensmith.drift.calibration import joint_thresholds
+
+    quiet = np.linspace(-0.01, 0.01, 99)
+    share, drop, rate, _ = joint_thresholds(np.zeros(99), 4, quiet, 0.05, 0.05)
+    assert drop == 0.05 and rate == pytest.approx(0.01), "null drops far below drift.confidence_drop: the floor is the threshold"
+    shares = np.zeros(99)
+    shares[:4] = 1.0  # the share spends the whole budget (5 %)
+    drops = np.linspace(0.0, 0.09, 99)
+    share, drop, rate, share_rate = joint_thresholds(shares, 4, drops, 0.05, 0.05)
+    assert share_rate == pytest.approx(0.05) and rate == pytest.approx(0.05)
+    assert drop > drops[4:].max() and drop == pytest.approx(0.0901)
+
+
+def with_confidence(frame: pd.DataFrame, rng: np.random.Generator, mean: float = 0.85) -> pd.DataFrame:
+    """The model's confidence per row: a batch effect and noise around `mean`."""
+    codes = pd.factorize(frame["group"])[0]
+    effect = rng.normal(0, 0.15, codes.max() + 1)[codes]  # batches differ: a 100-image window's mean varies by ~4 %
+    return frame.assign(confidence=np.clip(mean + effect + rng.normal(0, 0.05, len(frame)), 0.2, 1.0))
+
+
+def calibrated_reference(rng: np.random.Generator, dp: DriftParams) -> Reference:
+    frame = pd.concat([with_confidence(site_rows(s, n, rng, split), rng) for s in "AB" for split, n in (("train", 600), ("val", 150))],
+                      ignore_index=True)
+    reference = reference_of(frame, dp, calibrate=True)
+    reference.meta["predictions"] = {"mean_confidence": float(frame.loc[frame["split"] == "val", "confidence"].mean())}
+    return reference
+
+
+def test_a_slice_is_judged_on_its_calibrated_confidence_drop_and_the_report_states_the_combined_rate(rng: np.random.Generator) -> None:
+    from lensmith.drift.report import false_alarm_block
+
+    dp = params()
+    reference = calibrated_reference(rng, dp)
+    entry = reference.calibration["slices"]["site=A"]
+    assert len(entry["confidence_drops"]["100"]) == 60 and 0.8 < entry["confidence_reference"] < 0.9
+    threshold = slice_threshold(reference.calibration, "site=A", COLUMNS, 100, dp.false_alarm_rate, dp.share_threshold, dp.confidence_drop)
+    assert threshold.confidence_calibrated and threshold.confidence_drop >= dp.confidence_drop
+    assert threshold.share_rate <= threshold.false_alarm_rate <= dp.false_alarm_rate
+
+    same = with_confidence(site_rows("A", 100, rng, "window"), rng)
+    comparison = sliced_comparison(same, reference, COLUMNS, dp)
+    [verdict] = comparison.verdicts
+    assert verdict.confidence_calibrated and verdict.confidence_threshold == threshold.confidence_drop and not verdict.drifted
+    assert verdict.false_alarm_rate == threshold.false_alarm_rate
+    block = false_alarm_block(comparison, len(same), dp)
+    assert block["rule"] == "share or confidence drop" and block["expected"] == threshold.false_alarm_rate
+
+    reference_mean = entry["confidence_reference"]
+    low = same.assign(confidence=same["confidence"] * reference_mean * (1 - threshold.confidence_drop - 0.01) / same["confidence"].mean())
+    [fell] = sliced_comparison(low, reference, COLUMNS, dp).verdicts
+    assert fell.drifted and fell.drifted_share < fell.threshold, "the confidence drop alone flags the slice"
+    decision = decide_slices([fell], float(low["confidence"].mean()), reference.mean_confidence, len(low), dp)
+    assert decision.retrain and "site=A: mean confidence fell" in decision.reason
+
+    assert threshold.confidence_drop > dp.confidence_drop + 0.002, "this null is wider than the floor"
+    floor_only = same.assign(confidence=same["confidence"] * reference_mean * (1 - dp.confidence_drop - 0.001) / same["confidence"].mean())
+    [kept] = sliced_comparison(floor_only, reference, COLUMNS, dp).verdicts
+    assert not kept.drifted, "a drop past drift.confidence_drop but within the calibrated threshold is not an alarm"
+    decision = decide_slices([kept], float(floor_only["confidence"].mean()), reference_mean, len(floor_only), dp)
+    assert not decision.retrain, "nor is it one for the window as a whole"
+
+
+def test_an_older_reference_without_confidence_drops_keeps_the_fixed_rule_and_says_so(rng: np.random.Generator) -> None:
+    from lensmith.drift.report import false_alarm_block
+
+    dp = params()
+    reference = calibrated_reference(rng, dp)
+    for entry in reference.calibration["slices"].values():
+        entry.pop("confidence_drops", None)
+        entry.pop("confidence_reference", None)
+    window = with_confidence(site_rows("A", 100, rng, "window"), rng)
+    window["confidence"] = reference.mean_confidence * 0.9  # a 10 % drop
+    comparison = sliced_comparison(window, reference, COLUMNS, dp)
+    [verdict] = comparison.verdicts
+    assert verdict.confidence_threshold is None and verdict.false_alarm_rate is not None
+    assert any("drift.confidence_drop 5% applies as a fixed rule" in n for n in comparison.notes)
+    block = false_alarm_block(comparison, len(window), dp)
+    assert block["rule"] == "share only" and not block["confidence_calibrated"]
+    decision = decide_slices(comparison.verdicts, float(window["confidence"].mean()), reference.mean_confidence, len(window), dp)
+    assert decision.retrain and "mean confidence fell 10.0%" in decision.reason and "drift.confidence_drop 5%" in decision.reason
