@@ -129,7 +129,11 @@ def window_check(layout: Layout, params: Params, folder: Path, kind: str, site: 
         "threshold": min((v["threshold"] for v in judged if v["threshold"] is not None), default=None),
         "expected_fa": r["false_alarm"]["expected"],
         "drift": r["drift_detected"], "retrain": result.decision.retrain,
-        "conf_drop": r["confidence"]["relative_drop"], "seconds": r["seconds"]["total"],
+        "conf_drop": r["confidence"]["relative_drop"],  # the window's, against the whole reference's mean confidence
+        # the slice's own drop (against its held-out mean confidence) and the calibrated drop threshold it is judged by
+        "slice_conf_drop": max((v["confidence_drop"] for v in judged if v.get("confidence_drop") is not None), default=None),
+        "conf_threshold": min((v["confidence_threshold"] for v in judged if v.get("confidence_threshold") is not None), default=None),
+        "seconds": r["seconds"]["total"],
     }
     print(row, flush=True)
     return row
@@ -168,7 +172,8 @@ def demo_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per size and kind/site: windows run and how many retrained (false alarms for fresh windows)."""
     out = rows.groupby(["size", "kind", "site"], sort=False).agg(
         windows=("retrain", "size"), retrained=("retrain", "sum"), max_share=("share", "max"),
-        threshold=("threshold", "median"), expected_fa=("expected_fa", "median"), seconds=("seconds", "median"))
+        threshold=("threshold", "median"), expected_fa=("expected_fa", "median"), seconds=("seconds", "median"),
+        **({"max_conf_drop": ("slice_conf_drop", "max"), "conf_threshold": ("conf_threshold", "median")} if "conf_threshold" in rows else {}))
     return out.reset_index()
 
 
@@ -187,12 +192,18 @@ def rescore(csv: Path, layout: Layout, params: Params) -> pd.DataFrame:
                                         resampling_group(reference.frame, reference.context_columns))
     rows = pd.read_csv(csv)
     keys = ["site=" + s if s in ("A", "B") else "all" for s in rows["site"]]  # site C: a new value, the whole reference
-    thresholds = [slice_threshold(calibration, k, columns, int(n), dp.false_alarm_rate, dp.share_threshold)
+    thresholds = [slice_threshold(calibration, k, columns, int(n), dp.false_alarm_rate, dp.share_threshold, dp.confidence_drop)
                   for k, n in zip(keys, rows["n_measured"])]
     rows["threshold"] = [t.share for t in thresholds]
     rows["expected_fa"] = [t.false_alarm_rate for t in thresholds]
-    rows["drift"] = (rows["share"] >= rows["threshold"] - 1e-9) | (rows["site"] == "C")
-    rows["retrain"] = rows["drift"] | (rows["conf_drop"] >= dp.confidence_drop)
+    rows["conf_threshold"] = [dp.confidence_drop if t.confidence_drop is None else t.confidence_drop for t in thresholds]
+    if "slice_conf_drop" not in rows:  # from the window's drop: its mean confidence against the slice's held-out mean
+        now = reference.mean_confidence * (1 - rows["conf_drop"])
+        slice_reference = pd.Series([t.confidence_reference or reference.mean_confidence for t in thresholds], index=rows.index)
+        rows["slice_conf_drop"] = (slice_reference - now) / slice_reference
+    drop = rows["slice_conf_drop"]
+    rows["drift"] = (rows["share"] >= rows["threshold"] - 1e-9) | (rows["site"] == "C") | (drop >= rows["conf_threshold"] - 1e-12)
+    rows["retrain"] = rows["drift"]
     return rows
 
 
