@@ -704,7 +704,11 @@ class DriftParams(Section):
 
     embedding_dims: int = Field(16, ge=1, le=256, description="PCA components of the penultimate-layer embeddings")
     share_threshold: float = Field(0.6, gt=0.0, le=1.0, description="Retrain when this share of monitored columns drifts, for a reference without a calibration (no validation batches) at its window size and slice")
-    confidence_drop: float = Field(0.05, ge=0.0, le=1.0, description="Retrain when mean confidence drops this much (relative)")
+    confidence_drop: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="Retrain when a slice's mean confidence drops this much (relative) or more: a floor under the drop "
+        "threshold calibrated with the share on held-out windows, the threshold itself for a reference without that calibration",
+    )
     p_value: float = Field(0.05, gt=0.0, lt=1.0, description="Per-column significance of the KS / chi-square tests")
     min_window: int = Field(30, ge=1, description="Windows with fewer images are reported but never trigger")
     max_reference_rows: int = Field(5000, ge=100, description="Reference rows kept (seeded sample of the train split)")
