@@ -310,3 +310,13 @@ def test_an_older_reference_without_confidence_drops_keeps_the_fixed_rule_and_sa
     assert block["rule"] == "share only" and not block["confidence_calibrated"]
     decision = decide_slices(comparison.verdicts, float(window["confidence"].mean()), reference.mean_confidence, len(window), dp)
     assert decision.retrain and "mean confidence fell 10.0%" in decision.reason and "drift.confidence_drop 5%" in decision.reason
+
+
+def test_null_confidence_drops_carry_the_error_of_the_held_out_mean(rng: np.random.Generator) -> None:
+    from lensmith.drift.calibration import null_windows
+
+    # 30 held-out batches of 5 rows, each batch at its own confidence: their mean is known to ~1 % only
+    held_out = site_rows("A", 150, rng, "val").assign(confidence=np.repeat(rng.normal(0.85, 0.05, 30), 5))
+    _, drops = null_windows(held_out, held_out, held_out["group"], COLUMNS[:1], 3000, 60, 0.05, 0.1, 0)
+    # a 3,000-row window (600 batch draws) alone varies by ~0.2 %; the held-out mean's own error is ~1 %
+    assert drops is not None and len(drops) == 60 and np.std(drops) > 0.006
