@@ -60,7 +60,7 @@ run: install
 
 ## Quick start 2: install dev dependencies and run the whole test suite (starts its own servers).
 test: install-dev
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 ## The Prefect UI on http://127.0.0.1:4200 (local server; no outside links). Then in another shell:
 ##   PREFECT_API_URL=http://127.0.0.1:4200/api make run   (or make schedule)

@@ -76,3 +76,16 @@ def tiny_image_folder(tmp_path: Path) -> Path:
             lines.append(f"{rel},{label},{'AB'[i % 2]},{'dim' if i < 3 else 'bright'},cam{i % 3},{label}-{i // 2}")
     (root / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+@pytest.fixture(scope="session")
+def thread_runner_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny demo project after `lensmith run` on the thread runner: the reference that the Dask and store-worker
+    tests compare their runs with (one run for the session; tests read it and never write to it)."""
+    import sys
+
+    from lensmith.testing.project import make_project, run
+
+    root = make_project(tmp_path_factory.mktemp("thread-runner") / "proj")
+    run([sys.executable, "-m", "lensmith.cli", "run", "--set", "orchestration.task_runner=thread"], root, timeout=600)
+    return root

@@ -155,21 +155,21 @@ def flow_run(root: Path, sets: list[str]) -> str:
     return run(command, root, timeout=600).stdout
 
 
-RUNNERS = {
-    "thread": ["orchestration.task_runner=thread"],
+RUNNERS = {  # compared with the session's thread-runner project (tests/conftest.py)
     "dask-local": ["orchestration.task_runner=dask", "orchestration.dask_n_workers=2"],
     "dask-existing": ["orchestration.task_runner=dask"],  # + dask_address, from the fixture
 }
 
 
 @pytest.mark.slow
-def test_training_flow_on_dask_clusters_equals_the_thread_runner(tmp_path: Path, existing_cluster: str) -> None:
+def test_training_flow_on_dask_clusters_equals_the_thread_runner(tmp_path: Path, existing_cluster: str, thread_runner_project: Path) -> None:
     """`lensmith run` on tiny real demo data (demo data, ingest, validate, split, train, evaluate, export, drift
     reference, gate) in a fresh project per runner: the thread runner, a local 2-worker Dask cluster, and an existing
     cluster at orchestration.dask_address; the same metrics and the same weights."""
-    sets = {**RUNNERS, "dask-existing": [*RUNNERS["dask-existing"], f"orchestration.dask_address={existing_cluster}"]}
+    sets = {"dask-local": RUNNERS["dask-local"], "dask-existing": [*RUNNERS["dask-existing"], f"orchestration.dask_address={existing_cluster}"]}
     roots = {runner: make_project(tmp_path / runner) for runner in sets}
     outputs = {runner: flow_run(roots[runner], sets[runner]) for runner in sets}
+    roots["thread"] = thread_runner_project  # the same tiny project run on the thread runner (a session fixture)
     for runner, stdout in outputs.items():
         assert "reports:" in stdout and " ran " in stdout, (runner, stdout[-2000:])
 

@@ -83,12 +83,10 @@ def store_sets(cluster: StoreCluster, store: str) -> list[str]:
     return ["orchestration.task_runner=dask", f"orchestration.dask_address={cluster.address}", f"orchestration.artifact_store={store}"]
 
 
-@pytest.fixture(scope="module")
-def thread_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: the same tiny project run on the thread runner, in its own folder."""
-    root = make_project(tmp_path_factory.mktemp("thread") / "proj")
-    run(flow_command(["orchestration.task_runner=thread"]), root, timeout=600)
-    return root
+@pytest.fixture
+def thread_run(thread_runner_project: Path) -> Path:
+    """The reference: the same tiny project run on the thread runner, in its own folder (shared with test_dask_flow)."""
+    return thread_runner_project
 
 
 def metrics_of(root: Path) -> dict:
