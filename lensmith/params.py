@@ -689,9 +689,10 @@ class ServeParams(Section):
         "0 = auto, 1x the measured seconds per image: about one image per runner ahead, so an accepted request waits about one run",
     )
     overload_hold_s: float = Field(
-        10.0, ge=0.0,
-        description="Seconds overload mode lasts after max_queue_wait_ms (or max_queue) last refused a request: under "
-        "sustained overload a deep queue only adds latency, so the accepted ones get a short one; 0 = never",
+        2.0, ge=0.0,
+        description="Seconds overload mode lasts after max_queue_wait_ms (or max_queue) last refused a request, or after "
+        "a refusal while more than a fifth of the requests are refused: under sustained overload a deep queue only adds "
+        "latency, so the accepted ones get a short one; 0 = never",
     )
     request_timeout_s: float = Field(
         10.0, gt=0.0, description="Deadline of a predict request from its arrival; past it the answer is 503 with Retry-After (408 while the body is still arriving)"

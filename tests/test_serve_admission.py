@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lensmith.serve.admission import AUTO_WAIT_RUNS, OVERLOAD_WAIT_RUNS, Admission, ServiceTime, expected_wait_s
+from lensmith.serve.admission import AUTO_WAIT_RUNS, OVERLOAD_REFUSED_SHARE, OVERLOAD_WAIT_RUNS, Admission, ServiceTime, expected_wait_s
 
 
 def test_the_mean_seconds_per_image_follows_recent_runs() -> None:
@@ -89,10 +89,23 @@ def test_an_overflow_holds_the_queue_short_for_overload_hold_s_then_the_deep_que
     assert (held.admitted, held.reason) == (False, "overload_wait")
     assert held.budget_s == pytest.approx(OVERLOAD_WAIT_RUNS * 0.010)
 
-    clock.now += 9.0  # refusals by the overload budget alone do not extend the mode
+    clock.now += 9.0  # a few refusals among many admitted (clients that come back after Retry-After) do not extend it
+    for _ in range(20):
+        assert admission.decide(0, 0).admitted
     assert not admission.decide(0, short + 1).admitted and admission.overloaded()
+    assert admission.refused_share() < OVERLOAD_REFUSED_SHARE
     clock.now += 1.0
     assert not admission.overloaded() and admission.decide(0, normal).admitted
+
+    admission.decide(0, normal + 1)  # overflow again; now the arrivals keep exceeding what is admitted
+    for _ in range(30):
+        clock.now += 0.5
+        admission.decide(0, 0)
+        for _ in range(4):  # 4 of 5 refused: a sustained 5x overload holds the mode however long it lasts
+            assert admission.decide(0, short + 1).reason == "overload_wait"
+    assert admission.overloaded() and admission.refused_share() == pytest.approx(0.8)
+    clock.now += 2 * 1.0 + 10.0  # the arrivals stop: both share windows empty, the hold runs out
+    assert admission.refused_share() == 0.0 and not admission.overloaded()
 
     admission.decide(32, 0)  # max_queue reached is an overflow too
     assert admission.overloaded()

@@ -20,9 +20,12 @@ wait through all of it (Little's law: 16 clients at ~360 answers/s wait ~44 ms, 
 So once the budget has refused a request (the queue overflowed: arrivals beyond what the service can answer),
 for `serve.overload_hold_s` the budget is the overload one, `serve.overload_queue_wait_ms` (auto: one
 single-image run, about one image per runner ahead): arrivals keep the runners fed, and an accepted request
-waits about one run. A closed loop of clients that never overflows the normal budget never enters it; after an
-overload the deep queue comes back `overload_hold_s` after the last overflow (refusals by the overload budget
-alone do not extend it, or a busy closed loop would keep it forever).
+waits about one run. A closed loop of clients that never overflows the normal budget never enters it. While in
+it, a refusal by the overload budget extends it only when the arrivals still clearly exceed what is admitted
+(over `SHARE_WINDOW_S`, more than `OVERLOAD_REFUSED_SHARE` of the requests refused): otherwise the mode would
+lapse in the middle of a sustained overload, let the deep queue fill and re-enter, and the requests admitted in
+between would wait through it all. When the refusals fall below that share (the load fell, or clients honour
+Retry-After), the deep queue comes back `overload_hold_s` after the last extension.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 # accepted wait under overload stays a few runs long instead of serve.max_queue requests'.
 AUTO_WAIT_RUNS = 6.0
 OVERLOAD_WAIT_RUNS = 1.0  # serve.overload_queue_wait_ms 0: the overload budget in single-image run times
+SHARE_WINDOW_S = 1.0  # the refused share is counted over the current and the previous window of this length
+OVERLOAD_REFUSED_SHARE = 0.2  # refused / arriving above this (arrivals >= 1.25x those admitted) extends overload mode
 EWMA_WEIGHT = 0.2  # weight of the newest run in the mean seconds per image
 
 
@@ -96,6 +101,9 @@ class Admission:
         self.service_time = service_time or ServiceTime()
         self.clock = clock
         self.overflowed_at: float | None = None  # when the normal budget or max_queue last refused a request
+        self._window_start = clock()
+        self._counts = [0, 0]  # (admitted, refused) in the current window
+        self._previous = [0, 0]  # ... and in the one before it
 
     def _budget(self, ms: float, runs: float) -> float | None:
         if ms > 0:
@@ -123,7 +131,32 @@ class Admission:
         per_image = self.service_time.per_image_s
         return None if per_image is None else expected_wait_s(images_ahead, per_image, self.runners)
 
+    def refused_share(self) -> float:
+        """Share of the requests refused over the current and the previous `SHARE_WINDOW_S` (0 with none)."""
+        self._roll(self.clock())
+        admitted, refused = self._counts[0] + self._previous[0], self._counts[1] + self._previous[1]
+        return refused / (admitted + refused) if admitted + refused else 0.0
+
+    def _roll(self, now: float) -> None:
+        elapsed = now - self._window_start
+        if elapsed >= SHARE_WINDOW_S:
+            self._previous = self._counts if elapsed < 2 * SHARE_WINDOW_S else [0, 0]
+            self._counts = [0, 0]
+            self._window_start = now
+
+    def _count(self, verdict: Verdict) -> Verdict:
+        self._roll(self.clock())
+        self._counts[0 if verdict.admitted else 1] += 1
+        return verdict
+
     def decide(self, queued_requests: int, images_ahead: int) -> Verdict:
+        verdict = self._decide(queued_requests, images_ahead)
+        self._count(verdict)
+        if verdict.reason == "overload_wait" and self.refused_share() > OVERLOAD_REFUSED_SHARE:
+            self.overflowed_at = self.clock()
+        return verdict
+
+    def _decide(self, queued_requests: int, images_ahead: int) -> Verdict:
         """`queued_requests`: decoding or waiting for a decode slot or a run (what serve.max_queue bounds);
         `images_ahead`: their images plus those in the runs going on."""
         wait = self.expected_wait_s(images_ahead)
