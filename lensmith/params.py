@@ -667,6 +667,11 @@ class ServeParams(Section):
         0, ge=0, le=256,
         description="Session runs at once; 0 = automatic (threads 0 on CPU: cores + 1; threads N: cores // N; GPU: 1)",
     )
+    runner_nice: int = Field(
+        10, ge=0, le=19,
+        description="How much lower the CPU priority of the inference threads is than the event loop's (Linux nice "
+        "steps; 0 = the same): under overload the loop that admits and answers requests is not kept waiting behind the runs",
+    )
     max_queue: int = Field(
         32, ge=1,
         description="Predict requests queued (decoding, or waiting for a decode slot or a session run); more are answered "
@@ -677,6 +682,17 @@ class ServeParams(Section):
         description="Predict requests that would wait longer than this for inference (images queued and being run x the "
         "measured seconds per image / runners) are answered 503 overloaded with Retry-After; 0 = auto, 6x the measured "
         "seconds per image: 6 images per runner ahead (max_queue still caps the count)",
+    )
+    overload_queue_wait_ms: float = Field(
+        0.0, ge=0.0,
+        description="While overloaded (see overload_hold_s) the longest expected wait a predict request is admitted with; "
+        "0 = auto, 1x the measured seconds per image: about one image per runner ahead, so an accepted request waits about one run",
+    )
+    overload_hold_s: float = Field(
+        2.0, ge=0.0,
+        description="Seconds overload mode lasts after max_queue_wait_ms (or max_queue) last refused a request, or after "
+        "a refusal while more than a fifth of the requests are refused: under sustained overload a deep queue only adds "
+        "latency, so the accepted ones get a short one; 0 = never",
     )
     request_timeout_s: float = Field(
         10.0, gt=0.0, description="Deadline of a predict request from its arrival; past it the answer is 503 with Retry-After (408 while the body is still arriving)"

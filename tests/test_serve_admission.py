@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lensmith.serve.admission import AUTO_WAIT_RUNS, Admission, ServiceTime, expected_wait_s
+from lensmith.serve.admission import AUTO_WAIT_RUNS, OVERLOAD_REFUSED_SHARE, OVERLOAD_WAIT_RUNS, Admission, ServiceTime, expected_wait_s
 
 
 def test_the_mean_seconds_per_image_follows_recent_runs() -> None:
@@ -62,6 +62,67 @@ def test_a_budget_in_ms_is_taken_as_it_is_and_the_count_stays_a_hard_cap() -> No
     assert not math.isnan(cap.expected_wait_s or 0.0)
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_overflow_holds_the_queue_short_for_overload_hold_s_then_the_deep_queue_returns() -> None:
+    clock = FakeClock()
+    admission = Admission(
+        max_queue=32, budget_ms=0.0, runners=2, service_time=measured(0.010), overload_hold_s=10.0, clock=clock
+    )
+    normal = int(AUTO_WAIT_RUNS * 2)  # images ahead the normal budget admits
+    short = int(OVERLOAD_WAIT_RUNS * 2)  # ... and the overload one
+    for _ in range(100):  # a closed loop that never overflows the normal budget never enters overload mode
+        assert admission.decide(0, normal).admitted
+    assert not admission.overloaded() and admission.budget_s() == pytest.approx(AUTO_WAIT_RUNS * 0.010)
+
+    overflow = admission.decide(0, normal + 1)
+    assert (overflow.admitted, overflow.reason) == (False, "expected_wait") and admission.overloaded()
+    assert admission.budget_s() == pytest.approx(OVERLOAD_WAIT_RUNS * 0.010)
+    assert admission.decide(0, short).admitted
+    held = admission.decide(0, short + 1)
+    assert (held.admitted, held.reason) == (False, "overload_wait")
+    assert held.budget_s == pytest.approx(OVERLOAD_WAIT_RUNS * 0.010)
+
+    clock.now += 9.0  # a few refusals among many admitted (clients that come back after Retry-After) do not extend it
+    for _ in range(20):
+        assert admission.decide(0, 0).admitted
+    assert not admission.decide(0, short + 1).admitted and admission.overloaded()
+    assert admission.refused_share() < OVERLOAD_REFUSED_SHARE
+    clock.now += 1.0
+    assert not admission.overloaded() and admission.decide(0, normal).admitted
+
+    admission.decide(0, normal + 1)  # overflow again; now the arrivals keep exceeding what is admitted
+    for _ in range(30):
+        clock.now += 0.5
+        admission.decide(0, 0)
+        for _ in range(4):  # 4 of 5 refused: a sustained 5x overload holds the mode however long it lasts
+            assert admission.decide(0, short + 1).reason == "overload_wait"
+    assert admission.overloaded() and admission.refused_share() == pytest.approx(0.8)
+    clock.now += 2 * 1.0 + 10.0  # the arrivals stop: both share windows empty, the hold runs out
+    assert admission.refused_share() == 0.0 and not admission.overloaded()
+
+    admission.decide(32, 0)  # max_queue reached is an overflow too
+    assert admission.overloaded()
+
+
+def test_overload_mode_in_ms_never_above_the_normal_budget_and_off_with_hold_0() -> None:
+    clock = FakeClock()
+    admission = Admission(
+        max_queue=32, budget_ms=30.0, runners=1, service_time=measured(0.010), overload_budget_ms=50.0, overload_hold_s=5.0, clock=clock
+    )
+    admission.decide(0, 4)
+    assert admission.overloaded() and admission.budget_s() == pytest.approx(0.030)  # min(normal, overload)
+    off = Admission(max_queue=32, budget_ms=30.0, runners=1, service_time=measured(0.010), overload_hold_s=0.0, clock=clock)
+    off.decide(0, 4)
+    assert not off.overloaded() and off.budget_s() == pytest.approx(0.030)
+
+
 # ---- a real service flooded past its budget --------------------------------------------------------------
 
 from servekit import copy_project, jpeg_bytes  # noqa: E402
@@ -96,7 +157,7 @@ def test_a_flood_is_refused_503_beyond_the_wait_budget_and_the_accepted_never_qu
         metrics = (await client.get("/metrics")).text
         return first, answers, after, metrics, samples, service.queued
 
-    params = serve_params(runners=1, max_batch_size=1, max_queue=32, max_queue_wait_ms=budget_ms)
+    params = serve_params(runners=1, max_batch_size=1, max_queue=32, max_queue_wait_ms=budget_ms, overload_hold_s=0)
     first, answers, after, metrics, samples, queued_after = run(go, copy_project(tmp_path), params)
     assert first.status_code == 200 and after.status_code == 200 and queued_after == 0
     statuses = [a.status_code for a in answers]
@@ -116,6 +177,43 @@ def test_a_flood_is_refused_503_beyond_the_wait_budget_and_the_accepted_never_qu
     # every run started with no more images queued behind it than the budget admits at the seconds per image then measured
     for queued, per_image_s in samples[1:]:
         assert queued * per_image_s <= budget_ms / 1000 + per_image_s, (queued, per_image_s, samples)
+
+
+def test_after_an_overflow_a_second_flood_gets_the_short_overload_queue(tmp_path) -> None:  # noqa: ANN001
+    """Overload mode through the real service: the first flood overflows the normal budget (3 runs), and a
+    second flood while it holds is admitted to about one run's wait (serve.overload_queue_wait_ms), the rest
+    answered 503 naming that param; a lone request after both is served."""
+    budget_ms, overload_ms = 3 * RUN_S_PER_IMAGE * 1000, 1 * RUN_S_PER_IMAGE * 1000
+    flood = 30
+
+    async def go(client, service):  # noqa: ANN001, ANN202
+        samples: list[tuple[int, float]] = []
+        slowed_runs(service, samples)
+        await post(client, (jpeg_bytes(0), "image/jpeg"))  # a run measured
+        first = await asyncio.gather(*(post(client, (jpeg_bytes(i), "image/jpeg")) for i in range(1, flood + 1)))
+        overloaded_between = service.admission.overloaded()
+        runs_before_second = len(samples)
+        second = await asyncio.gather(*(post(client, (jpeg_bytes(i), "image/jpeg")) for i in range(1, flood + 1)))
+        after = await post(client, (jpeg_bytes(0), "image/jpeg"))
+        metrics = (await client.get("/metrics")).text
+        return first, second, after, metrics, samples[runs_before_second:], overloaded_between
+
+    params = serve_params(
+        runners=1, max_batch_size=1, max_queue=32, max_queue_wait_ms=budget_ms, overload_queue_wait_ms=overload_ms, overload_hold_s=60
+    )
+    first, second, after, metrics, second_runs, overloaded_between = run(go, copy_project(tmp_path), params)
+    assert 503 in [a.status_code for a in first] and overloaded_between
+    statuses = [a.status_code for a in second]
+    assert set(statuses) == {200, 503} and after.status_code == 200, statuses
+    messages = {a.json()["error"]["message"] for a in second if a.status_code == 503}
+    assert all("serve.overload_queue_wait_ms" in m for m in messages), messages
+    # the normal budget admitted ~3 runs' worth at once plus those finishing while the flood arrived; the short one ~1
+    assert statuses.count(200) < [a.status_code for a in first].count(200)
+    assert 'lensmith_rejected_requests_total{reason="overload_wait"} ' + f"{statuses.count(503)}.0" in metrics
+    assert "lensmith_admission_overloaded 1.0" in metrics
+    assert f"lensmith_admission_budget_seconds {overload_ms / 1000}" in metrics
+    for queued, per_image_s in second_runs:  # no run of the second flood started with more queued than one run's wait
+        assert queued * per_image_s <= overload_ms / 1000 + per_image_s, (queued, per_image_s, second_runs)
 
 
 def test_a_refused_request_is_answered_before_its_body_is_read(tmp_path) -> None:  # noqa: ANN001

@@ -5,6 +5,7 @@ normalisation staying bit-identical to the one preprocessing definition."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -248,3 +249,24 @@ def test_a_container_cpu_quota_caps_the_runners(tmp_path) -> None:  # noqa: ANN0
     assert cgroup_cpu_limit(((tmp_path / "missing", None), (quota, period))) is None
     quota.write_text("200000\n")
     assert cgroup_cpu_limit(((quota, period),)) == 2.0
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are set through setpriority (Linux)")
+def test_inference_threads_run_below_the_event_loop_priority() -> None:
+    """serve.runner_nice: the runs' threads get a higher nice value than the thread that serves requests."""
+    def nice_of_this_thread(model: object, batch: np.ndarray) -> list[int]:
+        return [os.getpriority(os.PRIO_PROCESS, threading.get_native_id())] * len(batch)
+
+    async def main(nice: int) -> tuple[int, int]:
+        batcher = MicroBatcher(nice_of_this_thread, max_batch=4, max_wait_s=0.0, runners=2, runner_nice=nice)
+        batcher.start()
+        try:
+            runner_nice = (await batcher.submit(None, np.zeros((1, 3))))[0]
+        finally:
+            await batcher.stop()
+        return runner_nice, os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    lowered, loop_nice = asyncio.run(main(7))
+    assert lowered == min(19, loop_nice + 7)
+    same, loop_nice = asyncio.run(main(0))
+    assert same == loop_nice

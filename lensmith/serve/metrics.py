@@ -12,7 +12,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from lensmith.livequality import LiveQuality
-from lensmith.serve.admission import Admission
+from lensmith.serve.admission import REASONS, Admission
 from lensmith.serve.apierrors import loggable
 from lensmith.serve.models import ServedModel
 
@@ -84,7 +84,7 @@ class Metrics:
             registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         # the children looked up once: refusals come by the thousand a second under overload
-        self.rejected_by_reason = {reason: self.rejected.labels(reason) for reason in ("queue_full", "expected_wait")}
+        self.rejected_by_reason = {reason: self.rejected.labels(reason) for reason in REASONS}
 
     def count_request(self, scope: dict[str, Any], endpoint: str, status: int, seconds: float) -> None:
         """A request's count and latency per route template; failures also leave a (rate-limited) log line."""
@@ -101,9 +101,13 @@ class Metrics:
             return float("nan") if value is None else value
 
         Gauge(
-            "lensmith_admission_budget_seconds", "Longest expected wait for inference a predict request is admitted with (serve.max_queue_wait_ms)",
+            "lensmith_admission_budget_seconds", "Longest expected wait for inference a predict request is admitted with now (serve.max_queue_wait_ms, or serve.overload_queue_wait_ms while overloaded)",
             registry=self.registry,
         ).set_function(lambda: nan_if_none(admission.budget_s()))
+        Gauge(
+            "lensmith_admission_overloaded", "1 while overload mode holds the queue short (serve.overload_hold_s after the normal budget overflowed)",
+            registry=self.registry,
+        ).set_function(lambda: float(admission.overloaded()))
         Gauge(
             "lensmith_admission_expected_wait_seconds", "Expected wait for inference of a predict request arriving now",
             registry=self.registry,

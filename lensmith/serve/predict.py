@@ -369,7 +369,7 @@ async def refuse_if_overloaded(service: Service, scope: dict[str, Any], send: An
     verdict = service.admit()
     if verdict.admitted:
         return False
-    error = overloaded(refusal_message(verdict, service.queued, service.admission.budget_s()))
+    error = overloaded(refusal_message(verdict, service.queued))
     body = orjson.dumps({"error": {"code": error.code, "message": error.detail}})
     await send_json(send, 503, body, [(name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items()])
     service.metrics.count_request(scope, PREDICT_PATH, 503, time.perf_counter() - started)

@@ -112,13 +112,14 @@ def overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def refusal_message(verdict: Verdict, queued: int, budget_s: float | None) -> str:
+def refusal_message(verdict: Verdict, queued: int) -> str:
     """What a 503 for a refused admission says (names the param that refused it)."""
     if verdict.reason == "queue_full":
         return f"{queued} requests are queued (serve.max_queue); retry shortly"
     wait_ms = (verdict.expected_wait_s or 0.0) * 1000.0
-    budget_ms = (budget_s or 0.0) * 1000.0
-    return f"the requests queued would keep this one waiting ~{wait_ms:.0f} ms, over {budget_ms:.0f} ms (serve.max_queue_wait_ms); retry shortly"
+    budget_ms = (verdict.budget_s or 0.0) * 1000.0
+    param = "serve.overload_queue_wait_ms, while overloaded" if verdict.reason == "overload_wait" else "serve.max_queue_wait_ms"
+    return f"the requests queued would keep this one waiting ~{wait_ms:.0f} ms, over {budget_ms:.0f} ms ({param}); retry shortly"
 
 
 class Service:
@@ -129,7 +130,9 @@ class Service:
         self.holder = ModelHolder(
             source, list(params.providers), params.variant, threads, retry_s=params.reload_poll_s, retry_max_s=params.reload_backoff_max_s
         )
-        self.batcher = MicroBatcher(self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners, max_queue=params.max_queue)
+        self.batcher = MicroBatcher(
+            self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners, max_queue=params.max_queue, runner_nice=params.runner_nice
+        )
         self.decode_slots_total = decode_slots_for(params)
         self.decode_slots: asyncio.Semaphore | None = None  # made on the event loop, in start()
         self.predlog = PredictionLog(
@@ -140,7 +143,10 @@ class Service:
         self.live = LiveQuality(params.live_window)
         self.preparing = 0  # predict requests admitted whose images are waiting for a decode slot or being decoded
         self.preparing_images = 0  # their images
-        self.admission = Admission(params.max_queue, params.max_queue_wait_ms, runners)
+        self.admission = Admission(
+            params.max_queue, params.max_queue_wait_ms, runners,
+            overload_budget_ms=params.overload_queue_wait_ms, overload_hold_s=params.overload_hold_s,
+        )
         self.metrics = Metrics()
         self.metrics.registry.register(StorageCollector(self.predlog, self.queue))
         self.metrics.queue_depth.set_function(lambda: self.queued)
@@ -176,7 +182,7 @@ class Service:
         """503 overloaded (with Retry-After) when the request may not queue: see `admit`."""
         verdict = self.admit()
         if not verdict.admitted:
-            raise overloaded(refusal_message(verdict, self.queued, self.admission.budget_s()))
+            raise overloaded(refusal_message(verdict, self.queued))
 
     def _observe_batch(self, images: int, seconds: float) -> None:
         self.admission.service_time.observe(images, seconds)
