@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
@@ -317,7 +318,7 @@ def scrape(port: int) -> dict[str, float]:
     values = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if line and not line.startswith("#") and ("{" not in name or name.startswith("lensmith_queue_wait_seconds_bucket")):
+        if line and not line.startswith("#") and ("{" not in name or name.startswith(("lensmith_queue_wait_seconds_bucket", "lensmith_gc_pause_seconds"))):
             values[name] = float(value)
     return values
 
@@ -347,7 +348,22 @@ def runs_between(before: dict[str, float], after: dict[str, float]) -> dict[str,
         "queue_wait_p99_bucket_ms": bucket_quantile(before, after, "lensmith_queue_wait_seconds", 0.99),
         "budget_ms": 1000 * after.get("lensmith_admission_budget_seconds", float("nan")),
         "seconds_per_image_ms": 1000 * after.get("lensmith_inference_seconds_per_image", float("nan")),
+        "gc": gc_pauses_between(before, after),
     }
+
+
+def gc_pauses_between(before: dict[str, float], after: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per generation: garbage collections between two scrapes, their total ms, and the bucket bound (ms) holding the longest."""
+    found: dict[str, dict[str, float]] = {}
+    for generation in ("0", "1", "2"):
+        label = f'generation="{generation}"'
+        count = after.get(f"lensmith_gc_pause_seconds_count{{{label}}}", 0.0) - before.get(f"lensmith_gc_pause_seconds_count{{{label}}}", 0.0)
+        total = after.get(f"lensmith_gc_pause_seconds_sum{{{label}}}", 0.0) - before.get(f"lensmith_gc_pause_seconds_sum{{{label}}}", 0.0)
+        prefix = f'lensmith_gc_pause_seconds_bucket{{generation="{generation}",le="'
+        bounds = sorted((float(k[len(prefix):-2]), after[k] - before.get(k, 0.0)) for k in after if k.startswith(prefix))
+        longest = next((1000 * bound for bound, n in bounds if n >= count), float("nan")) if count else 0.0
+        found[generation] = {"collections": count, "total_ms": 1000 * total, "longest_le_ms": longest}
+    return found
 
 
 def p(latencies: list[float], q: float) -> float:
@@ -432,7 +448,20 @@ def hostile(args: argparse.Namespace, pid: int, port: int, check: bytes) -> dict
 
 
 def overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes], pooled: set[int]) -> dict[str, object]:
-    """`pooled`: indexes of the requests whose image is decoded in the thread pool."""
+    """`pooled`: indexes of the requests whose image is decoded in the thread pool. The load generator's own
+    garbage collector is off meanwhile: a full collection over its tens of thousands of answers paused it ~0.5 s
+    once in most runs, and every request in flight then looked 0.5 s slower than the service answered it."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        return measure_overload(args, pid, port, requests, pooled)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def measure_overload(args: argparse.Namespace, pid: int, port: int, requests: list[bytes], pooled: set[int]) -> dict[str, object]:
     asyncio.run(closed_loop(port, requests, 4, seconds=2.0))  # warm-up
     unloaded = asyncio.run(closed_loop(port, requests, 1, seconds=args.unloaded_s))
     capacity_answers = asyncio.run(closed_loop(port, requests, 16, seconds=args.capacity_s))
@@ -611,6 +640,11 @@ def print_overload(o: dict, mark: dict) -> None:  # noqa: ANN001
     print(f"{'(b) runs':<12} {runs['runs']:.0f} session runs, mean {runs['mean_run_ms']:.1f} ms, {runs['mean_batch_images']:.2f} images each; "
           f"admission: {runs['seconds_per_image_ms']:.1f} ms per image, budget {runs['budget_ms']:.1f} ms; admission to run start: "
           f"mean {runs['mean_queue_wait_ms']:.1f} ms, p99 <= {runs['queue_wait_p99_bucket_ms']:.0f} ms")
+    gc = runs.get("gc", {})
+    if gc:
+        print(f"{'(b) gc':<12} " + "; ".join(
+            f"gen {g}: {v['collections']:.0f} collections, {v['total_ms']:.0f} ms in all, longest <= {v['longest_le_ms']:.1f} ms" for g, v in gc.items()
+        ))
     by = o["accepted_p99_ms_by_decode"]
     print(f"{'(b) detail':<12} p99 of 200s by decode: inline {by['inline']:.0f} ms, thread pool {by['pool']:.0f} ms; "
           f"by second of the run: {o['accepted_p99_ms_by_second']}")

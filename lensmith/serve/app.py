@@ -24,6 +24,7 @@ from lensmith.params import ServeParams
 from lensmith.serve.apierrors import ApiError, BodyLimitMiddleware, install_error_handlers, loggable
 from lensmith.serve.metrics import MetricsMiddleware
 from lensmith.serve.models import ModelSource, RegistrySource
+from lensmith.serve.gcwatch import GcPauses
 from lensmith.serve.predict import PredictEndpoint, PredictFastPath, json_response, predict_payload
 from lensmith.serve.review import item_for_prediction
 from lensmith.serve.schemas import ERRORS, PREDICT_BODY, ErrorOut, FeedbackIn, FeedbackOut, PredictResponse
@@ -66,10 +67,13 @@ def create_app(
             except LensmithError as exc:
                 log.error("no model loaded at startup (%s); /v1/ready answers 503 until one loads", exc)
         service.start()
+        pauses = GcPauses(service.metrics.registry)
+        pauses.install()
         poller = asyncio.create_task(service.poll_for_new_models())
         try:
             yield
         finally:
+            pauses.remove()
             poller.cancel()
             await service.batcher.stop()
             service.predlog.close()
