@@ -249,3 +249,27 @@ def test_a_refused_request_is_answered_before_its_body_is_read(tmp_path) -> None
     assert b'"code":"overloaded"' in body["body"] and b"serve.max_queue" in body["body"]
     assert 'lensmith_rejected_requests_total{reason="queue_full"} 1.0' in metrics
     assert 'lensmith_requests_total{endpoint="/v1/predict",status="503"} 1.0' in metrics
+
+
+def test_garbage_collection_pauses_are_measured_per_generation() -> None:
+    import gc
+
+    from prometheus_client import CollectorRegistry
+
+    from lensmith.serve.gcwatch import GcPauses
+
+    registry = CollectorRegistry()
+    pauses = GcPauses(registry)
+    pauses.install()
+    try:
+        gc.collect(2)
+        gc.collect(0)
+    finally:
+        pauses.remove()
+    gc.collect(2)  # after remove(): not counted
+    counts = {
+        sample.labels["generation"]: sample.value
+        for metric in registry.collect() for sample in metric.samples if sample.name == "lensmith_gc_pause_seconds_count"
+    }
+    assert counts["2"] == 1.0 and counts["0"] >= 1.0  # an automatic young collection may add to generation 0
+    assert pauses._callback not in gc.callbacks
