@@ -686,7 +686,8 @@ class ServeParams(Section):
     overload_queue_wait_ms: float = Field(
         0.0, ge=0.0,
         description="While overloaded (see overload_hold_s) the longest expected wait a predict request is admitted with; "
-        "0 = auto, 1x the measured seconds per image: about one image per runner ahead, so an accepted request waits about one run",
+        "0 = auto, 0.5x the measured seconds per image: about one image ahead per two runners, so an accepted request "
+        "mostly goes straight to a runner",
     )
     overload_hold_s: float = Field(
         2.0, ge=0.0,

@@ -18,9 +18,8 @@ Overload mode. A queue as deep as that budget serves a closed loop of clients wi
 sustained overload it only adds latency: the runners are busy whatever its depth, and the accepted requests
 wait through all of it (Little's law: 16 clients at ~360 answers/s wait ~44 ms, 4.5x an unloaded request's p99).
 So once the budget has refused a request (the queue overflowed: arrivals beyond what the service can answer),
-for `serve.overload_hold_s` the budget is the overload one, `serve.overload_queue_wait_ms` (auto: one
-single-image run, about one image per runner ahead): arrivals keep the runners fed, and an accepted request
-waits about one run. A closed loop of clients that never overflows the normal budget never enters it. While in
+the budget is the overload one, `serve.overload_queue_wait_ms` (auto: half a single-image run, about one image
+ahead per two runners): arrivals keep the runners fed, and an accepted request mostly goes straight to a runner. A closed loop of clients that never overflows the normal budget never enters it. While in
 it, a refusal by the overload budget extends it only when the arrivals still clearly exceed what is admitted
 (over `SHARE_WINDOW_S`, more than `OVERLOAD_REFUSED_SHARE` of the requests refused): otherwise the mode would
 lapse in the middle of a sustained overload, let the deep queue fill and re-enter, and the requests admitted in
@@ -39,7 +38,10 @@ from dataclasses import dataclass
 # for 16 clients sending back to back (bench/serve_load.py's soak) to be served without a 503, while the
 # accepted wait under overload stays a few runs long instead of serve.max_queue requests'.
 AUTO_WAIT_RUNS = 6.0
-OVERLOAD_WAIT_RUNS = 1.0  # serve.overload_queue_wait_ms 0: the overload budget in single-image run times
+# serve.overload_queue_wait_ms 0: the overload budget in single-image run times. Half a run admits about one image
+# ahead per two runners: a request mostly goes straight to a runner (bench/serve_load.py at 4x, 3 runners: p99 of
+# the accepted 2.7-2.8x unloaded with ~3 ms, 4.6x with one run, ~5.5 ms; answers/s 221-272 vs 250-279).
+OVERLOAD_WAIT_RUNS = 0.5
 SHARE_WINDOW_S = 1.0  # the refused share is counted over the current and the previous window of this length
 OVERLOAD_REFUSED_SHARE = 0.2  # refused / arriving above this (arrivals >= 1.25x those admitted) extends overload mode
 EWMA_WEIGHT = 0.2  # weight of the newest run in the mean seconds per image
