@@ -687,7 +687,7 @@ class ServeParams(Section):
         0.0, ge=0.0,
         description="While overloaded (see overload_hold_s) the longest expected wait a predict request is admitted with; "
         "0 = auto, 0.5x the measured seconds per image: about one image ahead per two runners, so an accepted request "
-        "mostly goes straight to a runner",
+        "mostly goes straight to a runner (with one runner, e.g. a GPU, auto keeps max_queue_wait_ms: batches make it fast)",
     )
     overload_hold_s: float = Field(
         2.0, ge=0.0,

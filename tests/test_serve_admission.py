@@ -111,6 +111,19 @@ def test_an_overflow_holds_the_queue_short_for_overload_hold_s_then_the_deep_que
     assert admission.overloaded()
 
 
+def test_with_one_runner_the_auto_overload_budget_keeps_the_batches() -> None:
+    clock = FakeClock()
+    one = Admission(max_queue=32, budget_ms=0.0, runners=1, service_time=measured(0.010), overload_hold_s=5.0, clock=clock)
+    one.decide(0, int(AUTO_WAIT_RUNS) + 1)
+    assert one.overloaded() and one.budget_s() == pytest.approx(AUTO_WAIT_RUNS * 0.010)
+    assert one.decide(0, int(AUTO_WAIT_RUNS)).admitted
+    pinned = Admission(
+        max_queue=32, budget_ms=0.0, runners=1, service_time=measured(0.010), overload_budget_ms=20.0, overload_hold_s=5.0, clock=clock
+    )
+    pinned.decide(0, int(AUTO_WAIT_RUNS) + 1)
+    assert pinned.budget_s() == pytest.approx(0.020)  # a budget in ms is taken as it is
+
+
 def test_overload_mode_in_ms_never_above_the_normal_budget_and_off_with_hold_0() -> None:
     clock = FakeClock()
     admission = Admission(

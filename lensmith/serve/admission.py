@@ -124,7 +124,9 @@ class Admission:
     def budget_s(self) -> float | None:
         """The longest expected wait admitted now, in seconds (None: auto and no run measured yet)."""
         normal = self.normal_budget_s()
-        if not self.overloaded():
+        if not self.overloaded() or (self.overload_budget_ms == 0 and self.runners == 1):
+            # one runner (a GPU, or runners: 1): its batches are what make it fast, and half a run would admit
+            # nothing ahead, so runs of one image; the auto overload budget is then the normal one
             return normal
         overload = self._budget(self.overload_budget_ms, OVERLOAD_WAIT_RUNS)
         return overload if normal is None or overload is None else min(normal, overload)
