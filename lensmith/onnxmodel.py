@@ -56,8 +56,26 @@ def usable_providers(requested: Sequence[str]) -> list[str]:
     return chosen
 
 
+TENSORRT_CACHE_ENV = "LENSMITH_TENSORRT_CACHE"
+
+
+def tensorrt_cache_dir(model_path: Path) -> Path:
+    """Where TensorRT's engines for this model file are cached: under $LENSMITH_TENSORRT_CACHE (default
+    ~/.cache/lensmith/tensorrt), in a folder named by the file's content hash. Never beside the model: registry
+    versions are DVC-tracked, and an engine written there would make `dvc status` report them changed. A new
+    model gets a new folder (an engine is only valid for the file it was built from)."""
+    import hashlib
+
+    root = Path(os.environ.get(TENSORRT_CACHE_ENV) or Path.home() / ".cache" / "lensmith" / "tensorrt")
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return root / digest.hexdigest()[:16]
+
+
 def provider_options(provider: str, cache_dir: Path | None) -> dict[str, Any]:
-    """TensorRT builds an engine per input shape range: cache it beside the model so restarts are fast."""
+    """TensorRT builds an engine per input shape range: cache it (see `tensorrt_cache_dir`) so restarts are fast."""
     if provider == TENSORRT and cache_dir is not None:
         return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
     return {}
@@ -90,7 +108,7 @@ def open_session(
     if not path.is_file():
         raise OnnxModelError(f"no ONNX model at {path}; run `lensmith export` first")
     chosen = usable_providers(providers)
-    cache_dir = path.parent / "trt_cache"
+    cache_dir = tensorrt_cache_dir(path) if TENSORRT in chosen else None
     with_options = [(p, provider_options(p, cache_dir)) for p in chosen]
     try:
         session = ort.InferenceSession(

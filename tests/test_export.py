@@ -224,3 +224,24 @@ def test_cli_export_reruns_on_the_real_project(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "parity on" in result.output and "int8 skipped" in result.output
     assert (layout.exported / "model.onnx").is_file() and not (layout.exported / "model.int8.onnx").exists()
+
+
+def test_tensorrt_engine_cache_is_outside_versioned_folders_and_per_model_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TensorRT provider's engine cache: under $LENSMITH_TENSORRT_CACHE, named by the ONNX file's content, never
+    beside the model (a registry version is DVC-tracked; an engine there would make `dvc status` report it changed)."""
+    from lensmith.onnxmodel import CPU, TENSORRT, TENSORRT_CACHE_ENV, provider_options, tensorrt_cache_dir
+
+    version = tmp_path / "models" / "registry" / "versions" / "v0001"
+    version.mkdir(parents=True)
+    (version / "model.onnx").write_bytes(b"first model")
+    (tmp_path / "other.onnx").write_bytes(b"second model")
+    monkeypatch.setenv(TENSORRT_CACHE_ENV, str(tmp_path / "cache"))
+    first = tensorrt_cache_dir(version / "model.onnx")
+    assert first.parent == tmp_path / "cache" and version not in first.parents
+    assert tensorrt_cache_dir(version / "model.onnx") == first  # stable for the same file
+    assert tensorrt_cache_dir(tmp_path / "other.onnx") != first  # another model, another folder
+    options = provider_options(TENSORRT, first)
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(first)
+    assert provider_options(CPU, first) == {}
+    monkeypatch.delenv(TENSORRT_CACHE_ENV)
+    assert tensorrt_cache_dir(version / "model.onnx").parent == Path.home() / ".cache" / "lensmith" / "tensorrt"
