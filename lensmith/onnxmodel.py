@@ -74,11 +74,49 @@ def tensorrt_cache_dir(model_path: Path) -> Path:
     return root / digest.hexdigest()[:16]
 
 
-def provider_options(provider: str, cache_dir: Path | None) -> dict[str, Any]:
-    """TensorRT builds an engine per input shape range: cache it (see `tensorrt_cache_dir`) so restarts are fast."""
-    if provider == TENSORRT and cache_dir is not None:
-        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
-    return {}
+@dataclass(frozen=True)
+class TensorRTSettings:
+    """How the TensorRT provider builds its engine: fp16 kernels, and one batch profile from 1 to `max_batch`
+    (the micro-batcher's serve.max_batch_size) so that no batch size the service runs rebuilds an engine."""
+
+    fp16: bool = False
+    max_batch: int = 32
+
+
+def model_input(path: Path) -> tuple[str, tuple[int, ...]]:
+    """The ONNX file's first input: its name and its non-batch dimensions (read without the weights)."""
+    import onnx
+
+    graph_input = onnx.load(str(path), load_external_data=False).graph.input[0]
+    dims = tuple(d.dim_value for d in graph_input.type.tensor_type.shape.dim[1:])
+    return graph_input.name, dims
+
+
+def tensorrt_profile(name: str, dims: Sequence[int], max_batch: int) -> dict[str, str]:
+    """TensorRT's min/opt/max shapes for batches of 1..max_batch (opt at max_batch: the micro-batcher's full batches)."""
+    if not dims or any(d <= 0 for d in dims):
+        return {}  # a dynamic spatial size: TensorRT builds per shape met instead
+    shape = "x".join(str(d) for d in dims)
+    return {
+        "trt_profile_min_shapes": f"{name}:1x{shape}",
+        "trt_profile_opt_shapes": f"{name}:{max_batch}x{shape}",
+        "trt_profile_max_shapes": f"{name}:{max_batch}x{shape}",
+    }
+
+
+def provider_options(
+    provider: str, cache_dir: Path | None, tensorrt: TensorRTSettings | None = None, model: tuple[str, tuple[int, ...]] | None = None
+) -> dict[str, Any]:
+    """TensorRT builds an engine per input shape range: cache it (see `tensorrt_cache_dir`) so restarts are fast;
+    with `tensorrt`, fp16 and the batch profile for the `model` input (name, non-batch dims)."""
+    if provider != TENSORRT or cache_dir is None:
+        return {}
+    options: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
+    if tensorrt is not None:
+        options["trt_fp16_enable"] = tensorrt.fp16
+        if model is not None:
+            options.update(tensorrt_profile(model[0], model[1], tensorrt.max_batch))
+    return options
 
 
 def session_options(threads: int = 0, optimized_path: Path | None = None, level: str = "all") -> ort.SessionOptions:
@@ -102,14 +140,17 @@ def open_session(
     threads: int = 0,
     optimized_path: Path | None = None,
     level: str = "all",
+    tensorrt: TensorRTSettings | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession on the first usable provider; logs the provider that actually runs."""
+    """An InferenceSession on the first usable provider; logs the provider that actually runs. `tensorrt`: how
+    the TensorRT provider builds its engine, when it is requested and available."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"no ONNX model at {path}; run `lensmith export` first")
     chosen = usable_providers(providers)
     cache_dir = tensorrt_cache_dir(path) if TENSORRT in chosen else None
-    with_options = [(p, provider_options(p, cache_dir)) for p in chosen]
+    model = model_input(path) if TENSORRT in chosen and tensorrt is not None else None
+    with_options = [(p, provider_options(p, cache_dir, tensorrt, model)) for p in chosen]
     try:
         session = ort.InferenceSession(
             str(path), sess_options=session_options(threads, optimized_path, level), providers=with_options
@@ -143,8 +184,8 @@ class OnnxModel:
     metadata: dict[str, str]
 
     @classmethod
-    def load(cls, path: Path, providers: Sequence[str] = (CPU,), threads: int = 0) -> OnnxModel:
-        session = open_session(path, providers, threads=threads)
+    def load(cls, path: Path, providers: Sequence[str] = (CPU,), threads: int = 0, tensorrt: TensorRTSettings | None = None) -> OnnxModel:
+        session = open_session(path, providers, threads=threads, tensorrt=tensorrt)
         metadata = session_metadata(session)
         try:
             classes = json.loads(metadata[META_CLASSES])

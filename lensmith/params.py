@@ -667,6 +667,11 @@ class ServeParams(Section):
         0, ge=0, le=256,
         description="Session runs at once; 0 = automatic (threads 0 on CPU: cores + 1; threads N: cores // N; GPU: 1)",
     )
+    tensorrt_fp16: bool = Field(
+        False,
+        description="With TensorrtExecutionProvider in providers: build the engine with fp16 kernels (check accuracy "
+        "with bench/inference.py); its batch profile is 1..max_batch_size, its cache under $LENSMITH_TENSORRT_CACHE",
+    )
     runner_nice: int = Field(
         10, ge=0, le=19,
         description="How much lower the CPU priority of the inference threads is than the event loop's (Linux nice "

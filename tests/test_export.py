@@ -245,3 +245,19 @@ def test_tensorrt_engine_cache_is_outside_versioned_folders_and_per_model_file(t
     assert provider_options(CPU, first) == {}
     monkeypatch.delenv(TENSORRT_CACHE_ENV)
     assert tensorrt_cache_dir(version / "model.onnx").parent == Path.home() / ".cache" / "lensmith" / "tensorrt"
+
+
+def test_tensorrt_builds_fp16_and_one_batch_profile_from_the_served_batch_size(project: Layout, tmp_path: Path) -> None:
+    """serve.tensorrt_fp16 and serve.max_batch_size become the TensorRT provider's options, the profile named after
+    the exported model's real input (read from the file without its weights)."""
+    from lensmith.onnxmodel import TENSORRT, TensorRTSettings, model_input, provider_options, tensorrt_profile
+
+    name, dims = model_input(project.exported / "model.onnx")
+    assert len(dims) == 3 and dims[0] == 3 and all(d > 0 for d in dims)
+    options = provider_options(TENSORRT, tmp_path, TensorRTSettings(fp16=True, max_batch=16), (name, dims))
+    shape = "x".join(map(str, dims))
+    assert options["trt_fp16_enable"] is True
+    assert options["trt_profile_min_shapes"] == f"{name}:1x{shape}"
+    assert options["trt_profile_opt_shapes"] == options["trt_profile_max_shapes"] == f"{name}:16x{shape}"
+    assert provider_options(TENSORRT, tmp_path, TensorRTSettings(fp16=False), None)["trt_fp16_enable"] is False
+    assert tensorrt_profile(name, (3, 0, 0), 16) == {}  # a dynamic spatial size: no fixed profile

@@ -28,7 +28,7 @@ import numpy as np
 from lensmith.errors import LensmithError
 from lensmith.jsondoc import dig, read_json_or_none
 from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
-from lensmith.onnxmodel import OnnxModel, onnx_file_for
+from lensmith.onnxmodel import OnnxModel, TensorRTSettings, onnx_file_for
 from lensmith.operating import DecisionRule
 
 log = logging.getLogger("lensmith.serve")
@@ -138,9 +138,11 @@ def metadata_columns_of(meta: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(str(c) for c in columns) if isinstance(columns, list) else ()
 
 
-def load_served_model(location: Path, providers: list[str], variant: str, threads: int) -> ServedModel:
+def load_served_model(
+    location: Path, providers: list[str], variant: str, threads: int, tensorrt: TensorRTSettings | None = None
+) -> ServedModel:
     path, chosen = onnx_file_for(location, variant, providers)
-    onnx = OnnxModel.load(path, providers, threads=threads)
+    onnx = OnnxModel.load(path, providers, threads=threads, tensorrt=tensorrt)
     # a registry version folder is named v0003: that is the version people talk about
     folder = location if location.is_dir() else location.parent
     version = folder.name if folder.name.startswith("v") and folder.name[1:].isdigit() else onnx.version
@@ -188,10 +190,11 @@ class ReloadFailure:
 class ModelHolder:
     def __init__(
         self, source: ModelSource, providers: list[str], variant: str, threads: int,
-        retry_s: float = 2.0, retry_max_s: float = 300.0,
+        retry_s: float = 2.0, retry_max_s: float = 300.0, tensorrt: TensorRTSettings | None = None,
     ) -> None:
         self.source = source
         self.providers = providers
+        self.tensorrt = tensorrt
         self.variant = variant
         self.threads = threads
         self.retry_s, self.retry_max_s = retry_s, retry_max_s
@@ -227,7 +230,7 @@ class ModelHolder:
             try:
                 location = self.source.locate()
                 target = target_name(location)
-                new = load_served_model(location, self.providers, self.variant, self.threads)
+                new = load_served_model(location, self.providers, self.variant, self.threads, self.tensorrt)
                 warm_up(new)
             except Exception as exc:  # noqa: BLE001 - whatever a new model does, the old one keeps serving
                 attempts = failed.attempts + 1 if failed is not None else 1

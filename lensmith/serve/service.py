@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 
 from lensmith.errors import LensmithError
 from lensmith.livequality import LiveQuality
-from lensmith.onnxmodel import softmax
+from lensmith.onnxmodel import TensorRTSettings, softmax
 from lensmith.operating import argmax_rule
 from lensmith.params import ServeParams
 from lensmith.procutil import available_cores
@@ -128,7 +128,8 @@ class Service:
         self.token = token
         runners, threads = inference_layout(params)
         self.holder = ModelHolder(
-            source, list(params.providers), params.variant, threads, retry_s=params.reload_poll_s, retry_max_s=params.reload_backoff_max_s
+            source, list(params.providers), params.variant, threads, retry_s=params.reload_poll_s, retry_max_s=params.reload_backoff_max_s,
+            tensorrt=TensorRTSettings(fp16=params.tensorrt_fp16, max_batch=params.max_batch_size),
         )
         self.batcher = MicroBatcher(
             self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners, max_queue=params.max_queue, runner_nice=params.runner_nice
