@@ -5,6 +5,11 @@ draws exactly what the uninterrupted one would have. Parameters are drawn per im
 whole batch at once (one grid_sample for crop + rotation + flips, broadcast colour factors): applying a
 v2.Compose image by image costs as much as the forward pass of a small CNN on 2 cores.
 Colour ops follow torchvision.transforms.v2 definitions and use its functional kernels where they exist.
+
+The batch is augmented where it lives: training moves the uint8 batch to the GPU once (a quarter of the
+float32 bytes) and every op below runs there. The per-image parameters are drawn on the CPU generator and
+moved as small tensors, so a run draws the same stream on any device; only the noise image, as large as
+the batch, is drawn on the device from a seed taken from that stream.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def affine_theta(params: AugmentParams, n: int, generator: torch.Generator) -> t
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """v2's blend: factor * images + (1 - factor) * other, factor per image."""
-    f = factor.view(-1, 1, 1, 1)
+    f = factor.to(images.device).view(-1, 1, 1, 1)
     return f * images + (1 - f) * other
 
 
@@ -59,7 +64,7 @@ def colour_jitter(images: torch.Tensor, params: AugmentParams, generator: torch.
     n, channels = images.shape[:2]
     b, c, s = params.brightness, params.contrast, params.saturation
     if b > 0:
-        images = images.mul_(_uniform(n, 1 - b, 1 + b, generator).view(-1, 1, 1, 1))
+        images = images.mul_(_uniform(n, 1 - b, 1 + b, generator).to(images.device).view(-1, 1, 1, 1))
     if c > 0:
         gray = TF.rgb_to_grayscale(images) if channels == 3 else images
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
@@ -70,6 +75,7 @@ def colour_jitter(images: torch.Tensor, params: AugmentParams, generator: torch.
         shift = _uniform(1, -params.hue, params.hue, generator).item()
         chosen = _coin(n, 0.5, generator)
         if chosen.any():
+            chosen = chosen.to(images.device)
             images = images.clamp(0, 255)
             images[chosen] = TF.adjust_hue(images[chosen] / 255.0, shift) * 255.0
     return images.clamp_(0, 255)
@@ -79,6 +85,7 @@ def random_blur(images: torch.Tensor, params: AugmentParams, generator: torch.Ge
     chosen = _coin(images.shape[0], params.blur_prob, generator)
     sigma = _uniform(1, 0.1, 1.5, generator).item()
     if params.blur_prob > 0 and chosen.any():
+        chosen = chosen.to(images.device)
         images = images.clone()
         images[chosen] = TF.gaussian_blur(images[chosen], kernel_size=[5, 5], sigma=[sigma, sigma])
     return images
@@ -87,8 +94,17 @@ def random_blur(images: torch.Tensor, params: AugmentParams, generator: torch.Ge
 def gaussian_noise(images: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
     if params.noise_std <= 0:
         return images
-    noise = torch.randn(images.shape, generator=generator).mul_(params.noise_std * 255.0)
-    return images.add_(noise.to(images.device)).clamp_(0, 255)
+    noise = torch.randn(images.shape, generator=device_generator(generator, images.device), device=images.device)
+    return images.add_(noise.mul_(params.noise_std * 255.0)).clamp_(0, 255)
+
+
+def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """`generator` itself on the CPU; on another device a generator there, seeded from `generator`'s stream
+    (drawing a batch-sized tensor on the CPU and copying it would cost more than the whole augmentation)."""
+    if device.type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def trivial_augment(images_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -102,11 +118,13 @@ def trivial_augment(images_uint8: torch.Tensor, generator: torch.Generator) -> t
 
 
 def augment_batch(images_uint8: torch.Tensor, params: AugmentParams, generator: torch.Generator) -> torch.Tensor:
-    """N x C x H x W uint8 (CPU) -> augmented float32 on the 0..255 scale (same shape, same device)."""
+    """N x C x H x W uint8 on any device -> augmented float32 on the 0..255 scale (same shape, same device).
+
+    `generator` is a CPU generator whatever the device (see the module's docstring)."""
     if params.trivial_augment:
         images_uint8 = trivial_augment(images_uint8, generator)
     images = images_uint8.float()
-    theta = affine_theta(params, images.shape[0], generator)
+    theta = affine_theta(params, images.shape[0], generator).to(images.device)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # reflection: a rotated tile keeps plausible texture in its corners instead of black wedges
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -131,7 +131,7 @@ def finetune_model(trained: Any, train: Any, val: Any, params: Params) -> tuple[
 
     ft = params.drift.finetune
     tp = params.train.model_copy(
-        update={"epochs": ft.epochs, "lr": ft.lr, "warmup_epochs": 0, "freeze_epochs": 0, "channels_last": False, "seed": ft.seed}
+        update={"epochs": ft.epochs, "lr": ft.lr, "warmup_epochs": 0, "freeze_epochs": 0, "channels_last": False, "seed": ft.seed, "compile": False}
     )
     torch.manual_seed(ft.seed)
     torch.set_num_threads(tp.num_threads or os.cpu_count() or 1)
@@ -140,7 +140,7 @@ def finetune_model(trained: Any, train: Any, val: Any, params: Params) -> tuple[
     set_backbone_trainable(model, not ft.freeze_backbone)
     weights = t.class_weights(train.labels, len(trained.classes), tp.class_weights)
     criterion = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device), label_smoothing=tp.label_smoothing)
-    optimizer = t.build_optimizer(model, tp)
+    optimizer = t.build_optimizer(model, tp, device)
     steps = len(t.batch_order(len(train.labels), tp.batch_size, torch.Generator().manual_seed(0)))
     scheduler = t.build_scheduler(optimizer, tp, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=False)

@@ -2,7 +2,9 @@
 
 Shaped like torchvision's references/classification: load_data, train_one_epoch, evaluate, plain-dict
 checkpoints, and run_train as main. Images are decoded once into a uint8 cache (lensmith.datacache);
-epochs read batches from it and augment them on tensors (lensmith.augment).
+epochs read batches from it ahead of the step (lensmith.batches: pinned memory for a GPU), move them to
+the device as uint8 and augment them there (lensmith.augment). One code path for CPU and CUDA: on a GPU
+the host only queues work (loss and accuracy are summed on the device and read every few steps).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import math
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ from tqdm import tqdm
 import lensmith
 from lensmith import distributed as ddp
 from lensmith.augment import augment_batch
+from lensmith.batches import gather, prefetched
 from lensmith.errors import DataError, LensmithError
 from lensmith.fsutil import file_sha256, write_bytes_atomic
 from lensmith.layout import SPLIT_NAMES, Layout
@@ -41,6 +45,12 @@ from lensmith.splitdata import SplitData, load_split_data
 CHECKPOINT_FILE = "checkpoint.pt"
 CURVES_FILE = "training_curves.png"
 CHECKPOINT_FORMAT = 1
+# On a GPU, reading the loss stalls the host until the device catches up: the loss is checked for NaN/inf
+# (and the progress bar updated) every this many steps instead of every step. On the CPU, every step.
+GPU_CHECK_STEPS = 25
+# torch.compile runs on CUDA only (Inductor's CPU code needs a C++ toolchain and rarely pays on small CPUs);
+# tests set a backend here ("eager", "aot_eager") to exercise the compiled path's guards on the CPU.
+COMPILE_CPU_BACKEND: str | None = None
 
 
 class TrainingError(LensmithError):
@@ -77,22 +87,14 @@ def data_hash(layout: Layout) -> dict[str, str]:
     return {"combined": combined, **hashes}
 
 
-def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a last batch of one image is dropped (BatchNorm cannot train on it)."""
+def batch_order(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False) -> list[torch.Tensor]:
+    """Shuffled index batches; a last batch of one image is dropped (BatchNorm cannot train on it), and
+    with `drop_last` any short last batch (a compiled model would compile again for its shape)."""
     order = torch.randperm(n, generator=generator)
     batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if len(batches) > 1 and (len(batches[-1]) == 1 or (drop_last and len(batches[-1]) < batch_size)):
         batches.pop()
     return batches
-
-
-def gather(images: np.ndarray, index: torch.Tensor) -> torch.Tensor:
-    """uint8 batch from the memmap (sorted reads are sequential on disk; order restored afterwards)."""
-    idx = index.numpy()
-    order = np.argsort(idx, kind="stable")
-    batch = np.empty((len(idx), *images.shape[1:]), dtype=np.uint8)
-    batch[order] = images[idx[order]]
-    return torch.from_numpy(batch)
 
 
 # ------------------------------------------------------------------------------------- optimisation
@@ -107,14 +109,15 @@ def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> torch.Tens
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def build_optimizer(model: nn.Module, tp: TrainParams) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, tp: TrainParams, device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)  # no weight decay on biases and norms
     groups = [{"params": decay, "weight_decay": tp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if tp.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=tp.lr, momentum=tp.momentum, nesterov=tp.momentum > 0)
-    return torch.optim.AdamW(groups, lr=tp.lr)
+    # fused: one kernel per step for every parameter on CUDA instead of a few per tensor
+    return torch.optim.AdamW(groups, lr=tp.lr, fused=device.type == "cuda")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -143,6 +146,26 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def configure_cuda() -> None:
+    """Fixed input shapes: let cuDNN pick the fastest convolution per shape; TF32 for what runs in float32."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+
+
+def compiles(tp: TrainParams, device: torch.device) -> bool:
+    return tp.compile and (device.type == "cuda" or COMPILE_CPU_BACKEND is not None)
+
+
+def compile_model(model: nn.Module, device: torch.device, cache_dir: Path) -> nn.Module:
+    """torch.compile'd `model`. Its graph is compiled once, at the first step, and reused by every later
+    epoch: training steps keep one shape (short last batches are dropped) and one set of trainable
+    parameters (compiling starts after the frozen-backbone epochs), so nothing triggers a recompile.
+    Inductor's compiled kernels are cached under the project's .cache/ across runs."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir / "torchinductor"))
+    backend = "inductor" if device.type == "cuda" else COMPILE_CPU_BACKEND
+    return torch.compile(model, backend=backend)
+
+
 # ------------------------------------------------------------------------------------ epoch loops
 
 
@@ -163,6 +186,18 @@ class EpochContext:
         enabled = self.device.type == "cuda" and self.tp.amp
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
+    @property
+    def check_steps(self) -> int:
+        return 1 if self.device.type == "cpu" else GPU_CHECK_STEPS
+
+    @property
+    def pinned(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def drop_last(self) -> bool:
+        return compiles(self.tp, self.device)
+
 
 def model_input(batch: torch.Tensor, ctx: EpochContext) -> torch.Tensor:
     """float 0..255 (or uint8) N x C x H x W -> normalised, on the device, in the training memory format."""
@@ -170,26 +205,41 @@ def model_input(batch: torch.Tensor, ctx: EpochContext) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if ctx.tp.channels_last else x
 
 
+def nonfinite_loss_error(loss: float, epoch: int, steps: tuple[int, int], lr: float) -> TrainingError:
+    where = f"step {steps[1]}" if steps[0] == steps[1] else f"one of steps {steps[0]}-{steps[1]}"
+    return TrainingError(
+        f"the training loss became {loss} at epoch {epoch + 1}, {where} "
+        f"(lr {lr:.3g}); training stopped and the last good checkpoint is kept. "
+        "Lower train.lr, set train.grad_clip, or check the images for corrupt values"
+    )
+
+
 def train_one_epoch(
     ctx: EpochContext, data: SplitData, shuffle: torch.Generator, augment: torch.Generator, epoch: int
 ) -> dict[str, float]:
     ctx.model.train()
-    batches = ddp.rank_batches(batch_order(len(data.labels), ctx.tp.batch_size, shuffle), ctx.dist)
-    total_loss, correct, seen = 0.0, 0, 0
+    batches = ddp.rank_batches(batch_order(len(data.labels), ctx.tp.batch_size, shuffle, ctx.drop_last), ctx.dist)
+    # running sums stay on the device: reading them every step would make the host wait for the GPU
+    total_loss = torch.zeros((), device=ctx.device)
+    correct = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    worst = torch.zeros((), device=ctx.device)  # a non-finite loss since the last check, else 0
+    seen, checked = 0, 0
     start = time.perf_counter()
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{ctx.tp.epochs}", unit="batch", leave=False, disable=None)
-    for step, index in enumerate(bar):
-        images = augment_batch(gather(data.images, index), ctx.tp.augment, augment)
-        targets = torch.from_numpy(data.labels[index.numpy()]).to(ctx.device)
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{ctx.tp.epochs}", unit="batch", leave=False, disable=None)
+    for step, batch in enumerate(prefetched(data.images, data.labels, batches, pin=ctx.pinned)):
+        uint8_images, targets = batch.to(ctx.device)
+        images = augment_batch(uint8_images, ctx.tp.augment, augment)
         with ctx.autocast:
             logits = ctx.model(model_input(images, ctx))
             loss = ctx.criterion(logits.float(), targets)
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                f"(lr {ctx.scheduler.get_last_lr()[0]:.3g}); training stopped and the last good checkpoint is kept. "
-                "Lower train.lr, set train.grad_clip, or check the images for corrupt values"
-            )
+        detached = loss.detach()
+        worst = torch.where(torch.isfinite(detached), worst, detached)
+        if (step + 1) % ctx.check_steps == 0 or step + 1 == len(batches):
+            if not torch.isfinite(worst):  # before the step: on the CPU no update is made from a bad loss
+                raise nonfinite_loss_error(worst.item(), epoch, (checked + 1, step + 1), ctx.scheduler.get_last_lr()[0])
+            checked = step + 1
+            if seen:
+                bar.set_postfix(loss=f"{total_loss.item() / seen:.3f}", refresh=False)
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scaler.scale(loss).backward()
         if ctx.tp.grad_clip is not None:
@@ -198,14 +248,16 @@ def train_one_epoch(
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
         ctx.scheduler.step()
-        total_loss += loss.item() * len(index)
-        correct += int((logits.argmax(1) == targets).sum())
-        seen += len(index)
-        bar.set_postfix(loss=f"{total_loss / seen:.3f}", refresh=False)
+        total_loss += detached * len(batch.index)
+        correct += (logits.detach().argmax(1) == targets).sum()
+        seen += len(batch.index)
+        bar.update()
+    bar.close()
+    mean_loss, right = total_loss.item() / max(seen, 1), int(correct.item())  # waits for the device's last step
     seconds = time.perf_counter() - start
     return {
-        "train_loss": total_loss / max(seen, 1),
-        "train_accuracy": correct / max(seen, 1),
+        "train_loss": mean_loss,
+        "train_accuracy": right / max(seen, 1),
         "train_images_per_second": seen / max(seconds, 1e-9),
         "train_seconds": seconds,
     }
@@ -235,14 +287,11 @@ def recalibrate_batchnorm(ctx: EpochContext, model: nn.Module, images: np.ndarra
     for layer in layers:
         layer.train()
     batch_size = max(ctx.tp.batch_size, 2)
+    batches = [b for b in torch.from_numpy(chosen).split(batch_size) if len(b) >= 2]  # BatchNorm needs 2 in training mode
     try:
-        for start in range(0, len(chosen), batch_size):
-            index = chosen[start : start + batch_size]
-            if len(index) < 2:  # BatchNorm cannot take a batch of one in training mode
-                break
-            batch = torch.from_numpy(np.array(images[index]))
+        for batch in prefetched(images, None, batches, pin=ctx.pinned):
             with ctx.autocast:
-                model(model_input(batch, ctx))
+                model(model_input(batch.images.to(ctx.device, non_blocking=True), ctx))
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
@@ -254,11 +303,10 @@ def recalibrate_batchnorm(ctx: EpochContext, model: nn.Module, images: np.ndarra
 def predict_logits(ctx: EpochContext, images: np.ndarray, batch_size: int) -> torch.Tensor:
     ctx.model.eval()
     outputs = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.array(images[start : start + batch_size]))
+    for batch in prefetched(images, None, torch.arange(len(images)).split(batch_size), pin=ctx.pinned):
         with ctx.autocast:
-            outputs.append(ctx.model(model_input(batch, ctx)).float().cpu())
-    return torch.cat(outputs)
+            outputs.append(ctx.model(model_input(batch.images.to(ctx.device, non_blocking=True), ctx)).float())
+    return torch.cat(outputs).cpu()
 
 
 def evaluate(ctx: EpochContext, data: SplitData, num_classes: int) -> dict[str, float]:
@@ -461,6 +509,8 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
     dist_ctx = ddp.init_distributed(device)  # single process unless launched by torchrun
     device = ddp.rank_device(device, dist_ctx)
     torch.set_num_threads(tp.num_threads or ddp.default_threads(dist_ctx))
+    if device.type == "cuda":
+        configure_cuda()
     preprocessing = preprocessing_for(tp.model, tp.image_size)
 
     train_frame, val_frame = read_split(layout, "train"), read_split(layout, "val")
@@ -486,14 +536,16 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
     criterion = nn.CrossEntropyLoss(
         weight=None if weights is None else weights.to(device), label_smoothing=tp.label_smoothing
     )
-    optimizer = build_optimizer(model, tp)
-    steps_per_epoch = len(ddp.rank_batches(batch_order(len(train_data.labels), tp.batch_size, torch.Generator().manual_seed(0)), dist_ctx))
+    optimizer = build_optimizer(model, tp, device)
+    first_order = batch_order(len(train_data.labels), tp.batch_size, torch.Generator().manual_seed(0), compiles(tp, device))
+    steps_per_epoch = len(ddp.rank_batches(first_order, dist_ctx))
     scheduler = build_scheduler(optimizer, tp, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 autocast needs no loss scaling
     forward_model = ddp.wrap_model(model, device, dist_ctx, find_unused=tp.freeze_epochs > 0)
-    forward_model = torch.compile(forward_model) if tp.compile and device.type == "cuda" else forward_model
     ctx = EpochContext(forward_model, criterion, optimizer, scheduler, scaler, device, preprocessing, tp, dist_ctx)
-    eval_ctx = dataclasses.replace(ctx, model=model) if dist_ctx.enabled else ctx  # every rank evaluates all of val
+    # evaluation and BatchNorm recalibration run the plain module: every rank sees all of val, and a compiled
+    # graph is never traced again in eval mode or at evaluation's batch size
+    eval_ctx = dataclasses.replace(ctx, model=model)
 
     progress = Progress()
     if checkpoint is not None:
@@ -510,6 +562,9 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
         while progress.epoch < tp.epochs and not progress.stopped_early:
             epoch = progress.epoch
             set_backbone_trainable(model, epoch >= tp.freeze_epochs)
+            if compiles(tp, device) and epoch >= tp.freeze_epochs and ctx.model is forward_model:
+                # compiled once the whole network trains: a graph for the frozen epochs would be thrown away
+                ctx = dataclasses.replace(ctx, model=compile_model(forward_model, device, layout.cache_dir))
             metrics = train_one_epoch(ctx, train_data, shuffle, augment, epoch)
             ddp.sync_buffers(model, dist_ctx)
             recalibrate_batchnorm(eval_ctx, model, train_data.images, tp.bn_recalibration_images, tp.seed)
@@ -566,6 +621,8 @@ def run_train(params: Params, layout: Layout, resume: bool = False) -> TrainSumm
         "lensmith_version": lensmith.__version__,
         "torch_version": torch.__version__,
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "compiled": compiles(tp, device),
         "timings": {
             "total_seconds": round(total_seconds, 2),
             "cache_seconds": round(cache_seconds, 2),

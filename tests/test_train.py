@@ -237,7 +237,8 @@ def test_precise_batchnorm_statistics_are_the_average_over_clean_images() -> Non
     images = np.random.default_rng(0).integers(0, 256, (40, 3, 8, 8), dtype=np.uint8)
     pre = Preprocessing(image_size=8, resize=8, mean=(0.5,) * 3, std=(0.25,) * 3)
     ctx = SimpleNamespace(
-        tp=SimpleNamespace(batch_size=20, channels_last=False), autocast=nullcontext(), preprocessing=pre, device=torch.device("cpu")
+        tp=SimpleNamespace(batch_size=20, channels_last=False), autocast=nullcontext(), preprocessing=pre, device=torch.device("cpu"),
+        pinned=False,
     )
     model.eval()
     used = recalibrate_batchnorm(ctx, model, images, limit=40, seed=0)  # type: ignore[arg-type]
@@ -257,3 +258,55 @@ def test_a_tie_on_the_early_stopping_metric_goes_to_the_lower_validation_loss() 
     assert not is_improvement("val_macro_f1", {"val_macro_f1": 0.980, "val_loss": 0.01}, best)
     assert is_improvement("val_loss", {"val_macro_f1": 0.5, "val_loss": 0.13}, best)
     assert is_improvement("val_accuracy", {"val_accuracy": 0.9, "val_loss": 9.0}, {})
+
+
+def compiled_run(project: Layout, monkeypatch: pytest.MonkeyPatch, **train: Any) -> tuple[Any, list[str]]:
+    """run_train with the compiled path on the CPU (dynamo's `eager` backend: the same graph capture and
+    guards as on CUDA, without Inductor's code generation), failing on any recompile."""
+    import torch._dynamo as dynamo
+
+    monkeypatch.setattr(train_module, "COMPILE_CPU_BACKEND", "eager")
+    monkeypatch.setattr(dynamo.config, "error_on_recompile", True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(project.root / ".cache" / "torchinductor"))
+    dynamo.reset()
+    compiled: list[str] = []
+    real = train_module.compile_model
+
+    def counting(model: torch.nn.Module, device: torch.device, cache_dir: Path) -> torch.nn.Module:
+        compiled.append(str(device))
+        return real(model, device, cache_dir)
+
+    monkeypatch.setattr(train_module, "compile_model", counting)
+    try:
+        return run_train(tiny_params(compile=True, **train), project), compiled
+    finally:
+        dynamo.reset()
+
+
+def test_compiled_training_compiles_once_after_the_frozen_epochs_and_never_recompiles(
+    project: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._dynamo as dynamo
+
+    # 18 training images in batches of 8: a short last batch of 2 every epoch; the backbone unfreezes at epoch 2
+    summary, compiled = compiled_run(project, monkeypatch, epochs=3, freeze_epochs=1)
+    assert compiled == ["cpu"]  # one compile, at the unfreeze, kept for epochs 2 and 3
+    assert dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward really ran through dynamo
+    assert summary.epochs_run == 3
+    assert json.loads((project.candidate / "meta.json").read_text())["compiled"] is True
+
+
+def test_a_short_last_batch_would_recompile_the_graph_which_is_why_it_is_dropped(
+    project: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train_module.EpochContext, "drop_last", property(lambda self: False))
+    with pytest.raises(Exception, match="(?i)recompil"):
+        compiled_run(project, monkeypatch, epochs=2, freeze_epochs=0)
+
+
+def test_compiled_training_drops_the_short_last_batch_only(project: Layout) -> None:
+    shuffle = torch.Generator().manual_seed(0)
+    assert [len(b) for b in train_module.batch_order(18, 8, shuffle)] == [8, 8, 2]
+    assert [len(b) for b in train_module.batch_order(18, 8, shuffle, drop_last=True)] == [8, 8]
+    assert [len(b) for b in train_module.batch_order(17, 8, shuffle)] == [8, 8]  # a batch of one: never
+    assert [len(b) for b in train_module.batch_order(5, 8, shuffle, drop_last=True)] == [5]  # one batch is kept
