@@ -12,27 +12,44 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-RUN_STAMP := $(VENV)/.stamp-run-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+# GPU=1: the CUDA lock (onnxruntime-gpu; torch is CUDA-built in both locks). `make install-gpu` is the same.
+GPU ?=
+RUN_LOCK := $(if $(GPU),requirements-gpu.lock,requirements.lock)
+RUN_STAMP := $(VENV)/.stamp-run-$(shell cat $(RUN_LOCK) pyproject.toml | sha1sum | cut -c1-12)
+# onnxruntime and onnxruntime-gpu install the same package folder: removing one breaks the other, so a switch
+# removes both and installs the lock's one afresh.
+define ort_switch
+@if $(BIN)/pip show --quiet $(1) >/dev/null 2>&1; then $(BIN)/pip uninstall --quiet -y onnxruntime onnxruntime-gpu; fi
+endef
 DEV_STAMP := $(VENV)/.stamp-dev-$(shell cat requirements-dev.lock pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: run test install install-dev system-deps lock ui schedule bench clean
+.PHONY: run test install install-gpu install-dev system-deps lock ui schedule bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	# pip 23's resolver backtracks for >13 min on this stack: upgrade it first.
 	$(BIN)/pip install --quiet --upgrade "pip>=25" "uv>=0.5"
 
-$(RUN_STAMP): $(BIN)/python requirements.lock pyproject.toml
-	$(BIN)/pip install --quiet -r requirements.lock
+$(RUN_STAMP): $(BIN)/python $(RUN_LOCK) pyproject.toml
+	$(call ort_switch,$(if $(GPU),onnxruntime,onnxruntime-gpu))
+	$(BIN)/pip install --quiet -r $(RUN_LOCK)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.stamp-run-* && touch $@
 
 $(DEV_STAMP): $(BIN)/python requirements-dev.lock pyproject.toml
+	$(call ort_switch,onnxruntime-gpu)
 	$(BIN)/pip install --quiet -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.stamp-dev-* && touch $@
 
 install: $(RUN_STAMP)
+
+## GPU machines (Linux x86_64, NVIDIA driver >= 580 for CUDA 13, a Turing or newer GPU): CUDA torch and
+## onnxruntime-gpu from requirements-gpu.lock. TENSORRT=1 adds TensorRT 10 (`lensmith export --tensorrt`, the
+## TensorRT provider) from NVIDIA's package index, which pip must be able to reach. Then `make run GPU=1`.
+install-gpu:
+	$(MAKE) install GPU=1
+	@if [ -n "$(TENSORRT)" ]; then $(BIN)/pip install --quiet "tensorrt-cu13>=10.13,<11"; fi
 
 ## System packages the tests use (needs root + apt): Debian's chromium for the Prefect UI browser test,
 ## dataset-fashion-mnist, one of the real image sets the first-contact tests bring as a user's own data, and
@@ -53,6 +70,12 @@ install-dev: $(DEV_STAMP) system-deps
 lock: $(BIN)/python
 	$(BIN)/uv pip compile pyproject.toml --extra cpu --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o requirements-dev.lock
+	$(BIN)/uv pip compile pyproject.toml --extra gpu --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header -o requirements-gpu.lock
+
+## The GPU check (bench/gpu_check.sh): demo data -> CUDA training -> evaluation -> export + parity -> speed
+## ceiling, one JSON summary. Without a GPU it is a short CPU dry run of the same steps.
+gpu-check: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash bench/gpu_check.sh
 
 ## Quick start 1: install, then run the pipeline flow; its first DVC stage generates the embedded demo data.
 run: install
