@@ -13,7 +13,7 @@ from lensmith.evaluate import decision_block, decode_images, label_indices, read
 from lensmith.inference import predict_probabilities
 from lensmith.layout import Layout
 from lensmith.metrics import positive_class_indices
-from lensmith.onnxmodel import CPU, OnnxModel, onnx_file_for
+from lensmith.onnxmodel import OnnxModel, onnx_file_for, requested_providers, usable_providers
 from lensmith.params import Params
 from lensmith.resolve import resolve
 from lensmith.shards import frame_image_refs
@@ -35,8 +35,9 @@ def rescore_production(params: Params, layout: Layout, folder: Path) -> Rescored
 
     start = time.perf_counter()
     try:
-        path, variant = onnx_file_for(folder, params.serve.variant, [CPU])
-        model = OnnxModel.load(path, [CPU])
+        providers = usable_providers(requested_providers(params.evaluate.providers))  # as the candidate was evaluated
+        path, variant = onnx_file_for(folder, params.serve.variant, providers)
+        model = OnnxModel.load(path, providers, exact=True)
         frame = read_test_split(layout)
         y_true = label_indices(frame["label"].astype(str).tolist(), model.classes)
     except (LensmithError, OSError, ValueError) as exc:
@@ -51,6 +52,6 @@ def rescore_production(params: Params, layout: Layout, folder: Path) -> Rescored
         "test": test_metrics(y_true, probs, classes, params.evaluate.top_k, positive),
         "slices": slices,
         "decision": decision_block(model.decision_rule(), y_true, probs, frame, resolved.slices),
-        "served": {"file": path.name, "variant": variant, "model_version": model.version},
+        "served": {"file": path.name, "variant": variant, "provider": model.provider, "model_version": model.version},
     }
     return Rescored(metrics, None, time.perf_counter() - start)

@@ -12,13 +12,16 @@ gradients, so that attack alone runs on the PyTorch weights of the same candidat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from lensmith import metrics as m
@@ -30,7 +33,7 @@ from lensmith.inference import measure_speed, predict_probabilities, preprocess_
 from lensmith.layout import Layout
 from lensmith.metrics import EvaluationError
 from lensmith.modelio import load_candidate
-from lensmith.onnxmodel import CPU, OnnxModel, onnx_file_for
+from lensmith.onnxmodel import AUTO, GPU_PROVIDERS, OnnxModel, ProviderPolicy, onnx_file_for, requested_providers, usable_providers
 from lensmith.operating import DecisionRule, argmax_rule, figures_at
 from lensmith.params import EvaluateParams, Params
 from lensmith.preprocess import Preprocessing
@@ -40,6 +43,8 @@ from lensmith.shards import ImageRef, frame_image_refs
 from lensmith.split import read_split_frame
 
 __all__ = ["EvaluationError", "Evaluation", "EvaluationSummary", "evaluate_model", "run_evaluate"]
+
+log = logging.getLogger("lensmith.evaluate")
 
 SPEED_BUDGET_S = 3.0  # seconds spent on each of throughput and latency
 
@@ -195,14 +200,38 @@ def fgsm_block(
     clean_accuracy: float,
     batch_size: int,
 ) -> dict[str, Any]:
-    """Accuracy under a one-step FGSM attack; epsilon in 0..1 pixel units (see robustness.fgsm_predictions)."""
+    """Accuracy under a one-step FGSM attack; epsilon in 0..1 pixel units (see robustness.fgsm_predictions). Runs on
+    the model's own device, in full float32 there (no TF32)."""
+    device = next(model.parameters()).device
     predictions = []
-    for start in range(0, len(images), batch_size):
-        batch = preprocess_uint8(images[start : start + batch_size], preprocessing)
-        predictions.append(fgsm_predictions(model, preprocessing, batch, y_true[start : start + batch_size], epsilon))
+    with full_float32():
+        for start in range(0, len(images), batch_size):
+            batch = preprocess_uint8(images[start : start + batch_size], preprocessing)
+            predictions.append(fgsm_predictions(model, preprocessing, batch, y_true[start : start + batch_size], epsilon, device))
     acc = m.accuracy(y_true, np.concatenate(predictions))
     drop = (clean_accuracy - acc) / clean_accuracy if clean_accuracy > 0 else 0.0
-    return {"epsilon": float(epsilon), "epsilon_units": "pixel_0_1", "accuracy": acc, "relative_drop": float(drop)}
+    return {
+        "epsilon": float(epsilon), "epsilon_units": "pixel_0_1", "accuracy": acc, "relative_drop": float(drop), "device": device.type,
+    }
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """No TF32 in torch's CUDA convolutions and matmuls while measuring (torch allows it for cuDNN convolutions by
+    default); the previous settings come back after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def gradient_device(policy: ProviderPolicy) -> torch.device:
+    """Where the FGSM gradients run: CUDA when torch sees one and evaluate.providers allows a GPU (auto, or a list
+    naming a GPU provider), else the CPU."""
+    wants_gpu = policy == AUTO or any(p in GPU_PROVIDERS for p in policy)
+    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
 def decision_block(
@@ -351,12 +380,21 @@ def whole_data_frame(layout: Layout, test: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_served(params: Params, layout: Layout) -> tuple[OnnxModel, dict[str, Any]]:
-    """The exported file the service would load (serve.variant; auto = the export's choice) on the CPU."""
+    """The exported file the service would load (serve.variant; auto = the export's choice: fp32 on a GPU provider),
+    on evaluate.providers (auto = CUDA when onnxruntime offers it, else the CPU), in full float32."""
     if not layout.exported.is_dir():
         raise EvaluationError(f"no exported model at {layout.exported}: run `lensmith export` first (evaluation measures the served model)")
-    path, variant = onnx_file_for(layout.exported, params.serve.variant, [CPU])
-    served = OnnxModel.load(path, [CPU])
+    providers = usable_providers(requested_providers(params.evaluate.providers))
+    path, variant = onnx_file_for(layout.exported, params.serve.variant, providers)
+    served = OnnxModel.load(path, providers, exact=True)
     return served, {"file": path.name, "variant": variant, "provider": served.provider, "model_version": served.version}
+
+
+def fgsm_model(model: nn.Module, policy: ProviderPolicy) -> nn.Module:
+    """The candidate's torch weights on the device the FGSM attack runs on (see `gradient_device`)."""
+    device = gradient_device(policy)
+    log.info("evaluate: FGSM gradients run on %s", device)
+    return model.to(device)
 
 
 def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
@@ -382,7 +420,7 @@ def run_evaluate(params: Params, layout: Layout) -> EvaluationSummary:
         speed_budget_s=SPEED_BUDGET_S,
         resolved=resolved,
         rule=served.decision_rule(),
-        gradient_model=trained.model if params.evaluate.robustness.fgsm_epsilon is not None else None,
+        gradient_model=fgsm_model(trained.model, params.evaluate.providers) if params.evaluate.robustness.fgsm_epsilon is not None else None,
     )
     evaluation.metrics["model"] = model_block(trained.arch, trained.classes, trained.meta)
     evaluation.metrics["served"] = served_block

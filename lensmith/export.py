@@ -351,7 +351,8 @@ class ExportSummary:
         p = r["parity"]
         lines = [
             f"exported {r['arch']} -> {self.model_dir / ONNX_FILE} ({r['sizes_bytes']['fp32'] / 1e6:.1f} MB), provider {r['provider']}",
-            f"parity on {p['n_images']} test images: max |logit diff| {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.2%}",
+            f"parity on {p['n_images']} test images ({p['provider']}): max |logit diff| {p['max_abs_diff']:.2e}, "
+            f"top-1 agreement {p['top1_agreement']:.2%}",
             f"fp32 test accuracy {r['accuracy']['fp32']:.4f}; {r['int8']['decision']}: {r['int8']['reason']}",
             f"serving variant: {r['serving_variant']}",
         ]
@@ -404,13 +405,14 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         set_metadata(fp32_path, {**metadata, "lensmith.variant": "fp32"})
         check_onnx(fp32_path)
         reference = torch_logits(trained.model, pre, test.images)
-        fp32 = OnnxModel.load(fp32_path, ["CPUExecutionProvider"])
+        # parity on export.parity_providers (CUDA when there is one), in full float32; the rest below stays on the CPU
+        fp32 = OnnxModel.load(fp32_path, ep.parity_providers, exact=True)
         fp32_logits = onnx_logits(fp32, test.images)
         fp32_parity = parity(reference, fp32_logits)
         check_parity(fp32_parity, ep, ONNX_FILE)
 
         opt_path = save_optimized(fp32_path, work / OPTIMIZED_FILE)
-        opt = OnnxModel.load(opt_path, ["CPUExecutionProvider"])
+        opt = OnnxModel.load(opt_path, ["CPUExecutionProvider"])  # a CPU graph (fused CPU ops), served on the CPU only
         opt_parity = parity(reference, onnx_logits(opt, test.images))
         check_parity(opt_parity, ep, f"{OPTIMIZED_FILE} (ORT_ENABLE_EXTENDED)")
 
@@ -446,7 +448,13 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
             "metadata": metadata,
             "opset": ep.opset,
             "files": {"fp32": ONNX_FILE, "optimized": OPTIMIZED_FILE, "int8": INT8_FILE if int8["kept"] else None},
-            "parity": {**fp32_parity.__dict__, "optimized": opt_parity.__dict__, "max_allowed": fp32_parity.allowed_diff(ep)},
+            "parity": {
+                **fp32_parity.__dict__,
+                "provider": fp32.provider,
+                "providers_requested": ep.parity_providers,
+                "optimized": {**opt_parity.__dict__, "provider": opt.provider},
+                "max_allowed": fp32_parity.allowed_diff(ep),
+            },
             "accuracy": {"fp32": fp32_acc, "int8": int8_acc, "n_test": int(len(test.labels))},
             "int8": int8,
             "sizes_bytes": {k: p.stat().st_size for k, p in (("fp32", fp32_path), ("optimized", opt_path))}

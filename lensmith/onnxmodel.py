@@ -44,6 +44,27 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+AUTO = "auto"
+ProviderPolicy = str | Sequence[str]  # "auto", or provider names in preference order (params: lensmith.params.ProviderPolicy)
+GPU_PROVIDERS = (TENSORRT, CUDA)
+
+
+def requested_providers(policy: ProviderPolicy) -> list[str]:
+    """The providers to ask ONNX Runtime for, in preference order. "auto": CUDA then CPU when this onnxruntime build
+    offers CUDA, else CPU only; never TensorRT (its engine builds take minutes: ask for it by name). A list is taken as
+    given; `usable_providers` then skips what this build lacks."""
+    if isinstance(policy, str):
+        if policy != AUTO:
+            raise ValueError(f"provider policy must be {AUTO!r} or a list of provider names, got {policy!r}")
+        return [CUDA, CPU] if CUDA in available_providers() else [CPU]
+    return list(policy)
+
+
+def runs_on_gpu(providers: Sequence[str]) -> bool:
+    """Whether the first provider of a chosen list (or of a session) is a GPU one."""
+    return bool(providers) and providers[0] in GPU_PROVIDERS
+
+
 def usable_providers(requested: Sequence[str]) -> list[str]:
     """`requested` in order, minus those this onnxruntime build lacks; CPU is always the last resort."""
     available = set(available_providers())
@@ -104,11 +125,34 @@ def tensorrt_profile(name: str, dims: Sequence[int], max_batch: int) -> dict[str
     }
 
 
+def ort_version() -> tuple[int, int]:
+    major, minor = (ort.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def exact_cuda_options() -> dict[str, Any]:
+    """CUDA provider options of the measuring stages (evaluation, export parity, drift embeddings, champion scoring):
+    no TF32. ORT's CUDA provider lets cuBLAS matmuls and cuDNN convolutions round float32 inputs to TF32 (10-bit
+    mantissa) on Ampere and later GPUs by default; `use_tf32=0` (onnxruntime >= 1.18) keeps them in full float32, so
+    a measured figure or a parity difference is the model's, not the GPU's math mode. Serving keeps ORT's defaults."""
+    if ort_version() < (1, 18):  # older builds reject unknown keys; NVIDIA_TF32_OVERRIDE=0 is the only switch there
+        log.warning("onnxruntime %s has no use_tf32 option: CUDA may use TF32 (set NVIDIA_TF32_OVERRIDE=0)", ort.__version__)
+        return {}
+    return {"use_tf32": "0"}
+
+
 def provider_options(
-    provider: str, cache_dir: Path | None, tensorrt: TensorRTSettings | None = None, model: tuple[str, tuple[int, ...]] | None = None
+    provider: str,
+    cache_dir: Path | None,
+    tensorrt: TensorRTSettings | None = None,
+    model: tuple[str, tuple[int, ...]] | None = None,
+    exact: bool = False,
 ) -> dict[str, Any]:
     """TensorRT builds an engine per input shape range: cache it (see `tensorrt_cache_dir`) so restarts are fast;
-    with `tensorrt`, fp16 and the batch profile for the `model` input (name, non-batch dims)."""
+    with `tensorrt`, fp16 and the batch profile for the `model` input (name, non-batch dims). CUDA with `exact`: full
+    float32 (see `exact_cuda_options`)."""
+    if provider == CUDA:
+        return exact_cuda_options() if exact else {}
     if provider != TENSORRT or cache_dir is None:
         return {}
     options: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True}
@@ -135,22 +179,24 @@ def session_options(threads: int = 0, optimized_path: Path | None = None, level:
 
 def open_session(
     path: Path,
-    providers: Sequence[str] = (CPU,),
+    providers: ProviderPolicy = (CPU,),
     *,
     threads: int = 0,
     optimized_path: Path | None = None,
     level: str = "all",
     tensorrt: TensorRTSettings | None = None,
+    exact: bool = False,
 ) -> ort.InferenceSession:
-    """An InferenceSession on the first usable provider; logs the provider that actually runs. `tensorrt`: how
-    the TensorRT provider builds its engine, when it is requested and available."""
+    """An InferenceSession on the first usable provider of `providers` ("auto" or a list, see `requested_providers`);
+    logs the provider that actually runs. `tensorrt`: how the TensorRT provider builds its engine, when it is requested
+    and available. `exact`: a measuring stage's session (no TF32 on CUDA, see `exact_cuda_options`)."""
     path = Path(path)
     if not path.is_file():
         raise OnnxModelError(f"no ONNX model at {path}; run `lensmith export` first")
-    chosen = usable_providers(providers)
+    chosen = usable_providers(requested_providers(providers))
     cache_dir = tensorrt_cache_dir(path) if TENSORRT in chosen else None
     model = model_input(path) if TENSORRT in chosen and tensorrt is not None else None
-    with_options = [(p, provider_options(p, cache_dir, tensorrt, model)) for p in chosen]
+    with_options = [(p, provider_options(p, cache_dir, tensorrt, model, exact)) for p in chosen]
     try:
         session = ort.InferenceSession(
             str(path), sess_options=session_options(threads, optimized_path, level), providers=with_options
@@ -158,7 +204,8 @@ def open_session(
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise OnnxModelError(f"{path} cannot be loaded by onnxruntime ({type(exc).__name__}: {exc})") from None
     active = session.get_providers()
-    log.info("onnxruntime: %s runs on %s (requested %s)", path.name, active[0], list(providers))
+    requested = providers if isinstance(providers, str) else list(providers)
+    log.info("onnxruntime: %s runs on %s (requested %s)", path.name, active[0], requested)
     if active[0] != chosen[0]:
         log.warning("onnxruntime: %s could not start on %s; running on %s instead", path.name, chosen[0], active[0])
     return session
@@ -184,8 +231,16 @@ class OnnxModel:
     metadata: dict[str, str]
 
     @classmethod
-    def load(cls, path: Path, providers: Sequence[str] = (CPU,), threads: int = 0, tensorrt: TensorRTSettings | None = None) -> OnnxModel:
-        session = open_session(path, providers, threads=threads, tensorrt=tensorrt)
+    def load(
+        cls,
+        path: Path,
+        providers: ProviderPolicy = (CPU,),
+        threads: int = 0,
+        tensorrt: TensorRTSettings | None = None,
+        exact: bool = False,
+    ) -> OnnxModel:
+        """`providers`: "auto" or a preference list (see `open_session`); `exact`: for measuring stages (no TF32)."""
+        session = open_session(path, providers, threads=threads, tensorrt=tensorrt, exact=exact)
         metadata = session_metadata(session)
         try:
             classes = json.loads(metadata[META_CLASSES])
@@ -241,16 +296,25 @@ def read_serving_variant(model_dir: Path) -> str:
         return "fp32"
 
 
-def onnx_file_for(location: Path, variant: str, providers: list[str]) -> tuple[Path, str]:
-    """(file, variant) to load from a model folder, honouring serve.variant (auto = the export's choice)."""
+def onnx_file_for(location: Path, variant: str, providers: Sequence[str]) -> tuple[Path, str]:
+    """(file, variant) to load from a model folder, honouring serve.variant (auto = the export's choice).
+
+    `providers`: the preference list the session will be opened with; what decides is its first provider this
+    onnxruntime build has. On a GPU one the fp32 graph runs: the export chose int8 (static QDQ, a CPU path) for its
+    speed on the CPU, so auto never picks it there (serve.variant: int8 still forces it)."""
     if location.is_file():
         return location, "int8" if location.name == INT8_FILE else "fp32"
+    available = set(available_providers())
+    gpu_first = runs_on_gpu([p for p in providers if p in available])
     wanted = read_serving_variant(location) if variant == "auto" else variant
+    if wanted == "int8" and variant == "auto" and gpu_first:
+        log.info("onnxruntime: the export chose int8 for the CPU; the fp32 graph runs on the GPU provider")
+        wanted = "fp32"
     if wanted == "int8" and (location / INT8_FILE).is_file():
         return location / INT8_FILE, "int8"
     if wanted == "int8" and variant == "int8":
         raise LensmithError(f"serve.variant is int8 but {location} has no {INT8_FILE} (the export rejected or skipped it)")
-    # the EXTENDED-optimised graph holds CPU-specific fused ops: only for CPU-first serving
-    if providers[:1] == [CPU] and (location / OPTIMIZED_FILE).is_file():
+    # the EXTENDED-optimised graph holds CPU-specific fused ops: only for CPU-first sessions
+    if not gpu_first and (location / OPTIMIZED_FILE).is_file():
         return location / OPTIMIZED_FILE, "fp32"
     return location / ONNX_FILE, "fp32"

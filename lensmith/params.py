@@ -10,10 +10,11 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from lensmith.errors import ParamsError
 
@@ -21,6 +22,25 @@ DEFAULT_PARAMS_FILE = "params.yaml"
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 AUTO = "auto"  # a data-dependent setting resolved from the data (lensmith.resolve)
 Auto = Literal["auto"]
+ProviderName = Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _provider_policy(value: Any) -> Any:
+    """One readable error for a bad provider setting (pydantic would report each member of the union)."""
+    names = get_args(ProviderName)
+    if value == AUTO or (isinstance(value, list) and value and all(isinstance(v, str) and v in names for v in value)):
+        return value
+    raise PydanticCustomError("provider_policy", "expected 'auto' or a non-empty list of {names} (preference order)", {"names": ", ".join(names)})
+
+
+# ONNX Runtime providers of a stage: "auto" (CUDA then CPU when onnxruntime offers CUDA, else CPU; never TensorRT)
+# or names in preference order (lensmith.onnxmodel.requested_providers)
+ProviderPolicy = Annotated[Auto | list[ProviderName], BeforeValidator(_provider_policy)]
+PROVIDERS_HELP = (
+    "auto = CUDAExecutionProvider then CPU when onnxruntime offers CUDA, else CPU (never TensorRT: its engine builds "
+    "take minutes), or a list of TensorrtExecutionProvider / CUDAExecutionProvider / CPUExecutionProvider in "
+    "preference order (unavailable ones are skipped, CPU is the last resort)"
+)
 
 
 class Section(BaseModel):
@@ -413,6 +433,12 @@ class EvaluateParams(Section):
         128, ge=1, description="Images per forward pass for the test, robustness and speed measurements; lower it when memory runs out"
     )
     worst_examples: int = Field(24, ge=0, le=200, description="Most confident mistakes shown in reports/evaluation.html (0 = none)")
+    providers: ProviderPolicy = Field(
+        AUTO,
+        description="ONNX Runtime providers that evaluate the served model (and rescore production for the gate): "
+        + PROVIDERS_HELP + "; on a GPU provider the fp32 graph runs, in full float32 (no TF32), and the FGSM attack "
+        "runs on CUDA when torch sees one. reports/metrics.json served.provider records the one that ran",
+    )
     robustness: RobustnessParams = Field(default_factory=RobustnessParams)
     operating_point: OperatingPointParams = Field(default_factory=OperatingPointParams)
 
@@ -561,9 +587,15 @@ class ExportParams(Section):
         "minmax", description="How int8 calibration sets activation ranges (ONNX Runtime); try another when int8 fails its accuracy limit"
     )
     calibration_images: int = Field(256, ge=1, description="Training images used to calibrate int8")
-    providers: list[
-        Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    ] = Field(default_factory=lambda: ["CPUExecutionProvider"], description="Preference order; unavailable ones are skipped")
+    parity_providers: ProviderPolicy = Field(
+        AUTO,
+        description="ONNX Runtime providers of the parity gate's model.onnx run: " + PROVIDERS_HELP + "; full float32 "
+        "on CUDA (no TF32). model.opt.onnx (a CPU graph), int8 calibration and accuracy and the speed comparison stay on "
+        "the CPU. export.json parity.provider records the one that ran",
+    )
+    providers: list[ProviderName] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], description="Preference order; unavailable ones are skipped"
+    )
     bench_seconds: float = Field(1.5, gt=0.0, description="Time spent measuring each latency figure")
     seed: int = Field(0, description="Seed choosing the parity and int8 calibration images when parity_max_images / calibration_images cap them")
 
@@ -575,9 +607,7 @@ class ServeParams(Section):
         "127.0.0.1", description="Interface the service binds: 127.0.0.1 = this machine only, 0.0.0.0 = every interface; --host overrides"
     )
     port: int = Field(8000, ge=1, le=65535, description="TCP port of the service; --port overrides")
-    providers: list[
-        Literal["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    ] = Field(
+    providers: list[ProviderName] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
         description="ONNX Runtime providers in preference order; unavailable ones are skipped, CPU is the last resort",
     )
@@ -737,7 +767,16 @@ class DriftParams(Section):
     model: str = Field("production", description="Registry alias/version whose reference is compared, or 'candidate'")
     since: str = Field("7d", description="Prediction-log window when --current is the log, e.g. 12h, 7d, 2w")
     current: str | None = Field(None, description="What the monitoring flow checks: folder, s3:// prefix; null = the prediction log")
-    batch_size: int = Field(64, ge=1, le=4096, description="Images per ONNX Runtime run for embeddings")
+    batch_size: int = Field(
+        64, ge=1, le=4096,
+        description="Images per ONNX Runtime run for embeddings (on a GPU provider at least 256: one session, larger batches)",
+    )
+    providers: ProviderPolicy = Field(
+        AUTO,
+        description="ONNX Runtime providers of the drift embeddings (reference and windows): " + PROVIDERS_HELP + "; "
+        "full float32 on CUDA (no TF32). On CPU, single-threaded runs side by side; on a GPU, one session runs the "
+        "batches in turn. The reference JSON and the drift report record the one that ran",
+    )
     max_window_images: int = Field(
         1000, ge=10,
         description="Larger windows are measured on a seeded random sample of this many images: "

@@ -73,6 +73,7 @@ def test_reference_holds_stats_components_and_val_predictions(project: Layout) -
     assert preds["split"] == "val" and 0 < preds["mean_confidence"] <= 1
     assert abs(sum(preds["class_distribution"].values()) - 1) < 1e-9
     assert meta["classes"] == sorted(meta["classes"]) and meta["model_version"]
+    assert meta["embedding_provider"] == "CPUExecutionProvider" and meta["params"]["providers"] == "auto"  # no GPU here
 
 
 def test_embeddings_come_from_the_onnx_model_and_agree_with_its_logits(project: Layout) -> None:
@@ -118,6 +119,7 @@ def test_same_images_do_not_drift_and_reports_are_written(work: Layout) -> None:
     prom = (work.reports / "drift.prom").read_text()  # for a textfile collector: the alert rules read it
     assert "lensmith_drift_retrain 0" in prom and "lensmith_drift_drifted_share " in prom
     assert report["live_quality"]["corrections"] == 0 and report["live_quality"]["below_floor"] is False
+    assert report["current"]["embedding_provider"] == "CPUExecutionProvider"  # drift.providers auto, no GPU here
 
 
 def test_shifted_lighting_is_flagged_with_a_reason(work: Layout) -> None:
@@ -346,6 +348,7 @@ def test_log_window_confidence_drop_triggers_retrain(work: Layout) -> None:
     write_log(work.root / "serving/predictions", [log_record(now - timedelta(hours=1), ref.classes[0], low, float(b)) for b in brightness])
     result = run_drift(drift_params(), work, "log", since="1d")
     assert result.report["current"]["kind"] == "log"
+    assert result.report["current"]["embedding_provider"] is None  # the log carries the served model's predictions
     assert not any(c["kind"] == "embedding" for c in result.report["columns"])
     assert result.report["confidence"]["relative_drop"] == pytest.approx(0.2, abs=1e-6)
     assert result.decision.retrain and "mean confidence fell" in result.decision.reason

@@ -323,6 +323,7 @@ def test_evaluate_a_model_trained_by_lensmith_train_on_demo_data(tmp_path: Path,
     assert set(metrics["slices"]) == {"site", "lighting", "camera"}
     assert set(metrics["robustness"]["perturbations"]) == {"brightness_up", "brightness_down", "glare", "blur", "noise", "rotation", "jpeg"}
     assert metrics["robustness"]["fgsm"]["epsilon"] == 0.01
+    assert metrics["robustness"]["fgsm"]["device"] == "cpu" and metrics["served"]["provider"] == "CPUExecutionProvider"  # no GPU here
     assert metrics["model"]["arch"] == "efficientnet_lite0" and len(metrics["model"]["data_hash"]) == 64
     assert test["accuracy"] > 1 / len(metrics["model"]["classes"])  # pretrained backbone, 2 epochs: above chance
     assert (layout.reports / "evaluation.html").stat().st_size > 10_000

@@ -83,6 +83,8 @@ def test_export_report_records_parity_int8_decision_and_speed(project: Layout) -
     assert report["parity"]["n_images"] == n_test
     assert report["parity"]["max_abs_diff"] <= 1e-4 and report["parity"]["top1_agreement"] == 1.0
     assert report["parity"]["optimized"]["max_abs_diff"] <= 1e-4
+    # export.parity_providers auto on this machine (no GPU): parity ran on the CPU, as did the optimized graph's
+    assert report["parity"]["provider"] == report["parity"]["optimized"]["provider"] == "CPUExecutionProvider"
     assert report["provider"] == "CPUExecutionProvider"
     assert set(report["images_per_s"]["fp32"]) == {"b1", "b32"}
     kept = report["int8"]["kept"]

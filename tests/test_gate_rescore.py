@@ -63,6 +63,15 @@ def test_production_is_rescored_on_todays_split_and_the_better_candidate_wins(pr
     assert same_split["passed"] and "re-scored" in same_split["detail"]
 
 
+def test_production_is_rescored_through_evaluate_providers(project: Layout) -> None:
+    from lensmith.champion import rescore_production
+
+    folder = Registry(project.models).resolve("production")
+    rescored = rescore_production(gate_params(), project, folder)
+    assert rescored.metrics is not None, rescored.why_not
+    assert rescored.metrics["served"]["provider"] == "CPUExecutionProvider"  # evaluate.providers auto, no GPU here
+
+
 def test_when_production_cannot_be_loaded_the_stored_metrics_decide_and_the_report_says_so(project: Layout) -> None:
     folder = Registry(project.models).resolve("production")
     for onnx in folder.glob("*.onnx"):

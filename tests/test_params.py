@@ -42,6 +42,11 @@ def test_missing_file_means_defaults(tmp_path: Path) -> None:
         ("train.model=vit_b_16", "cannot be used with vit_b_16"),
         ("evaluate.slices=site", "evaluate.slices"),
         ("validate.required_metadata=all", "validate.required_metadata"),
+        ("evaluate.providers=gpu", "evaluate.providers: expected 'auto' or a non-empty list of TensorrtExecutionProvider"),
+        ("drift.providers=[CUDA]", "drift.providers: expected 'auto' or a non-empty list"),
+        ("export.parity_providers=[]", "export.parity_providers: expected 'auto' or a non-empty list"),
+        ("export.parity_providers=1", "export.parity_providers: expected 'auto'"),
+        ("serve.providers=auto", "serve.providers"),  # serving names its providers
     ],
 )
 def test_bad_values_name_the_key(override: str, expected_fragment: str) -> None:
@@ -95,3 +100,16 @@ def test_params_overridden_validates_before_writing(tmp_path: Path) -> None:
         with params_overridden(path, ["train.epochs=-3"]):
             pass
     assert path.read_text() == "train:\n  epochs: 8\n"
+
+
+def test_measuring_stages_providers_are_auto_or_a_list_of_provider_names() -> None:
+    defaults = load_params(ROOT / "params.yaml")
+    assert defaults.evaluate.providers == defaults.drift.providers == defaults.export.parity_providers == "auto"
+    chosen = load_params(
+        ROOT / "params.yaml",
+        ["evaluate.providers=[CUDAExecutionProvider, CPUExecutionProvider]", "drift.providers=[CPUExecutionProvider]",
+         "export.parity_providers=[TensorrtExecutionProvider]"],
+    )
+    assert chosen.evaluate.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert chosen.drift.providers == ["CPUExecutionProvider"]
+    assert chosen.export.parity_providers == ["TensorrtExecutionProvider"]

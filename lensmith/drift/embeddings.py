@@ -17,11 +17,12 @@ import numpy as np
 import onnxruntime as ort
 
 from lensmith.fsutil import file_sha256, write_bytes_atomic
-from lensmith.onnxmodel import CPU, OnnxModel, OnnxModelError, softmax
+from lensmith.onnxmodel import CPU, OnnxModel, OnnxModelError, ProviderPolicy, requested_providers, runs_on_gpu, softmax, usable_providers
 from lensmith.preprocess import Preprocessing
 from lensmith.procutil import available_cores
 
 EMBEDDING_OUTPUT = "lensmith_embedding"
+GPU_MIN_BATCH = 256  # images per run on a GPU provider: small batches leave it waiting on each launch
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,20 @@ def embedding_model_path(model_path: Path, cache_dir: Path) -> Path:
 class EmbeddingModel:
     """An ONNX Runtime session giving probabilities and penultimate embeddings in one run.
 
-    threads=0: one single-threaded run per usable core, side by side (a session may be run from several
-    threads at once). On small CPUs that beats one multi-threaded run, which waits at every operator for
-    its slowest thread (the depthwise convolutions of mobile backbones barely scale past one thread)."""
+    `providers`: "auto" or a preference list (drift.providers; see lensmith.onnxmodel.requested_providers), in full
+    float32 on CUDA. On the CPU, threads=0: one single-threaded run per usable core, side by side (a session may be
+    run from several threads at once). On small CPUs that beats one multi-threaded run, which waits at every operator
+    for its slowest thread (the depthwise convolutions of mobile backbones barely scale past one thread). On a GPU
+    provider: one run at a time, of at least GPU_MIN_BATCH images."""
 
-    def __init__(self, model_path: Path, cache_dir: Path, threads: int = 0) -> None:
-        self.parallel_runs = available_cores() if threads == 0 else 1
+    def __init__(self, model_path: Path, cache_dir: Path, threads: int = 0, providers: ProviderPolicy = (CPU,)) -> None:
+        chosen = usable_providers(requested_providers(providers))
         # the rewritten graph keeps the metadata_props: classes, preprocessing and version come with it
-        self.onnx = OnnxModel.load(embedding_model_path(model_path, cache_dir), [CPU], threads=1 if threads == 0 else threads)
+        graph = embedding_model_path(model_path, cache_dir)
+        self.onnx = OnnxModel.load(graph, chosen, threads=threads if runs_on_gpu(chosen) or threads else 1, exact=True)
+        if runs_on_gpu(chosen) and not self.on_gpu:  # the GPU provider could not start: the CPU layout after all
+            self.onnx = OnnxModel.load(graph, [CPU], threads=threads or 1)
+        self.parallel_runs = available_cores() if threads == 0 and not self.on_gpu else 1
         self.model_path = Path(model_path)
         self.classes: list[str] = self.onnx.classes
         self.preprocessing: Preprocessing = self.onnx.preprocessing
@@ -92,6 +99,15 @@ class EmbeddingModel:
         self.input_name = self.onnx.input_name
         self.output_names = [self.session.get_outputs()[0].name, EMBEDDING_OUTPUT]
 
+    @property
+    def provider(self) -> str:
+        """The provider that runs the embeddings (recorded in the drift reference and report)."""
+        return self.onnx.provider
+
+    @property
+    def on_gpu(self) -> bool:
+        return runs_on_gpu([self.onnx.provider])
+
     def run_uint8(self, batch_nchw_uint8: np.ndarray) -> Outputs:
         """N x C x H x W uint8 at the model's input size -> probabilities and embeddings."""
         x = self.preprocessing.normalize(np.asarray(batch_nchw_uint8))
@@ -99,8 +115,9 @@ class EmbeddingModel:
         return Outputs(embeddings=embedding.reshape(len(x), -1).astype(np.float32), probabilities=softmax(logits))
 
     def run_all(self, images_nchw_uint8: np.ndarray, batch_size: int) -> Outputs:
-        """Every image in batches (run side by side, results in order); an empty input gives empty arrays."""
-        slices = list(batch_slices(len(images_nchw_uint8), batch_size))
+        """Every image in batches (run side by side on the CPU, in turn on a GPU; results in order); an empty input
+        gives empty arrays."""
+        slices = list(batch_slices(len(images_nchw_uint8), max(batch_size, GPU_MIN_BATCH) if self.on_gpu else batch_size))
         if self.parallel_runs > 1 and len(slices) > 1:
             with ThreadPoolExecutor(self.parallel_runs, thread_name_prefix="embed") as pool:
                 parts = list(pool.map(lambda s: self.run_uint8(images_nchw_uint8[s]), slices))

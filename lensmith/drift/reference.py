@@ -211,7 +211,7 @@ def build_reference(params: Params, layout: Layout, model_dir: Path) -> Path:
     """Write drift_reference.parquet + .json into `model_dir` (embeddings from its exported model.onnx); returns the parquet."""
     dp = params.drift
     model_dir = Path(model_dir)
-    model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir)
+    model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir, providers=dp.providers)
     train, train_emb = split_reference_rows(layout, "train", model, dp.max_reference_rows, dp.batch_size, dp.seed)
     projection = fit_projection(train_emb, dp.embedding_dims, dp.seed)
     columns = component_columns(len(projection.components))
@@ -234,6 +234,7 @@ def build_reference(params: Params, layout: Layout, model_dir: Path) -> Path:
         "classes": model.classes,
         "preprocessing": model.preprocessing.to_dict(),
         "embedding_size": int(train_emb.shape[1]),
+        "embedding_provider": model.provider,
         "embedding_columns": columns,
         "stat_columns": list(STAT_COLUMNS),
         "n": {split: int((frame["split"] == split).sum()) for split in ("train", "val")},

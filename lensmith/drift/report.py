@@ -137,6 +137,7 @@ class CurrentData:
     frame: pd.DataFrame  # stats (+ embedding components) (+ predictions) (+ label)
     embedding_seconds: float = 0.0
     decode_seconds: float = 0.0
+    embedding_provider: str | None = None  # None: the window came with its predictions (the prediction log)
 
 
 def embed_image_window(
@@ -149,7 +150,7 @@ def embed_image_window(
         raise DataError(f"empty window: no images under {listing.description}{rejected}; nothing to compare")
     where = where or []
     matching = items_where(listing, where)
-    model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir)
+    model = EmbeddingModel(onnx_model_path(layout, model_dir), layout.cache_dir, providers=params.drift.providers)
     n_listed, limit = len(matching), params.drift.max_window_images
     items = [matching[i] for i in sampled_positions(n_listed, limit, params.drift.seed)]
     rows, embeddings, probabilities, rejections = [], [], [], list(listing.rejections)
@@ -171,13 +172,15 @@ def embed_image_window(
         where=[str(f) for f in where], n_before_where=len(listing.items) if where else None,
     )
     if frame.empty:
-        return CurrentData(window, frame)
+        return CurrentData(window, frame, embedding_provider=model.provider)
     probs = np.concatenate(probabilities)
     components = reference.projection.transform(np.concatenate(embeddings))
     frame[reference.embedding_columns] = components
     frame["predicted_label"] = [model.classes[i] for i in probs.argmax(axis=1)]
     frame["confidence"] = probs.max(axis=1)
-    return CurrentData(window, frame, embedding_seconds=embed_s, decode_seconds=time.perf_counter() - started - embed_s)
+    return CurrentData(
+        window, frame, embedding_seconds=embed_s, decode_seconds=time.perf_counter() - started - embed_s, embedding_provider=model.provider
+    )
 
 
 def with_context(frame: pd.DataFrame, metadata: pd.DataFrame | None) -> pd.DataFrame:
@@ -695,6 +698,7 @@ def run_drift(
             "n_quarantined": len(current.window.rejections),
             "quarantine_reasons": reason_counts(current.window.rejections),
             "quarantine": str(quarantine),
+            "embedding_provider": current.embedding_provider,
         },
         "model": {"dir": str(model_dir), "version": reference.meta.get("model_version"), "reference_created": reference.meta.get("created")},
         "thresholds": {"share_threshold": dp.share_threshold, "min_effect": dp.min_effect, "false_alarm_rate": dp.false_alarm_rate, "confidence_drop": dp.confidence_drop, "p_value": dp.p_value, "min_window": dp.min_window, "num_method": NUM_METHOD, "cat_method": CAT_METHOD},
