@@ -9,6 +9,7 @@
 4. Static int8 (QDQ, per-channel weights, calibrated on training images) kept only when its test accuracy
    is within export.int8_max_drop of fp32; it is chosen for serving only when it is faster here.
 5. models/export/export.json and reports/export.json: parity, accuracies, sizes, latencies, provider.
+6. With `--tensorrt` / export.tensorrt: a TensorRT plan (model.plan) under the same parity gate (lensmith.tensorrtplan).
 """
 
 from __future__ import annotations
@@ -356,6 +357,10 @@ class ExportSummary:
             f"fp32 test accuracy {r['accuracy']['fp32']:.4f}; {r['int8']['decision']}: {r['int8']['reason']}",
             f"serving variant: {r['serving_variant']}",
         ]
+        if r.get("tensorrt"):
+            from lensmith.tensorrtplan import summary_line
+
+            lines.append(summary_line(r["tensorrt"]))
         return "\n".join(lines)
 
 
@@ -392,7 +397,12 @@ def choose_variant(int8: dict[str, Any]) -> str:
     return "fp32"
 
 
-def run_export(params: Params, layout: Layout) -> ExportSummary:
+def run_export(params: Params, layout: Layout, tensorrt: bool = False) -> ExportSummary:
+    """`tensorrt`: also build the TensorRT plan (`--tensorrt`; export.tensorrt asks for it too), see lensmith.tensorrtplan."""
+    from lensmith.tensorrtplan import export_plan, tensorrt_backend
+
+    # a missing tensorrt package or GPU fails here, before any model or image is read
+    plan_backend = tensorrt_backend(params, tensorrt)
     ep = params.export
     trained = load_candidate(layout)
     pre = trained.preprocessing
@@ -469,6 +479,8 @@ def run_export(params: Params, layout: Layout) -> ExportSummary:
         del fp32, opt, int8_model, served  # release the sessions before their files move
         if not int8["kept"]:
             (work / INT8_FILE).unlink(missing_ok=True)
+        if plan_backend is not None:  # gated like model.onnx: a failure discards this folder, the old export stays
+            report["tensorrt"] = export_plan(plan_backend, params, fp32_path, work, test.images, reference, pre, test.labels)
         write_json_atomic(work / EXPORT_JSON, report)
     write_json_atomic(layout.reports / EXPORT_JSON, report)
     return ExportSummary(model_dir=model_dir, report=report)

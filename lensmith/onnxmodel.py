@@ -103,6 +103,12 @@ class TensorRTSettings:
     fp16: bool = False
     max_batch: int = 32
 
+    @classmethod
+    def from_serve(cls, serve: Any) -> TensorRTSettings:
+        """From the `serve` params (serve.tensorrt_fp16, serve.max_batch_size): the one source that the service's
+        provider and `lensmith export --tensorrt`'s plan both read."""
+        return cls(fp16=bool(serve.tensorrt_fp16), max_batch=int(serve.max_batch_size))
+
 
 def model_input(path: Path) -> tuple[str, tuple[int, ...]]:
     """The ONNX file's first input: its name and its non-batch dimensions (read without the weights)."""

@@ -598,6 +598,20 @@ class ExportParams(Section):
     )
     bench_seconds: float = Field(1.5, gt=0.0, description="Time spent measuring each latency figure")
     seed: int = Field(0, description="Seed choosing the parity and int8 calibration images when parity_max_images / calibration_images cap them")
+    tensorrt: bool = Field(
+        False,
+        description="Also build a TensorRT plan (model.plan) from model.onnx with the `tensorrt` package on a CUDA GPU: fp16 and its batch "
+        "profile 1..max_batch_size from serve.tensorrt_fp16 / serve.max_batch_size, gated by the parity check; `lensmith export "
+        "--tensorrt` turns it on for one run",
+    )
+    tensorrt_fp16_max_abs_diff: float = Field(
+        0.01, gt=0.0,
+        description="Parity gate of an fp16 TensorRT plan: max |logit(plan) - logit(PyTorch)| is at most this + tensorrt_fp16_rtol x the "
+        "largest |logit| (fp16 rounding is far above the fp32 bound; an fp32 plan keeps parity_max_abs_diff/parity_rtol; unmeasured on a GPU)",
+    )
+    tensorrt_fp16_rtol: float = Field(
+        0.01, ge=0.0, le=0.5, description="Relative part of an fp16 TensorRT plan's parity tolerance (see tensorrt_fp16_max_abs_diff)"
+    )
 
 
 class ServeParams(Section):

@@ -149,10 +149,10 @@ def _evaluate(params: Params, layout: Layout) -> Any:
     return run_evaluate(params, layout)
 
 
-def _export(params: Params, layout: Layout) -> Any:
+def _export(params: Params, layout: Layout, tensorrt: bool = False) -> Any:
     from lensmith.export import run_export
 
-    return run_export(params, layout)
+    return run_export(params, layout, tensorrt=tensorrt)
 
 
 def _drift_reference(params: Params, layout: Layout) -> Any:
@@ -235,6 +235,13 @@ STAGES: tuple[Stage, ...] = (
         run=_export,
         help="ONNX export with the parity gate, ORT EXTENDED graph and accuracy-gated int8: models/candidate/, "
         "reports/export.json.",
+        options=(
+            StageOption(
+                "tensorrt", bool, False,
+                "Also build a parity-gated TensorRT plan (model.plan; needs the tensorrt package and a CUDA GPU); "
+                "export.tensorrt asks for it in every run",
+            ),
+        ),
         reads_images=True,
     ),
     Stage(

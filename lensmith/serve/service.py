@@ -129,7 +129,7 @@ class Service:
         runners, threads = inference_layout(params)
         self.holder = ModelHolder(
             source, list(params.providers), params.variant, threads, retry_s=params.reload_poll_s, retry_max_s=params.reload_backoff_max_s,
-            tensorrt=TensorRTSettings(fp16=params.tensorrt_fp16, max_batch=params.max_batch_size),
+            tensorrt=TensorRTSettings.from_serve(params),
         )
         self.batcher = MicroBatcher(
             self._run, params.max_batch_size, params.max_wait_ms / 1000.0, runners, max_queue=params.max_queue, runner_nice=params.runner_nice
