@@ -388,12 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.budget_s
     dry_run = args.dry_run or not torch.cuda.is_available()
     device = "cpu" if dry_run else "cuda"
-    overrides = [*(DRY_RUN_OVERRIDES if dry_run else []), f"train.device={device}", *args.overrides]
+    env = environment()
+    # a TensorRT plan (`lensmith export --tensorrt`) is built and gated too where the tensorrt package is there
+    plan = ["export.tensorrt=true"] if env["tensorrt"] and not dry_run else []
+    overrides = [*(DRY_RUN_OVERRIDES if dry_run else []), f"train.device={device}", *plan, *args.overrides]
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dry_run": dry_run,
         "overrides": overrides,
-        "environment": environment(),
+        "environment": env,
     }
     from lensmith import train as train_module
 
