@@ -57,17 +57,23 @@ def host_batch(images: np.ndarray, labels: np.ndarray | None, index: torch.Tenso
 
 
 def prefetched(
-    images: np.ndarray, labels: np.ndarray | None, batches: Iterable[torch.Tensor], pin: bool, depth: int = PREFETCH_DEPTH
+    images: np.ndarray, labels: np.ndarray | None, batches: Iterable[torch.Tensor], pin: bool, depth: int | None = None
 ) -> Iterator[HostBatch]:
-    """`batches` (index tensors) as HostBatches in order, each gathered `depth` steps ahead on a thread.
+    """`batches` (index tensors) as HostBatches in order, each gathered `depth` (default PREFETCH_DEPTH) steps
+    ahead on a thread; depth 0 gathers each batch when it is asked for, in the calling thread.
 
     Closing the iterator early (an exception in the step, a stop) cancels what was not started and waits
     for the one gather in progress, so no thread outlives the epoch."""
+    depth = PREFETCH_DEPTH if depth is None else depth
+    if depth <= 0:
+        for index in batches:
+            yield host_batch(images, labels, index, pin)
+        return
     pending: deque[Future[HostBatch]] = deque()
     upcoming = iter(batches)
     with ThreadPoolExecutor(1, thread_name_prefix="lensmith-prefetch") as pool:
         try:
-            for index in islice(upcoming, max(depth, 1)):
+            for index in islice(upcoming, depth):
                 pending.append(pool.submit(host_batch, images, labels, index, pin))
             while pending:
                 batch = pending.popleft().result()

@@ -5,6 +5,7 @@ through the shared `Preprocessing`. Imports neither torch nor onnx, so a serving
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -63,6 +64,25 @@ def requested_providers(policy: ProviderPolicy) -> list[str]:
 def runs_on_gpu(providers: Sequence[str]) -> bool:
     """Whether the first provider of a chosen list (or of a session) is a GPU one."""
     return bool(providers) and providers[0] in GPU_PROVIDERS
+
+
+@functools.cache
+def preload_gpu_libraries() -> bool:
+    """Load CUDA and cuDNN for onnxruntime-gpu once per process, before the first GPU session.
+
+    `pip install .[gpu]` brings them as NVIDIA's wheels (site-packages/nvidia/*/lib), which the dynamic loader does
+    not search; torch finds them when it is imported, but the service never imports torch. onnxruntime >= 1.21's
+    `preload_dlls` loads torch's copies when torch is loaded, else the wheels'. False when it could not (an older
+    onnxruntime, or libraries installed system-wide, where the loader finds them anyway)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return False
+    try:
+        preload()
+    except Exception as exc:  # the session start that follows reports a real absence, with ORT's own message
+        log.warning("onnxruntime: could not preload the CUDA/cuDNN libraries (%s: %s)", type(exc).__name__, exc)
+        return False
+    return True
 
 
 def usable_providers(requested: Sequence[str]) -> list[str]:
@@ -200,6 +220,8 @@ def open_session(
     if not path.is_file():
         raise OnnxModelError(f"no ONNX model at {path}; run `lensmith export` first")
     chosen = usable_providers(requested_providers(providers))
+    if runs_on_gpu(chosen):
+        preload_gpu_libraries()
     cache_dir = tensorrt_cache_dir(path) if TENSORRT in chosen else None
     model = model_input(path) if TENSORRT in chosen and tensorrt is not None else None
     with_options = [(p, provider_options(p, cache_dir, tensorrt, model, exact)) for p in chosen]

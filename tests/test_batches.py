@@ -33,6 +33,17 @@ def test_batches_come_in_order_with_their_images_and_labels() -> None:
     assert not prefetch_threads()
 
 
+def test_depth_zero_gathers_in_the_calling_thread_with_the_same_batches() -> None:
+    images, labels = cache()
+    batches = list(torch.randperm(len(images), generator=torch.Generator().manual_seed(1)).split(4))
+    ahead = list(prefetched(images, labels, batches, pin=False))
+    inline = prefetched(images, labels, batches, pin=False, depth=0)
+    first = next(inline)
+    assert not prefetch_threads()
+    for a, b in zip(ahead, [first, *inline]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
 def test_without_labels_and_with_an_empty_epoch() -> None:
     images, _ = cache(7)
     batches = list(prefetched(images, None, torch.arange(7).split(3), pin=False))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from servekit import copy_project, exported_project, tiny_params
 
 import lensmith.evaluate as ev
+from lensmith import onnxmodel
 from lensmith.drift.embeddings import GPU_MIN_BATCH, EmbeddingModel
 from lensmith.layout import EXPORT_JSON, INT8_FILE, ONNX_FILE, OPTIMIZED_FILE
 from lensmith.onnxmodel import CPU, CUDA, TENSORRT, OnnxModel, onnx_file_for, open_session, requested_providers, usable_providers
@@ -37,6 +39,7 @@ class RecordingSession:
     real CPU provider, and reports the first provider it was asked for as the one that runs."""
 
     calls: list[dict[str, Any]] = []
+    preloads = 0
 
     def __init__(self, path: str, sess_options: Any = None, providers: Any = None) -> None:
         asked = [p if isinstance(p, tuple) else (p, {}) for p in providers or [CPU]]
@@ -53,12 +56,20 @@ class RecordingSession:
 
 
 @pytest.fixture
-def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> type[RecordingSession]:
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[RecordingSession]]:
     """onnxruntime-gpu on a CUDA machine, as far as Lensmith can tell."""
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT, CUDA, CPU])
     monkeypatch.setattr(ort, "InferenceSession", RecordingSession)
     RecordingSession.calls = []
-    return RecordingSession
+    RecordingSession.preloads = 0
+
+    def preload_dlls(*_: Any, **__: Any) -> None:
+        RecordingSession.preloads += 1
+
+    monkeypatch.setattr(ort, "preload_dlls", preload_dlls, raising=False)
+    onnxmodel.preload_gpu_libraries.cache_clear()
+    yield RecordingSession
+    onnxmodel.preload_gpu_libraries.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +111,14 @@ def test_measuring_sessions_disable_tf32_on_cuda_and_serving_keeps_the_defaults(
     assert options_of(fake_cuda.calls[-1], CUDA) == {}
     open_session(path, [CPU], exact=True)  # a CPU session has nothing to switch off
     assert fake_cuda.calls[-1]["providers"] == [(CPU, {})]
+
+
+def test_gpu_sessions_preload_cuda_and_cudnn_once_and_cpu_sessions_never(exported: Path, fake_cuda: type[RecordingSession]) -> None:
+    OnnxModel.load(exported / "models" / "export" / ONNX_FILE, [CPU])
+    assert fake_cuda.preloads == 0  # a CPU service never touches the CUDA libraries
+    OnnxModel.load(exported / "models" / "export" / ONNX_FILE, "auto")
+    OnnxModel.load(exported / "models" / "export" / ONNX_FILE, [CUDA, CPU])
+    assert fake_cuda.preloads == 1  # once per process, before the first GPU session
 
 
 def test_an_onnxruntime_without_use_tf32_gets_no_unknown_option(
