@@ -7,6 +7,7 @@ stack). It calls the real stage functions (lensmith.stages) on a throwaway proje
 logger is replaced (its dependency tree is DVC's; the check reads the epochs from the training history).
 
 Measured:
+- the CUDA-only tests of tests/test_batches.py and tests/test_train.py (no stall of the GPU inside an epoch);
 - training: images/s per epoch (augmentation, host->device copies and all) and the GPU's utilisation
   (NVML, sampled every 100 ms) inside the training epochs, i.e. between each epoch's first and last step;
 - the ceiling: a plain loop of the same model, batch, image size, precision, memory format and optimizer on
@@ -308,6 +309,23 @@ def evaluate_block(params: Any, layout: Any) -> dict[str, Any]:
     }
 
 
+GPU_TESTS = ["tests/test_batches.py", "tests/test_train.py"]
+
+
+def gpu_tests() -> dict[str, Any]:
+    """The CUDA-only tests (pinned batches reach the GPU intact; an epoch waits for the GPU only at its periodic
+    checks), run with pytest in a subprocess; skipped without CUDA, as in CI."""
+    import re
+    import subprocess
+
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", "-rs", "-k", "cuda or pinned", *GPU_TESTS]
+    # no plugins: the machine's own (or, here, the dev tools') pytest plugins have nothing to do with these tests
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", done.stdout)}
+    return {"returncode": done.returncode, "counts": counts, "tail": done.stdout[-1500:]}
+
+
 def judged(value: float | None, target: float, at_least: bool = True, dry_run: bool = False) -> dict[str, Any]:
     met = None if value is None or dry_run else (value >= target if at_least else value <= target)
     return {"value": value, "target": (">= " if at_least else "<= ") + str(target), "met": met}
@@ -332,6 +350,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         "accuracy_points_vs_cpu": judged(points, TARGETS["accuracy_points"], at_least=False, dry_run=dry),
         "onnx_top1_agreement": judged(result.get("export", {}).get("top1_agreement"), TARGETS["onnx_top1_agreement"], dry_run=dry),
         "compile_speedup_per_epoch": judged(faster, 1.0, dry_run=dry),
+        "cuda_tests_passed": judged(result.get("gpu_tests", {}).get("counts", {}).get("passed"), 2, dry_run=dry),
     }
 
 
@@ -416,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if "params" not in holder:
         return 1
     params, layout = holder["params"], holder["layout"]
+    step(result, "gpu_tests", deadline, gpu_tests, args.out)
     sampler = None if dry_run else UtilisationSampler()
     with sampler if sampler is not None else nullcontext():
         step(result, "train_cuda", deadline, lambda: train_run(params, layout, sampler, "trained_cuda"), args.out)

@@ -10,9 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3)}
 export DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 GX_ANALYTICS_ENABLED=false PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
+wheels=${GPU_CHECK_WHEELS-.whl}  # GPU_CHECK_WHEELS= (empty): use none (a dry run here, where the venv has all)
+if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" >/dev/null; then
   site=${LENSMITH_CHECK_SITE:-/tmp/lensmith-check-site}
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -32,6 +32,18 @@ def _coin(n: int, p: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=generator) < p
 
 
+def _to(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on `device` without stalling: a blocking copy would make the host wait until the
+    GPU has finished every queued step (the staging copy of pageable memory keeps non_blocking safe)."""
+    return values.to(device, non_blocking=True)
+
+
+def _chosen_index(chosen: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices of the True entries of a CPU mask, on `device`. Indexing a GPU batch with a mask would read
+    the mask's count back from the GPU (a sync); with indices found on the CPU the shape is known."""
+    return _to(chosen.nonzero().squeeze(1), device)
+
+
 def affine_theta(params: AugmentParams, n: int, generator: torch.Generator) -> torch.Tensor:
     """N x 2 x 3 matrices mapping output to input coordinates: RandomResizedCrop + rotation + flips."""
     lo, hi = params.crop_scale
@@ -55,7 +67,7 @@ def affine_theta(params: AugmentParams, n: int, generator: torch.Generator) -> t
 
 def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """v2's blend: factor * images + (1 - factor) * other, factor per image."""
-    f = factor.to(images.device).view(-1, 1, 1, 1)
+    f = _to(factor, images.device).view(-1, 1, 1, 1)
     return f * images + (1 - f) * other
 
 
@@ -64,7 +76,7 @@ def colour_jitter(images: torch.Tensor, params: AugmentParams, generator: torch.
     n, channels = images.shape[:2]
     b, c, s = params.brightness, params.contrast, params.saturation
     if b > 0:
-        images = images.mul_(_uniform(n, 1 - b, 1 + b, generator).to(images.device).view(-1, 1, 1, 1))
+        images = images.mul_(_to(_uniform(n, 1 - b, 1 + b, generator), images.device).view(-1, 1, 1, 1))
     if c > 0:
         gray = TF.rgb_to_grayscale(images) if channels == 3 else images
         mean = gray.mean(dim=(1, 2, 3), keepdim=True)
@@ -75,9 +87,9 @@ def colour_jitter(images: torch.Tensor, params: AugmentParams, generator: torch.
         shift = _uniform(1, -params.hue, params.hue, generator).item()
         chosen = _coin(n, 0.5, generator)
         if chosen.any():
-            chosen = chosen.to(images.device)
+            index = _chosen_index(chosen, images.device)
             images = images.clamp(0, 255)
-            images[chosen] = TF.adjust_hue(images[chosen] / 255.0, shift) * 255.0
+            images[index] = TF.adjust_hue(images[index] / 255.0, shift) * 255.0
     return images.clamp_(0, 255)
 
 
@@ -85,9 +97,9 @@ def random_blur(images: torch.Tensor, params: AugmentParams, generator: torch.Ge
     chosen = _coin(images.shape[0], params.blur_prob, generator)
     sigma = _uniform(1, 0.1, 1.5, generator).item()
     if params.blur_prob > 0 and chosen.any():
-        chosen = chosen.to(images.device)
+        index = _chosen_index(chosen, images.device)
         images = images.clone()
-        images[chosen] = TF.gaussian_blur(images[chosen], kernel_size=[5, 5], sigma=[sigma, sigma])
+        images[index] = TF.gaussian_blur(images[index], kernel_size=[5, 5], sigma=[sigma, sigma])
     return images
 
 
@@ -124,7 +136,7 @@ def augment_batch(images_uint8: torch.Tensor, params: AugmentParams, generator: 
     if params.trivial_augment:
         images_uint8 = trivial_augment(images_uint8, generator)
     images = images_uint8.float()
-    theta = affine_theta(params, images.shape[0], generator).to(images.device)
+    theta = _to(affine_theta(params, images.shape[0], generator), images.device)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # reflection: a rotated tile keeps plausible texture in its corners instead of black wedges
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

@@ -9,6 +9,7 @@ Two steps, split so the expensive one can be cached:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -86,6 +87,20 @@ class Preprocessing:
         """torch NxCxHxW uint8 (or float 0..255) -> float32 normalised, on the batch's device."""
         import torch
 
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=batch_uint8.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=batch_uint8.device).view(1, -1, 1, 1)
+        mean, std = _mean_std(tuple(self.mean), tuple(self.std), str(batch_uint8.device))
         return (batch_uint8.float() / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[Any, Any]:
+    """mean and std as 1 x C x 1 x 1 float32 tensors on `device`, made once: building them from Python lists
+    on every batch is a blocking host-to-GPU copy, which stalls the host until the GPU's queue is empty."""
+    import torch
+
+    # normal tensors even when first asked for inside inference_mode: an inference tensor could not be saved for
+    # the backward pass of a gradient through the input (FGSM)
+    with torch.inference_mode(False):
+        return (
+            torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device),
+        )

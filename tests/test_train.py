@@ -310,3 +310,34 @@ def test_compiled_training_drops_the_short_last_batch_only(project: Layout) -> N
     assert [len(b) for b in train_module.batch_order(18, 8, shuffle, drop_last=True)] == [8, 8]
     assert [len(b) for b in train_module.batch_order(17, 8, shuffle)] == [8, 8]  # a batch of one: never
     assert [len(b) for b in train_module.batch_order(5, 8, shuffle, drop_last=True)] == [5]  # one batch is kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA stream synchronisation needs a CUDA device (none on this machine)")
+def test_a_cuda_epoch_leaves_the_gpu_busy_it_waits_only_at_the_periodic_checks(tmp_path: Path) -> None:
+    """torch's sync debug mode warns at every operation that makes the host wait for the GPU (a blocking copy,
+    a mask index, .item()): 40 steps may wait only at the 2 loss checks and the epoch's final reads."""
+    import warnings
+
+    from lensmith.splitdata import SplitData
+
+    tp = tiny_params(batch_size=8, augment={"hue": 0.1, "blur_prob": 0.5, "noise_std": 0.05}).train
+    device = torch.device("cuda")
+    images = np.random.default_rng(0).integers(0, 256, (320, 3, 32, 32), dtype=np.uint8)
+    data = SplitData(images=images, labels=np.arange(320) % 3, files=[])
+    model = build_model(tp.model, 3, False, tp.dropout, tp.image_size).to(device, memory_format=torch.channels_last)
+    optimizer = train_module.build_optimizer(model, tp, device)
+    ctx = train_module.EpochContext(
+        model, torch.nn.CrossEntropyLoss(), optimizer, train_module.build_scheduler(optimizer, tp, 40),
+        torch.amp.GradScaler("cuda", enabled=False), device, train_module.preprocessing_for(tp.model, tp.image_size), tp,
+    )
+    shuffle, augment = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    train_module.train_one_epoch(ctx, data, shuffle, augment, 0)  # warm-up: cuDNN autotuning, allocator
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_module.train_one_epoch(ctx, data, shuffle, augment, 1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 8, [str(w.message)[:200] for w in syncs]
