@@ -27,7 +27,8 @@ from lensmith.datacache import cached_images
 from lensmith.models import build_model, preprocessing_for
 from lensmith.params import TrainParams
 from lensmith.splitdata import SplitData
-from lensmith.train import EpochContext, batch_order, gather, model_input
+from lensmith.batches import gather
+from lensmith.train import EpochContext, batch_order, model_input
 from lensmith.augment import augment_batch
 
 

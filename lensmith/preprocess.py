@@ -85,8 +85,6 @@ class Preprocessing:
 
     def normalize_tensor(self, batch_uint8: Any) -> Any:
         """torch NxCxHxW uint8 (or float 0..255) -> float32 normalised, on the batch's device."""
-        import torch
-
         mean, std = _mean_std(tuple(self.mean), tuple(self.std), str(batch_uint8.device))
         return (batch_uint8.float() / 255.0 - mean) / std
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 import lensmith
 from lensmith import distributed as ddp
 from lensmith.augment import augment_batch
-from lensmith.batches import gather, prefetched
+from lensmith.batches import prefetched
 from lensmith.errors import DataError, LensmithError
 from lensmith.fsutil import file_sha256, write_bytes_atomic
 from lensmith.layout import SPLIT_NAMES, Layout
