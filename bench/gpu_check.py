@@ -386,7 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "reports" / "gpu_check"))
     parser.add_argument("--workdir", type=Path, default=None, help="project folder (default: a temporary one)")
     parser.add_argument("--budget-s", type=float, default=390.0, help="no new step starts after this many seconds")
-    parser.add_argument("--ceiling-s", type=float, default=15.0, help="seconds of the synthetic-batch loop")
+    parser.add_argument("--ceiling-s", type=float, default=None, help="seconds of the synthetic-batch loop (15; 3 in a dry run)")
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU run of every step (automatic without CUDA)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "cpu", "evaluate"], help="steps to leave out")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="params override, as `lensmith --set`")
@@ -441,13 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         step(result, "train_cuda", deadline, lambda: train_run(params, layout, sampler, "trained_cuda"), args.out)
         accuracy: dict[str, Any] = {}
         result["accuracy"] = accuracy
+        trained_cuda = layout.root / "models" / "trained_cuda"
         if "error" not in result["train_cuda"]:
-            accuracy["cuda"] = test_accuracy(layout, layout.root / "models" / "trained_cuda", device)
+            step(result, "accuracy_cuda", deadline, lambda: accuracy.update(cuda=test_accuracy(layout, trained_cuda, device)) or dict(accuracy), args.out)
             step(result, "export", deadline, lambda: export_block(params, layout), args.out)
             if "evaluate" not in args.skip:
                 step(result, "evaluate", deadline, lambda: evaluate_block(params, layout), args.out)
-        classes = len(json.loads((layout.root / "models" / "trained_cuda" / "meta.json").read_text())["classes"]) if (layout.root / "models" / "trained_cuda" / "meta.json").exists() else 2
-        step(result, "ceiling", deadline, lambda: synthetic_ceiling(params, classes, device, args.ceiling_s, sampler), args.out)
+        meta = trained_cuda / "meta.json"
+        classes = len(json.loads(meta.read_text())["classes"]) if meta.is_file() else 2
+        ceiling_s = args.ceiling_s if args.ceiling_s is not None else (3.0 if dry_run else 15.0)
+        step(result, "ceiling", deadline, lambda: synthetic_ceiling(params, classes, device, ceiling_s, sampler), args.out)
         if "compile" not in args.skip:
             compiled = params.model_copy(update={"train": params.train.model_copy(update={"compile": True})})
             step(result, "train_compiled", deadline, lambda: train_run(compiled, layout, sampler, "trained_compiled"), args.out)
