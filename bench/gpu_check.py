@@ -15,7 +15,8 @@ Measured:
 - torch.compile: the seconds per epoch after the first compiled epoch, against the eager run's;
 - the exported ONNX model against the trained model on the whole test split (top-1 agreement, max logit
   difference), with the provider that ran it;
-- test accuracy of the CUDA-trained model against the same training on the CPU.
+- test accuracy of the CUDA-trained model against the same training on the CPU;
+- last, when time is left and not judged: CUDA training at batch 256 (how much a larger batch fills the GPU).
 
 Without CUDA it is a dry run on the CPU: the same steps on a tiny demo, so the script itself stays tested
 (tests/test_gpu_check.py); utilisation figures are null and no target is judged.
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+LARGE_BATCH = 256
 TARGETS = {"gpu_utilisation": 0.80, "ceiling_ratio": 0.80, "accuracy_points": 1.0, "onnx_top1_agreement": 1.0}
 
 
@@ -56,6 +58,7 @@ class UtilisationSampler:
         self.error: str | None = None
 
     def __enter__(self) -> UtilisationSampler:
+        self._stop.clear()  # entered again for a later step: samples accumulate, timestamps tell them apart
         try:
             import pynvml
 
@@ -388,7 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=390.0, help="no new step starts after this many seconds")
     parser.add_argument("--ceiling-s", type=float, default=None, help="seconds of the synthetic-batch loop (15; 3 in a dry run)")
     parser.add_argument("--dry-run", action="store_true", help="tiny CPU run of every step (automatic without CUDA)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "cpu", "evaluate"], help="steps to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "cpu", "evaluate", "large-batch"], help="steps to leave out")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="params override, as `lensmith --set`")
     return parser.parse_args(argv)
 
@@ -463,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
             return block
 
         step(result, "train_cpu", deadline, cpu_run, args.out)
+    if "large-batch" not in args.skip and not dry_run:
+        # not a target: where the demo's batch leaves the GPU waiting on kernel launches, how much a larger one fills it
+        large = params.model_copy(update={"train": params.train.model_copy(update={"batch_size": LARGE_BATCH})})
+        with sampler if sampler is not None else nullcontext():
+            step(result, "train_cuda_large_batch", deadline, lambda: train_run(large, layout, sampler, "trained_large_batch"), args.out)
     result["seconds"] = round(time.monotonic() - started, 1)
     write_summary(result, args.out)
     print(json.dumps(result["targets"], indent=2))

@@ -8,8 +8,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -129,3 +132,55 @@ def test_the_gpu_check_dry_run_runs_every_step_with_the_gpu_machines_packages(
     assert set(summary["accuracy"]) == {"cuda", "cpu"}  # "cuda" = the check's device, the CPU in a dry run
     assert all(t["met"] is None for t in summary["targets"].values())  # a dry run judges no target
     assert summary["targets"]["onnx_top1_agreement"]["value"] == 1.0
+
+
+def gpu_check_module() -> Any:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return gpu_check
+
+
+def test_utilisation_is_averaged_inside_the_epochs_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    gc = gpu_check_module()
+    busy = {"value": 90}
+    fake = SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda index: index,
+        nvmlDeviceGetUtilizationRates=lambda handle: SimpleNamespace(gpu=busy["value"]),
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    sampler = gc.UtilisationSampler(period_s=0.005)
+    with sampler:
+        epoch = (time.perf_counter(), None)
+        time.sleep(0.08)
+        epoch = (epoch[0], time.perf_counter())
+        busy["value"] = 10  # evaluation, checkpoints: between the epochs
+        time.sleep(0.08)
+    with sampler:  # a later step enters the same sampler again
+        later = time.perf_counter()
+        time.sleep(0.08)
+    assert sampler.mean_within([epoch]) == pytest.approx(0.9)
+    assert sampler.mean_within([(epoch[1] + 0.02, later - 0.001)]) == pytest.approx(0.1)
+    assert sampler.mean_within([(later, time.perf_counter())]) == pytest.approx(0.1)
+
+
+def test_targets_are_judged_from_the_measured_blocks_and_never_in_a_dry_run() -> None:
+    gc = gpu_check_module()
+    result = {
+        "train_cuda": {"steady_images_per_s": 850.0, "steady_seconds_per_epoch": 2.0, "gpu_utilisation_training": 0.78},
+        "ceiling": {"images_per_s": 1000.0},
+        "train_compiled": {"steady_seconds_per_epoch": 1.6},
+        "accuracy": {"cuda": 0.962, "cpu": 0.975},
+        "export": {"top1_agreement": 1.0},
+        "gpu_tests": {"counts": {"passed": 2}},
+    }
+    judged = gc.targets(result)
+    assert judged["ceiling_ratio"] == {"value": 0.85, "target": ">= 0.8", "met": True}
+    assert judged["gpu_utilisation"]["met"] is False
+    assert judged["accuracy_points_vs_cpu"]["value"] == pytest.approx(1.3) and judged["accuracy_points_vs_cpu"]["met"] is False
+    assert judged["compile_speedup_per_epoch"]["value"] == pytest.approx(1.25) and judged["compile_speedup_per_epoch"]["met"]
+    assert judged["onnx_top1_agreement"]["met"] and judged["cuda_tests_passed"]["met"]
+    assert all(t["met"] is None for t in gc.targets({**result, "dry_run": True}).values())
+    assert gc.targets({})["ceiling_ratio"]["met"] is None  # nothing measured: nothing judged
